@@ -75,8 +75,16 @@ class Kind(IntEnum):
 # Kinds whose third word is a type id rather than a size.
 _REF_KINDS = frozenset(
     {
-        Kind.PTR, Kind.TYPEDEF, Kind.VOLATILE, Kind.CONST, Kind.RESTRICT, Kind.FUNC,
-        Kind.FUNC_PROTO, Kind.VAR, Kind.DECL_TAG, Kind.TYPE_TAG,
+        Kind.PTR,
+        Kind.TYPEDEF,
+        Kind.VOLATILE,
+        Kind.CONST,
+        Kind.RESTRICT,
+        Kind.FUNC,
+        Kind.FUNC_PROTO,
+        Kind.VAR,
+        Kind.DECL_TAG,
+        Kind.TYPE_TAG,
     }
 )
 # Kinds that only modify another type; skipped when looking for the "real" type.
@@ -185,8 +193,12 @@ class BtfType:
         """``struct sock``, ``typedef u32``, ``int``: a short human name for messages."""
         name = self.name or "(anon)"
         prefix = {
-            Kind.STRUCT: "struct ", Kind.UNION: "union ", Kind.ENUM: "enum ",
-            Kind.ENUM64: "enum ", Kind.TYPEDEF: "typedef ", Kind.FWD: "fwd ",
+            Kind.STRUCT: "struct ",
+            Kind.UNION: "union ",
+            Kind.ENUM: "enum ",
+            Kind.ENUM64: "enum ",
+            Kind.TYPEDEF: "typedef ",
+            Kind.FWD: "fwd ",
         }.get(self.kind, "")
         if self.kind in (Kind.PTR, Kind.CONST, Kind.VOLATILE, Kind.RESTRICT, Kind.ARRAY):
             return f"{self.kind.name.lower()} (id {self.id})"
@@ -415,7 +427,9 @@ class BTF:
         if kind == Kind.INT:
             v = w[j]
             return BtfType(
-                **common, int_encoding=(v >> 24) & 0x0F, int_offset=(v >> 16) & 0xFF,
+                **common,
+                int_encoding=(v >> 24) & 0x0F,
+                int_offset=(v >> 16) & 0xFF,
                 int_bits=v & 0xFF,
             )
         if kind == Kind.ARRAY:
@@ -515,8 +529,15 @@ class BTF:
             return None
         # Prefer a complete definition over a forward declaration, and real types over
         # functions/variables that happen to share the name.
-        rank = {Kind.STRUCT: 0, Kind.UNION: 0, Kind.ENUM: 1, Kind.ENUM64: 1, Kind.TYPEDEF: 2,
-                Kind.INT: 3, Kind.FLOAT: 3}
+        rank = {
+            Kind.STRUCT: 0,
+            Kind.UNION: 0,
+            Kind.ENUM: 1,
+            Kind.ENUM64: 1,
+            Kind.TYPEDEF: 2,
+            Kind.INT: 3,
+            Kind.FLOAT: 3,
+        }
         return min(candidates, key=lambda t: (rank.get(t.kind, 5), t.id))
 
     def type_by_name(self, name: str, kind: Kind | str | None = None) -> BtfType:
@@ -525,10 +546,13 @@ class BTF:
         Accepts C spellings like ``"struct sock"``. Raises :class:`BTFError` if absent.
         """
         if kind is None:
-            for prefix, k in (("struct ", Kind.STRUCT), ("union ", Kind.UNION),
-                              ("enum ", Kind.ENUM)):
+            for prefix, k in (
+                ("struct ", Kind.STRUCT),
+                ("union ", Kind.UNION),
+                ("enum ", Kind.ENUM),
+            ):
                 if name.startswith(prefix):
-                    name, kind = name[len(prefix):].strip(), k
+                    name, kind = name[len(prefix) :].strip(), k
                     break
         t = self.find_type(name, kind)
         if t is None and _kind_arg(kind) == Kind.ENUM:
@@ -583,8 +607,9 @@ class BTF:
         enums = [t for t in cands if t.kind in (Kind.ENUM, Kind.ENUM64)]
         if not enums:
             td = [t for t in cands if t.kind == Kind.TYPEDEF]
-            enums = [self.strip(t.id) for t in td if self.strip(t.id).kind
-                     in (Kind.ENUM, Kind.ENUM64)]
+            enums = [
+                self.strip(t.id) for t in td if self.strip(t.id).kind in (Kind.ENUM, Kind.ENUM64)
+            ]
         if not enums:
             raise BTFError(f"{self.name}: no enum '{enum_name}'")
         for e in enums:
@@ -606,8 +631,11 @@ class BTF:
 
     def members_of(self, type_name: str | int) -> tuple[BtfMember, ...]:
         """Direct members of a struct/union given by name or id (typedefs followed)."""
-        t = self.type_by_name(type_name) if isinstance(type_name, str) else self.type_by_id(
-            type_name)
+        t = (
+            self.type_by_name(type_name)
+            if isinstance(type_name, str)
+            else self.type_by_id(type_name)
+        )
         t = self.strip(t.id)
         if t.kind not in _COMPOSITE:
             raise BTFError(f"{self.name}: {t.describe()} is not a struct or union")
@@ -693,15 +721,32 @@ class BTF:
                 size *= 2
                 off = (bit_off // 8) // size * size
             return FieldLocation(
-                path, off, size, bit_off, bit_size, member_type, _type_label(self, tname),
-                tname.kind, is_bitfield=True, signed=signed, resolved_kind=res.kind,
+                path,
+                off,
+                size,
+                bit_off,
+                bit_size,
+                member_type,
+                _type_label(self, tname),
+                tname.kind,
+                is_bitfield=True,
+                signed=signed,
+                resolved_kind=res.kind,
             )
         if bit_off % 8:
             raise BTFError(f"{path}: field at bit {bit_off} is not byte aligned")
         size = self._sizeof_id(member_type)
         return FieldLocation(
-            path, bit_off // 8, size, bit_off, size * 8, member_type, _type_label(self, tname),
-            tname.kind, signed=signed, resolved_kind=res.kind,
+            path,
+            bit_off // 8,
+            size,
+            bit_off,
+            size * 8,
+            member_type,
+            _type_label(self, tname),
+            tname.kind,
+            signed=signed,
+            resolved_kind=res.kind,
         )
 
     def offsetof(self, path: str) -> int:

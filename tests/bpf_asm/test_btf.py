@@ -64,7 +64,9 @@ def parse_bpftool_raw(text: str) -> dict[int, RawType]:
 def oracle() -> dict[int, RawType]:
     out = subprocess.run(
         ["bpftool", "btf", "dump", "file", VMLINUX, "format", "raw"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     types = parse_bpftool_raw(out)
     assert len(types) > 1000, "bpftool printed too few types; parser out of date?"
@@ -215,21 +217,38 @@ def test_every_type_matches_bpftool(btf: BTF, oracle: dict[int, RawType]) -> Non
         a = raw.attrs
         if raw.kind == "INT":
             assert (t.size, t.int_offset, t.int_bits) == (
-                int(a["size"]), int(a["bits_offset"]), int(a["nr_bits"])), where
+                int(a["size"]),
+                int(a["bits_offset"]),
+                int(a["nr_bits"]),
+            ), where
             assert t.is_signed == ("SIGNED" in a["encoding"]), where
-        elif raw.kind in ("PTR", "TYPEDEF", "CONST", "VOLATILE", "RESTRICT", "TYPE_TAG", "VAR",
-                          "FUNC", "DECL_TAG"):
+        elif raw.kind in (
+            "PTR",
+            "TYPEDEF",
+            "CONST",
+            "VOLATILE",
+            "RESTRICT",
+            "TYPE_TAG",
+            "VAR",
+            "FUNC",
+            "DECL_TAG",
+        ):
             assert t.type_id == int(a["type_id"]), where
             if raw.kind == "DECL_TAG":
                 assert t.component_idx == int(a["component_idx"]), where
         elif raw.kind == "ARRAY":
             assert (t.type_id, t.index_type_id, t.nelems) == (
-                int(a["type_id"]), int(a["index_type_id"]), int(a["nr_elems"])), where
+                int(a["type_id"]),
+                int(a["index_type_id"]),
+                int(a["nr_elems"]),
+            ), where
         elif raw.kind in ("STRUCT", "UNION"):
             assert t.size == int(a["size"]) and t.vlen == int(a["vlen"]), where
             got = [(m.name or "(anon)", m.type_id, m.bit_offset, m.bit_size) for m in t.members]
-            want = [(n, int(m["type_id"]), int(m["bits_offset"]), int(m.get("bitfield_size", 0)))
-                    for n, m in raw.members]
+            want = [
+                (n, int(m["type_id"]), int(m["bits_offset"]), int(m.get("bitfield_size", 0)))
+                for n, m in raw.members
+            ]
             assert got == want, where
         elif raw.kind in ("ENUM", "ENUM64"):
             assert t.size == int(a["size"]), where
@@ -284,18 +303,38 @@ def test_anonymous_members_are_really_anonymous(btf: BTF, oracle: dict[int, RawT
     """skc_daddr must only be reachable through an anonymous member, or the test is moot."""
     common = btf.type_by_name("sock_common", Kind.STRUCT)
     assert "skc_daddr" not in [m.name for m in common.members]
-    assert btf.resolve("sock_common.skc_daddr").offset == btf.resolve(
-        "sock.__sk_common.skc_daddr").offset
+    assert (
+        btf.resolve("sock_common.skc_daddr").offset
+        == btf.resolve("sock.__sk_common.skc_daddr").offset
+    )
 
 
 @needs_vmlinux
 @needs_bpftool
 def test_sizeof_matches_bpftool(btf: BTF, oracle: dict[int, RawType]) -> None:
     walker = _walker(oracle)
-    for name in ["task_struct", "sock", "sock_common", "socket", "file", "fdtable", "net",
-                 "nsproxy", "inode", "socket_alloc", "u32", "__be16", "pid_t"]:
-        want = walker.size(next(t.id for t in walker.by_name[name]
-                                if t.kind in ("STRUCT", "UNION", "TYPEDEF", "INT")))
+    for name in [
+        "task_struct",
+        "sock",
+        "sock_common",
+        "socket",
+        "file",
+        "fdtable",
+        "net",
+        "nsproxy",
+        "inode",
+        "socket_alloc",
+        "u32",
+        "__be16",
+        "pid_t",
+    ]:
+        want = walker.size(
+            next(
+                t.id
+                for t in walker.by_name[name]
+                if t.kind in ("STRUCT", "UNION", "TYPEDEF", "INT")
+            )
+        )
         assert btf.sizeof(name) == want, name
     assert btf.sizeof("struct sock") == btf.sizeof("sock")
 
@@ -306,9 +345,13 @@ def test_enum_values_match_bpftool(btf: BTF, oracle: dict[int, RawType]) -> None
     walker = _walker(oracle)
     enum = next(t for t in walker.by_name["bpf_func_id"] if t.kind == "ENUM")
     vals = {n: int(a["val"]) for n, a in enum.members}
-    for name in ["BPF_FUNC_probe_read_kernel", "BPF_FUNC_get_current_task",
-                 "BPF_FUNC_perf_event_output", "BPF_FUNC_ringbuf_output",
-                 "BPF_FUNC_map_lookup_elem"]:
+    for name in [
+        "BPF_FUNC_probe_read_kernel",
+        "BPF_FUNC_get_current_task",
+        "BPF_FUNC_perf_event_output",
+        "BPF_FUNC_ringbuf_output",
+        "BPF_FUNC_map_lookup_elem",
+    ]:
         assert btf.enum_value("bpf_func_id", name) == vals[name]
     assert btf.enum_value(None, "BPF_FUNC_map_lookup_elem") == vals["BPF_FUNC_map_lookup_elem"]
     assert btf.type_by_name("bpf_func_id", "enum").vlen == len(vals)
@@ -348,7 +391,8 @@ def test_array_index_and_typenames(btf: BTF) -> None:
 def _blob(types: list[bytes], strings: bytes) -> bytes:
     tsec = b"".join(types)
     return struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(tsec), len(tsec), len(strings)) + (
-        tsec + strings)
+        tsec + strings
+    )
 
 
 def _t(name_off: int, kind: int, vlen: int, size_or_type: int, kflag: int = 0) -> bytes:
@@ -357,8 +401,10 @@ def _t(name_off: int, kind: int, vlen: int, size_or_type: int, kflag: int = 0) -
 
 def test_synthetic_bitfields_and_split_btf() -> None:
     strings = b"\0int\0s\0a\0b\0c\0E\0X\0Y\0"
-    off = {n: strings.index(b"\0" + n.encode() + b"\0") + 1 for n in
-           ["int", "s", "a", "b", "c", "E", "X", "Y"]}
+    off = {
+        n: strings.index(b"\0" + n.encode() + b"\0") + 1
+        for n in ["int", "s", "a", "b", "c", "E", "X", "Y"]
+    }
     types = [
         _t(off["int"], 1, 0, 4) + struct.pack("<I", (1 << 24) | 32),  # [1] signed int
         # [2] struct s { int a:3; int b:7; int c; } with kind_flag bitfield encoding
@@ -367,7 +413,8 @@ def test_synthetic_bitfields_and_split_btf() -> None:
         + struct.pack("<III", off["b"], 1, (7 << 24) | 3)
         + struct.pack("<III", off["c"], 1, 32),
         # [3] enum E { X = -1, Y = 5 } (signed)
-        _t(off["E"], 6, 2, 4, kflag=1) + struct.pack("<Ii", off["X"], -1)
+        _t(off["E"], 6, 2, 4, kflag=1)
+        + struct.pack("<Ii", off["X"], -1)
         + struct.pack("<Ii", off["Y"], 5),
     ]
     base = BTF(_blob(types, strings), name="base")
