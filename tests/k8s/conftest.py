@@ -1,0 +1,43 @@
+"""Fixtures for the Kubernetes tests: a real helm binary and the chart's location."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "ebpf-router"
+GET_HELM = ROOT / "charts" / "tools" / "get-helm.py"
+
+
+def _load_get_helm():
+    spec = importlib.util.spec_from_file_location("get_helm", GET_HELM)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    """Path of a real helm binary (EBPF_ROUTER_HELM, or extracted by charts/tools/get-helm.py).
+
+    Skips, with the reason, only when helm cannot be obtained.
+    """
+    given = os.environ.get("EBPF_ROUTER_HELM")
+    if given:
+        return given
+    get_helm = _load_get_helm()
+    try:
+        return str(get_helm.get_helm())
+    except get_helm.HelmUnavailable as exc:
+        pytest.skip(f"no helm binary: {exc}")
+
+
+@pytest.fixture(scope="session")
+def chart() -> Path:
+    """The chart directory."""
+    return CHART
