@@ -86,7 +86,8 @@ def test_full_render_is_valid(helm: str, chart: Path) -> None:
     validate_all(docs)
     monitor = one(docs, "ServiceMonitor")
     service = one(docs, "Service")
-    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
     assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     pod_labels = one(docs, "DaemonSet")["spec"]["template"]["metadata"]["labels"]
