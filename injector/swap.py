@@ -1,0 +1,264 @@
+"""Replace the socket at one fd number of a running process with another socket.
+
+Order inside the frozen target (the old file stays at the fd until `dup3`):
+
+1. copy the old socket (`pidfd_getfd`), check its inode; read fd flags and epoll watchers;
+2. copy socket options and O_NONBLOCK onto the new socket, hand it to the target (fdpass);
+3. EPOLL_CTL_DEL the fd from every epoll set that watched the old file (epoll keys on
+   file *and* fd: after `dup3` the old registration could no longer be named);
+4. ``dup3(received, fd, O_CLOEXEC if the old fd had FD_CLOEXEC)``;
+5. EPOLL_CTL_ADD the fd back into those sets with the same events and data;
+6. close the received temporary; return the old socket (our copy) to the caller.
+
+On failure before step 4 the deleted registrations are added back and the temporary closed;
+after step 4 the old socket is handed back in the same way and put back at the fd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from injector.epoll import (
+    EPOLL_CTL_ADD,
+    EPOLL_CTL_DEL,
+    EpollWatch,
+    find_watchers,
+    pack_epoll_event,
+)
+from injector.errors import InjectorError, RemoteSyscallError, TargetGoneError
+from injector.fdpass import send_fd
+from injector.inspect import apply_options, copy_socket, fd_flags, socket_options
+
+__all__ = ["SwapError", "replace_fd", "swap_many"]
+
+log = logging.getLogger(__name__)
+
+_ENOENT = 2
+_EEXIST = 17
+
+
+class SwapError(InjectorError):
+    """The swap failed and was rolled back (``rollback_error`` is set if that failed too)."""
+
+    def __init__(self, pid: int, fd: int, what: str, rollback_error: BaseException | None = None):
+        msg = f"pid {pid} fd {fd}: swap failed: {what}"
+        if rollback_error is not None:
+            msg += f"; ROLLBACK ALSO FAILED: {rollback_error}"
+        super().__init__(msg)
+        self.pid = pid
+        self.fd = fd
+        self.rollback_error = rollback_error
+
+
+def _open_freeze(pid: int, timeout: float) -> contextlib.AbstractContextManager[Any]:
+    from injector.freeze import freeze  # imported late: freeze needs ptrace, inspect does not
+
+    return freeze(pid, timeout=timeout)
+
+
+@contextlib.contextmanager
+def _frozen(pid: int, timeout: float, proc: Any | None) -> Iterator[Any]:
+    if proc is not None:
+        if proc.pid != pid:
+            raise ValueError(f"proc is pid {proc.pid}, not pid {pid}")
+        yield proc
+        return
+    with _open_freeze(pid, timeout) as p:
+        yield p
+
+
+def replace_fd(
+    pid: int,
+    fd: int,
+    new_sock: socket.socket,
+    *,
+    expected_inode: int | None = None,
+    timeout: float = 5.0,
+    proc: Any | None = None,
+) -> socket.socket:
+    """Put `new_sock` at number `fd` of process `pid`; return the old socket (a copy we own).
+
+    `proc`: an already frozen `FrozenProcess` of `pid` (else the process is frozen and
+    thawed here). `expected_inode`: refuse with `StaleFdError`, touching nothing, unless
+    the fd still holds that socket. The caller still owns `new_sock` and should close its
+    copy (the target holds its own reference); its options and O_NONBLOCK are set here.
+    """
+    with _frozen(pid, timeout, proc) as p:
+        return _replace(p, fd, new_sock, expected_inode, timeout)
+
+
+def swap_many(
+    pid: int,
+    socks: Mapping[int, socket.socket],
+    *,
+    expected_inodes: Mapping[int, int] | None = None,
+    timeout: float = 5.0,
+    proc: Any | None = None,
+) -> dict[int, socket.socket]:
+    """Replace several fds of `pid` under one freeze: all or none. Returns old sockets by fd."""
+    expected_inodes = expected_inodes or {}
+    done: dict[int, socket.socket] = {}
+    with _frozen(pid, timeout, proc) as p:
+        try:
+            for fd, sock in socks.items():
+                done[fd] = _replace(p, fd, sock, expected_inodes.get(fd), timeout)
+        except BaseException:
+            for fd, old in reversed(list(done.items())):
+                try:
+                    _replace(p, fd, old, None, timeout).close()
+                except TargetGoneError:
+                    break
+                except InjectorError as e:
+                    log.error("pid %d fd %d: could not put the old socket back: %s", pid, fd, e)
+                finally:
+                    old.close()
+            raise
+    return done
+
+
+def _replace(
+    proc: Any, fd: int, new_sock: socket.socket, expected_inode: int | None, timeout: float
+) -> socket.socket:
+    pid = proc.pid
+    old = copy_socket(pid, fd, expected_inode)  # refuses before anything is touched
+    try:
+        st = os.fstat(old.fileno())
+        flags = fd_flags(pid, fd)
+        watchers = find_watchers(pid, fd, st.st_ino, st.st_dev)
+        apply_options(socket_options(old), new_sock)
+        new_sock.setblocking(not flags.nonblock)  # O_NONBLOCK lives on the open file
+        _install(proc, fd, new_sock, old, flags.cloexec, watchers, timeout)
+    except BaseException:
+        old.close()
+        raise
+    return old
+
+
+def _inode_at(pid: int, fd: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/fd/{fd}").st_ino
+    except OSError:
+        return None
+
+
+class _Remote:
+    """epoll_ctl/dup3/close in the target, with one scratch buffer for epoll_event."""
+
+    def __init__(self, proc: Any, ev_addr: int) -> None:
+        self.proc = proc
+        self.ev_addr = ev_addr
+
+    def epoll_ctl(self, op: int, fd: int, w: EpollWatch) -> None:
+        if op == EPOLL_CTL_DEL:
+            self.proc.syscall("epoll_ctl", w.epfd, op, fd, 0)
+            return
+        self.proc.write_memory(self.ev_addr, pack_epoll_event(w.events, w.data))
+        self.proc.syscall("epoll_ctl", w.epfd, op, fd, self.ev_addr)
+
+    def dup3(self, src: int, dst: int, cloexec: bool) -> None:
+        self.proc.syscall("dup3", src, dst, os.O_CLOEXEC if cloexec else 0)
+
+    def close(self, fd: int) -> None:
+        self.proc.syscall("close", fd)
+
+    def quiet(self, what: str, fn: Any, *args: Any, ok: tuple[int, ...] = ()) -> None:
+        """Run one rollback step; errno in `ok` is success, other errors are logged and re-raised
+        only if the target is gone."""
+        try:
+            fn(*args)
+        except RemoteSyscallError as e:
+            if e.errno not in ok:
+                log.error("pid %d: rollback step %s failed: %s", self.proc.pid, what, e)
+                raise
+
+
+def _install(
+    proc: Any,
+    fd: int,
+    new_sock: socket.socket,
+    old: socket.socket,
+    cloexec: bool,
+    watchers: list[EpollWatch],
+    timeout: float,
+) -> None:
+    pid = proc.pid
+    new_ino = os.fstat(new_sock.fileno()).st_ino
+    received = send_fd(proc, new_sock, timeout=timeout)
+    with proc.scratch(64) as ev_addr:
+        r = _Remote(proc, ev_addr)
+        deleted: list[EpollWatch] = []
+        try:
+            for w in watchers:
+                r.epoll_ctl(EPOLL_CTL_DEL, fd, w)
+                deleted.append(w)
+            r.dup3(received, fd, cloexec)
+        except TargetGoneError:
+            raise
+        except BaseException as e:
+            if _inode_at(pid, fd) == new_ino:  # dup3 happened after all (e.g. a timeout)
+                _rollback_after_dup3(r, fd, old, cloexec, [], watchers, received, e, timeout)
+            _rollback_before_dup3(r, fd, deleted, received, e)
+            raise
+        added: list[EpollWatch] = []
+        try:
+            for w in watchers:
+                r.epoll_ctl(EPOLL_CTL_ADD, fd, w)
+                added.append(w)
+        except TargetGoneError:
+            raise
+        except BaseException as e:
+            _rollback_after_dup3(r, fd, old, cloexec, added, watchers, received, e, timeout)
+        try:
+            r.close(received)
+        except RemoteSyscallError as e:  # cannot really happen: we own that fd
+            log.warning("pid %d: closing temporary fd %d: %s", pid, received, e)
+
+
+def _rollback_before_dup3(
+    r: _Remote, fd: int, deleted: list[EpollWatch], received: int, cause: BaseException
+) -> None:
+    pid = r.proc.pid
+    try:
+        for w in deleted:
+            r.quiet(f"re-add epfd {w.epfd}", r.epoll_ctl, EPOLL_CTL_ADD, fd, w, ok=(_EEXIST,))
+        r.quiet(f"close fd {received}", r.close, received)
+    except TargetGoneError:
+        raise
+    except BaseException as e:
+        raise SwapError(pid, fd, str(cause), rollback_error=e) from cause
+
+
+def _rollback_after_dup3(
+    r: _Remote,
+    fd: int,
+    old: socket.socket,
+    cloexec: bool,
+    added: list[EpollWatch],
+    watchers: list[EpollWatch],
+    received: int,
+    cause: BaseException,
+    timeout: float,
+) -> None:
+    """The new socket is at `fd`: put the old one back there, with its epoll registrations."""
+    pid = r.proc.pid
+    try:
+        for w in added:
+            r.quiet(f"delete from epfd {w.epfd}", r.epoll_ctl, EPOLL_CTL_DEL, fd, w, ok=(_ENOENT,))
+        back = send_fd(r.proc, old, timeout=timeout)
+        try:
+            r.dup3(back, fd, cloexec)
+        finally:
+            r.quiet(f"close fd {back}", r.close, back)
+        for w in watchers:
+            r.quiet(f"re-add epfd {w.epfd}", r.epoll_ctl, EPOLL_CTL_ADD, fd, w, ok=(_EEXIST,))
+        r.quiet(f"close fd {received}", r.close, received)
+    except TargetGoneError:
+        raise
+    except BaseException as e:
+        raise SwapError(pid, fd, str(cause), rollback_error=e) from cause
+    raise SwapError(pid, fd, f"{cause} (rolled back: old socket restored)") from cause
