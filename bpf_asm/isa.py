@@ -88,7 +88,7 @@ ATOMIC_OPS: dict[str, int] = {"add": BPF_ADD, "or": BPF_OR, "and": BPF_AND, "xor
 SIZES: dict[int, int] = {8: BPF_B, 16: BPF_H, 32: BPF_W, 64: BPF_DW}
 SIZE_BITS: dict[int, int] = {v: k for k, v in SIZES.items()}
 
-_ALU_SYMBOL = {op: sym for name, (op, sym) in ALU_OPS.items() if not name.startswith("s")}
+_ALU_SYMBOL = {op: sym for name, (op, sym) in ALU_OPS.items() if name not in ("sdiv", "smod")}
 _ALU_SYMBOL[BPF_ARSH] = "s>>="
 _JMP_SYMBOL = {op: sym for op, sym in JMP_OPS.values()}
 _ATOMIC_SYMBOL = {BPF_ADD: ("+=", "add"), BPF_OR: ("|=", "or"), BPF_AND: ("&=", "and"),
