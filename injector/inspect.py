@@ -415,6 +415,8 @@ def apply_options(opts: SocketOptions, sock: socket.socket) -> None:
         else:
             add("tos", socket.IPPROTO_IPV6, socket.IPV6_TCLASS, opts.tos)
         add("cork", tcp, socket.TCP_CORK, opts.cork)
+    # Setting IP_TOS also sets SO_PRIORITY (rt_tos2priority): the app's priority goes last.
+    plan.sort(key=lambda step: step[0] == "priority")
     for name, level, opt, value in plan:
         try:
             sock.setsockopt(level, opt, value)  # type: ignore[arg-type]
