@@ -1,0 +1,251 @@
+"""Seize and stop every thread of a process; give it back untouched.
+
+``with freeze(pid) as proc:`` seizes each thread (PTRACE_SEIZE with TRACECLONE, so threads
+born meanwhile are traced from their first instruction), interrupts it, and rescans
+/proc/PID/task until no new thread appears. On leaving the block (normally, by exception,
+timeout or KeyboardInterrupt) every thread gets its registers and signal mask back, is
+parked in the kernel's signal path if it ran injections (so interrupted syscalls restart
+the kernel's way), and is detached. A process that was already stopped (SIGSTOP) stays
+stopped: the kernel puts a detached thread of a stopped group back into group-stop.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+from injector import ptrace as pt
+from injector.errors import FreezeTimeout, InjectorError, TargetGoneError
+from injector.remote import RemoteProcess, ThreadState, restart_regs
+
+__all__ = ["FrozenProcess", "freeze"]
+
+log = logging.getLogger(__name__)
+
+_THAW_WAIT = 1.0  # seconds to wait for one thread to reach a stop while thawing
+
+
+class FrozenProcess(RemoteProcess):
+    """A process whose threads are all in a ptrace-stop (see ``freeze``).
+
+    ``pid``, ``tids``, ``syscall(name, *args, tid=None)``, ``scratch(size)``,
+    ``read_memory(addr, n)`` and ``write_memory(addr, data)`` are the public surface.
+    """
+
+    def __init__(self, pid: int, timeout: float = 5.0) -> None:
+        super().__init__(pid, timeout)
+        self.was_stopped = False  # the process was in group-stop (SIGSTOP) when seized
+
+    # -- freezing ----------------------------------------------------------------------
+
+    def _freeze(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            new = [t for t in pt.list_tids(self.pid) if t not in self._threads]
+            for tid in new:
+                self._seize(tid)
+            self._collect(deadline)
+            if not new:
+                break
+        leader = self._threads.get(self.pid)
+        if not self.tids or (leader is not None and leader.gone and not self.tids):
+            raise TargetGoneError(self.pid, None, "exited while freezing")
+
+    def _seize(self, tid: int) -> None:
+        state = ThreadState(tid)
+        self._threads[tid] = state
+        try:
+            pt.seize(tid)
+        except OSError as exc:
+            if exc.errno == errno.ESRCH or pt.thread_state(self.pid, tid) in (None, "Z", "X"):
+                state.gone = True  # exited (or a zombie leader): nothing to freeze
+                return
+            del self._threads[tid]
+            raise InjectorError(
+                f"pid {self.pid} tid {tid}: cannot seize: {exc.strerror}"
+                + (" (already traced?)" if exc.errno == errno.EPERM else "")
+            ) from exc
+        with suppress(ProcessLookupError, OSError):
+            pt.interrupt(tid)
+
+    def _collect(self, deadline: float) -> None:
+        """Wait until every seized thread sits in a PTRACE_EVENT_STOP (or has exited)."""
+        while True:
+            waiting = [s for s in self._threads.values() if not s.stopped and not s.gone]
+            if not waiting:
+                return
+            for state in waiting:
+                self._wait_frozen(state, deadline)
+
+    def _wait_frozen(self, state: ThreadState, deadline: float) -> None:
+        tid = state.tid
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise FreezeTimeout(self.pid, tid, "the thread to stop", self.timeout)
+            stop = pt.wait_stop(tid, remaining, self.pid, "the thread to stop")
+            state.stop = stop
+            kind = stop.kind
+            if kind in (pt.StopKind.EVENT_STOP, pt.StopKind.GROUP_STOP):
+                state.stopped = True
+                if kind is pt.StopKind.GROUP_STOP:
+                    self.was_stopped = True
+                return
+            if kind is pt.StopKind.EXITED:
+                state.gone = True
+                return
+            if kind is pt.StopKind.CLONE:
+                self._adopt(stop.new_tid, deadline)
+                pt.cont(tid)
+            elif kind is pt.StopKind.SIGNAL:
+                # A signal was dequeued before our interrupt: deliver it now, as the kernel
+                # would have; the interrupt stays pending and stops the thread right after.
+                pt.cont(tid, stop.sig)
+            else:
+                pt.cont(tid)
+            with suppress(OSError):
+                pt.interrupt(tid)
+
+    def _adopt(self, new_tid: int, deadline: float) -> None:
+        """A traced thread cloned: the child is already seized by the kernel (TRACECLONE)."""
+        if new_tid in self._threads:
+            return
+        if pt.thread_state(self.pid, new_tid) is not None:
+            self._threads[new_tid] = ThreadState(new_tid)  # stops on its own, then collected
+            return
+        # clone() without CLONE_THREAD (a new process): let it go.
+        with suppress(InjectorError, OSError):
+            remaining = max(0.05, deadline - time.monotonic())
+            stop = pt.wait_stop(new_tid, remaining, self.pid, "a foreign clone to stop")
+            if stop.kind is not pt.StopKind.EXITED:
+                pt.detach(new_tid)
+
+    # -- thawing -----------------------------------------------------------------------
+
+    def _thaw(self) -> None:
+        """Restore and detach every thread; never raises (problems are logged)."""
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            # Threads other than the leader first: a dead leader is reported last.
+            order = sorted(self._threads.values(), key=lambda s: s.tid == self.pid)
+            for state in order:
+                try:
+                    self._release(state)
+                except Exception as exc:  # noqa: BLE001 - thaw must reach every thread
+                    log.warning("pid %d tid %d: thaw: %s", self.pid, state.tid, exc)
+            self._close_mem()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+    def _ensure_stopped(self, state: ThreadState) -> bool:
+        """Bring a live thread back to a ptrace-stop; False if it is gone."""
+        if state.gone:
+            return False
+        if state.stopped and pt.thread_state(self.pid, state.tid) == "t":
+            return True
+        with suppress(OSError):
+            pt.interrupt(state.tid)
+        for _ in range(8):
+            try:
+                stop = pt.wait_stop(state.tid, _THAW_WAIT, self.pid, "a stop to detach")
+            except FreezeTimeout:
+                return pt.thread_state(self.pid, state.tid) == "t"
+            state.stop = stop
+            if stop.kind is pt.StopKind.EXITED:
+                state.gone = True
+                return False
+            if stop.kind is not pt.StopKind.CLONE:
+                state.stopped = True
+                return True
+            pt.cont(state.tid)
+        return False
+
+    def _release(self, state: ThreadState) -> None:
+        tid = state.tid
+        if not self._ensure_stopped(state):
+            self._reap(state)
+            return
+        try:
+            if state.saved_regs is not None:
+                pt.setregs(tid, state.saved_regs)
+            if state.saved_mask is not None:
+                pt.setsigmask(tid, state.saved_mask)
+            if state.at_syscall_exit:
+                self._park(state)
+            for sig in dict.fromkeys(state.pending_signals):
+                pt.tgkill(self.pid, tid, sig)
+            sig = state.stop.sig if state.stop and state.stop.kind is pt.StopKind.SIGNAL else 0
+            pt.detach(tid, sig)
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                raise
+            self._reap(state)
+
+    def _park(self, state: ThreadState) -> None:
+        """Move a thread from a syscall-exit-stop back into the kernel's signal path.
+
+        From a PTRACE_EVENT_STOP the kernel's own restart logic runs on resume: the
+        interrupted syscall is restarted, or fails with EINTR if a handler runs, just as
+        if the tracer had never been there.
+        """
+        tid = state.tid
+        pt.interrupt(tid)
+        pt.cont(tid)
+        for _ in range(8):
+            try:
+                stop = pt.wait_stop(tid, _THAW_WAIT, self.pid, "the thread to park")
+            except FreezeTimeout:
+                break
+            state.stop = stop
+            if stop.kind is pt.StopKind.EXITED:
+                state.gone = True
+                raise OSError(errno.ESRCH, "exited")
+            if stop.kind in (pt.StopKind.EVENT_STOP, pt.StopKind.GROUP_STOP):
+                state.at_syscall_exit = False
+                return
+            if stop.kind is pt.StopKind.SIGNAL:
+                return  # inside get_signal() too: detaching delivers it with kernel restarts
+            pt.cont(tid)
+        # Could not park: rewind by hand (the kernel's no-handler restart) and detach.
+        if pt.thread_state(self.pid, tid) != "t":
+            with suppress(OSError):
+                pt.interrupt(tid)
+                pt.wait_stop(tid, _THAW_WAIT, self.pid, "the thread to stop")
+        assert state.saved_regs is not None
+        pt.setregs(tid, restart_regs(self.arch, state.saved_regs))
+        state.stop = None
+
+    def _reap(self, state: ThreadState) -> None:
+        """Collect a dead traced thread so it does not linger as a traced zombie."""
+        state.gone = True
+        deadline = time.monotonic() + _THAW_WAIT
+        while time.monotonic() < deadline:
+            stop = pt.poll_stop(state.tid)
+            if stop is not None and stop.kind is pt.StopKind.EXITED:
+                return
+            if stop is None and pt.thread_state(self.pid, state.tid) is None:
+                return
+            if stop is not None:
+                with suppress(OSError):
+                    pt.detach(state.tid)
+                return
+            time.sleep(0.001)
+
+
+@contextmanager
+def freeze(pid: int, timeout: float = 5.0) -> Iterator[FrozenProcess]:
+    """Stop every thread of ``pid`` for the duration of the block (see module docs).
+
+    ``timeout`` bounds each wait: freezing, each injected syscall. Raises
+    ``FreezeTimeout`` or ``TargetGoneError``; the process is always released.
+    """
+    proc = FrozenProcess(pid, timeout)
+    try:
+        proc._freeze()
+        yield proc
+    finally:
+        proc._thaw()

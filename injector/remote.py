@@ -1,0 +1,336 @@
+"""Run system calls inside a frozen process, and read/write its memory.
+
+How one injection works (x86_64 shown; aarch64 uses the same steps with its table):
+
+1. On the first injection into a thread, save its registers and its blocked-signal mask,
+   then block every signal with PTRACE_SETSIGMASK (no injected rt_sigprocmask needed, and
+   the kernel reports the app's real mask even inside ppoll/pselect/epoll_pwait). Signals
+   that arrive now stay pending and are delivered after thaw.
+2. Point the instruction pointer at an existing ``syscall`` instruction: the bytes
+   ``0f 05`` found anywhere in an executable mapping ([vdso] first). Execution stops right
+   after it, so what follows those bytes is never run and nothing is written to the code.
+3. Set number and arguments, mark "not in a syscall" (orig_rax = -1), resume with
+   PTRACE_SYSCALL to the entry stop, again to the exit stop, read the result, and put the
+   saved registers back at once.
+4. At thaw (freeze.py) a thread that ran injections is parked back inside the kernel's
+   signal-delivery path (PTRACE_INTERRUPT, then a PTRACE_EVENT_STOP) with its original
+   registers and mask, so an interrupted syscall (-ERESTARTSYS, -ERESTARTNOINTR,
+   -ERESTARTNOHAND, -ERESTART_RESTARTBLOCK) is restarted, or turned into EINTR if a handler
+   runs, by the kernel itself, exactly as if we had never been there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+
+from injector import ptrace as pt
+from injector.arch import RESTART_CODES, Arch, current
+from injector.errors import FreezeTimeout, InjectorError, RemoteSyscallError, TargetGoneError
+
+_U64 = (1 << 64) - 1
+MAX_ERRNO = 4095
+
+
+def to_signed(value: int) -> int:
+    """Interpret a 64-bit register value as signed."""
+    value &= _U64
+    return value - (1 << 64) if value >> 63 else value
+
+
+@dataclass
+class ThreadState:
+    """What the injector knows about one seized thread."""
+
+    tid: int
+    stopped: bool = False
+    stop: pt.Stop | None = None
+    gone: bool = False
+    saved_regs: ctypes.Structure | None = None
+    saved_mask: int | None = None
+    at_syscall_exit: bool = False  # left in a syscall-exit-stop by an injection
+    pending_signals: list[int] = field(default_factory=list)  # to re-send at thaw
+
+
+def copy_regs(regs: ctypes.Structure) -> ctypes.Structure:
+    """An independent copy of a registers structure."""
+    return type(regs).from_buffer_copy(regs)
+
+
+def restart_regs(arch: Arch, regs: ctypes.Structure) -> ctypes.Structure:
+    """Registers rewound so an interrupted syscall re-executes (the kernel's no-handler path).
+
+    Used only as a fallback when a thread cannot be parked in the signal path at thaw.
+    """
+    out = copy_regs(regs)
+    if arch.orig_nr_reg is None or arch.restart_rewound_at_stop:
+        return out
+    orig = to_signed(getattr(out, arch.orig_nr_reg))
+    ret = to_signed(getattr(out, arch.ret_reg))
+    if orig >= 0 and -ret in RESTART_CODES:
+        if -ret == 516:  # ERESTART_RESTARTBLOCK
+            setattr(out, arch.nr_reg, arch.nr("restart_syscall"))
+        else:
+            setattr(out, arch.nr_reg, orig)
+        setattr(out, arch.ip_reg, getattr(out, arch.ip_reg) - len(arch.syscall_insn))
+        setattr(out, arch.orig_nr_reg, _U64)
+    return out
+
+
+class RemoteProcess:
+    """Syscalls and memory access inside a process whose threads are all ptrace-stopped.
+
+    Not used directly: ``injector.freeze.freeze`` returns a ``FrozenProcess`` built on it.
+    """
+
+    def __init__(self, pid: int, timeout: float) -> None:
+        self.pid = pid
+        self.timeout = timeout
+        self.arch: Arch = current()
+        self._threads: dict[int, ThreadState] = {}
+        self._insn_addr: int | None = None
+        self._mem_fd: int | None = None
+
+    # -- threads -----------------------------------------------------------------------
+
+    @property
+    def tids(self) -> list[int]:
+        """Thread ids currently frozen, the main thread first."""
+        live = [t for t, s in self._threads.items() if s.stopped and not s.gone]
+        return sorted(live, key=lambda t: (t != self.pid, t))
+
+    def _thread(self, tid: int | None) -> ThreadState:
+        if tid is None:
+            tids = self.tids
+            if not tids:
+                raise TargetGoneError(self.pid, None, "no frozen thread left")
+            tid = tids[0]
+        state = self._threads.get(tid)
+        if state is None:
+            raise InjectorError(f"pid {self.pid}: tid {tid} is not a thread of this process")
+        if state.gone or not state.stopped:
+            raise TargetGoneError(self.pid, tid, "thread not frozen")
+        return state
+
+    def _gone(self, state: ThreadState, exc: BaseException | None = None) -> TargetGoneError:
+        """Mark a thread dead if it is, and return the error to raise."""
+        stop = pt.poll_stop(state.tid) if pt.thread_state(self.pid, state.tid) != "t" else None
+        if stop is not None and stop.kind is not pt.StopKind.EXITED:
+            state.stop = stop  # still alive after all: remember where it stopped
+        else:
+            state.gone = True
+        detail = f"while injecting ({exc})" if exc else "while injecting"
+        return TargetGoneError(self.pid, state.tid, detail)
+
+    # -- syscalls ----------------------------------------------------------------------
+
+    def syscall(self, name_or_nr: str | int, *args: int, tid: int | None = None) -> int:
+        """Run one system call in thread ``tid`` (default: the main thread) and return its
+        result; a negative errno raises ``RemoteSyscallError``."""
+        arch = self.arch
+        nr = arch.nr(name_or_nr)
+        name = name_or_nr if isinstance(name_or_nr, str) else arch.name_of(nr)
+        if len(args) > len(arch.arg_regs):
+            raise ValueError(f"{name}: at most {len(arch.arg_regs)} arguments")
+        state = self._thread(tid)
+        try:
+            ret = self._inject(state, nr, name, args)
+        except OSError as exc:
+            if isinstance(exc, RemoteSyscallError):
+                raise
+            if exc.errno == errno.ESRCH:
+                raise self._gone(state, exc) from None
+            raise InjectorError(f"pid {self.pid} tid {state.tid}: {name}(): {exc}") from exc
+        if -MAX_ERRNO <= ret < 0:
+            raise RemoteSyscallError(-ret, self.pid, state.tid, name)
+        return ret
+
+    def _prepare(self, state: ThreadState) -> None:
+        if state.saved_regs is None:
+            state.saved_regs = copy_regs(pt.getregs(state.tid))
+        if state.saved_mask is None:
+            state.saved_mask = pt.getsigmask(state.tid)
+            pt.setsigmask(state.tid, pt.ALL_SIGNALS_MASK)
+
+    def _inject(self, state: ThreadState, nr: int, name: str, args: tuple[int, ...]) -> int:
+        arch = self.arch
+        self._prepare(state)
+        assert state.saved_regs is not None
+        regs = copy_regs(state.saved_regs)
+        setattr(regs, arch.ip_reg, self.syscall_insn_addr())
+        setattr(regs, arch.nr_reg, nr)
+        if arch.orig_nr_reg is not None:
+            setattr(regs, arch.orig_nr_reg, _U64)
+        for reg, value in zip(arch.arg_regs, args, strict=False):
+            setattr(regs, reg, value & _U64)
+        pt.setregs(state.tid, regs)
+        try:
+            self._run_to(state, pt.PTRACE_SYSCALL_INFO_ENTRY, name)
+            self._run_to(state, pt.PTRACE_SYSCALL_INFO_EXIT, name)
+            ret = to_signed(getattr(pt.getregs(state.tid), arch.ret_reg))
+        finally:
+            if not state.gone:
+                try:
+                    pt.setregs(state.tid, state.saved_regs)
+                except OSError as exc:
+                    if pt.thread_state(self.pid, state.tid) is not None:
+                        raise InjectorError(
+                            f"pid {self.pid} tid {state.tid}: cannot restore registers"
+                            f" after {name}(): {exc}"
+                        ) from exc
+        return ret
+
+    def _run_to(self, state: ThreadState, op: int, name: str) -> None:
+        """Resume with PTRACE_SYSCALL until the wanted syscall stop (1 entry, 2 exit)."""
+        tid = state.tid
+        state.at_syscall_exit = True  # from here on the thread must be parked at thaw
+        pt.syscall(tid)
+        while True:
+            try:
+                stop = pt.wait_stop(tid, self.timeout, self.pid, f"{name}() to return")
+            except FreezeTimeout:
+                self._abort_blocked(state, name)
+                raise
+            state.stop = stop
+            if stop.kind is pt.StopKind.EXITED:
+                state.gone = True
+                raise TargetGoneError(self.pid, tid, f"exited during {name}()")
+            if stop.kind is pt.StopKind.SYSCALL:
+                got = pt.syscall_stop_op(tid)
+                if got == op:
+                    return
+                raise InjectorError(
+                    f"pid {self.pid} tid {tid}: {name}(): unexpected syscall stop op {got}"
+                )
+            if stop.kind is pt.StopKind.SIGNAL:
+                # Only SIGSTOP (unblockable) or a synchronous fault gets here: hold it
+                # back now and send it again at thaw.
+                state.pending_signals.append(stop.sig)
+            pt.syscall(tid)
+
+    def _abort_blocked(self, state: ThreadState, name: str) -> None:
+        """An injected syscall is blocking: interrupt it and get the thread stopped again."""
+        try:
+            pt.interrupt(state.tid)
+            for _ in range(4):
+                stop = pt.wait_stop(state.tid, 1.0, self.pid, f"{name}() to be interrupted")
+                state.stop = stop
+                if stop.kind is pt.StopKind.EXITED:
+                    state.gone = True
+                    return
+                if stop.kind in (pt.StopKind.EVENT_STOP, pt.StopKind.GROUP_STOP):
+                    return
+                if stop.kind is pt.StopKind.SIGNAL:
+                    state.pending_signals.append(stop.sig)
+                pt.cont(state.tid)
+        except (OSError, InjectorError):
+            if pt.thread_state(self.pid, state.tid) is None:
+                state.gone = True
+                return
+            state.stopped = False  # thaw will try again to stop and detach it
+
+    # -- code and memory ---------------------------------------------------------------
+
+    def syscall_insn_addr(self) -> int:
+        """Address of a syscall instruction in an executable mapping ([vdso] preferred)."""
+        if self._insn_addr is not None:
+            return self._insn_addr
+        insn, align = self.arch.syscall_insn, self.arch.insn_align
+        for start, end, _path in self._exec_mappings():
+            try:
+                data = self.read_memory(start, min(end - start, 1 << 20))
+            except InjectorError:
+                continue
+            pos = data.find(insn)
+            while pos >= 0 and (start + pos) % align:
+                pos = data.find(insn, pos + 1)
+            if pos >= 0:
+                self._insn_addr = start + pos
+                return self._insn_addr
+        raise InjectorError(f"pid {self.pid}: no syscall instruction in any executable mapping")
+
+    def _exec_mappings(self) -> list[tuple[int, int, str]]:
+        try:
+            with open(f"/proc/{self.pid}/maps") as f:
+                lines = f.read().splitlines()
+        except (FileNotFoundError, ProcessLookupError):
+            raise TargetGoneError(self.pid, None, "no /proc entry") from None
+        found = []
+        for line in lines:
+            parts = line.split(maxsplit=5)
+            if len(parts) < 5 or "x" not in parts[1] or "r" not in parts[1]:
+                continue
+            path = parts[5] if len(parts) > 5 else ""
+            if path == "[vsyscall]":
+                continue
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            found.append((lo, hi, path))
+        found.sort(key=lambda m: m[2] != "[vdso]")
+        return found
+
+    def _mem(self) -> int:
+        if self._mem_fd is None:
+            try:
+                self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+            except (FileNotFoundError, ProcessLookupError):
+                raise TargetGoneError(self.pid, None, "no /proc entry") from None
+        return self._mem_fd
+
+    def read_memory(self, addr: int, n: int) -> bytes:
+        """Read ``n`` bytes at ``addr`` in the target (via /proc/PID/mem)."""
+        out = bytearray()
+        while len(out) < n:
+            try:
+                chunk = os.pread(self._mem(), n - len(out), addr + len(out))
+            except OSError as exc:
+                raise InjectorError(
+                    f"pid {self.pid}: cannot read {n} bytes at 0x{addr:x}: {exc.strerror}"
+                ) from exc
+            if not chunk:
+                raise InjectorError(f"pid {self.pid}: short read at 0x{addr + len(out):x}")
+            out += chunk
+        return bytes(out)
+
+    def write_memory(self, addr: int, data: bytes) -> None:
+        """Write ``data`` at ``addr`` in the target (via /proc/PID/mem, works on RO pages)."""
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            try:
+                n = os.pwrite(self._mem(), view[done:], addr + done)
+            except OSError as exc:
+                raise InjectorError(
+                    f"pid {self.pid}: cannot write {len(data)} bytes at 0x{addr:x}:"
+                    f" {exc.strerror}"
+                ) from exc
+            if n <= 0:
+                raise InjectorError(f"pid {self.pid}: short write at 0x{addr + done:x}")
+            done += n
+
+    def _close_mem(self) -> None:
+        if self._mem_fd is not None:
+            os.close(self._mem_fd)
+            self._mem_fd = None
+
+    @contextmanager
+    def scratch(self, size: int, tid: int | None = None) -> Iterator[int]:
+        """Anonymous read/write memory in the target for the duration of the block."""
+        length = max(mmap.PAGESIZE, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        addr = self.syscall("mmap", 0, length, prot, flags, -1, 0, tid=tid)
+        try:
+            yield addr
+        except TargetGoneError:
+            raise
+        except BaseException:
+            with suppress(InjectorError):  # keep the original error
+                self.syscall("munmap", addr, length, tid=tid)
+            raise
+        else:
+            self.syscall("munmap", addr, length, tid=tid)
