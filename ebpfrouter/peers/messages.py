@@ -1,0 +1,104 @@
+"""Peer message types and their strict schemas (exact keys, types, ranges, lengths).
+
+Messages name connections only by connection id (`cid`, 16 random bytes chosen by the client
+side) and the overlay 4-tuple; never by pid or fd.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import SchemaError
+
+PROTOCOL_VERSION = 1
+CID_BYTES = 16
+NONCE_BYTES = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One field: a Python type plus bounds (string/bytes length, integer range, choices)."""
+
+    kind: type
+    min: int | float | None = None
+    max: int | float | None = None
+    choices: tuple[str, ...] | None = None
+    ip: bool = False
+
+    def check(self, where: str, value: Any) -> None:
+        """Raise `SchemaError` unless `value` fits."""
+        # bool is an int subclass: keep them apart both ways
+        if type(value) is not self.kind and not (self.kind is float and type(value) is int):
+            raise SchemaError(f"{where}: expected {self.kind.__name__}, got {type(value).__name__}")
+        size = len(value) if isinstance(value, str | bytes | list) else value
+        if isinstance(size, int | float) and not isinstance(size, bool):
+            if self.min is not None and size < self.min:
+                raise SchemaError(f"{where}: {size} below minimum {self.min}")
+            if self.max is not None and size > self.max:
+                raise SchemaError(f"{where}: {size} above maximum {self.max}")
+        if self.choices is not None and value not in self.choices:
+            raise SchemaError(f"{where}: {value!r} not one of {self.choices}")
+        if self.ip:
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise SchemaError(f"{where}: {value!r} is not an IP address") from None
+
+
+PORT = Field(int, 1, 65535)
+IP = Field(str, 2, 45, ip=True)
+CID = Field(bytes, CID_BYTES, CID_BYTES)
+ATTEMPT = Field(int, 0, 1000)
+REASON = Field(str, 0, 200)
+NODE = Field(str, 1, 253)
+
+TUPLE = {"client_addr": IP, "client_port": PORT, "server_addr": IP, "server_port": PORT}
+
+SCHEMAS: dict[str, dict[str, Field]] = {
+    # first message on a control connection: who I am
+    "hello": {"node": NODE, "host_addr": IP},
+    # server side: overlay addr:port is reachable at host addr:port on my node
+    "listener_add": {"overlay_addr": IP, "overlay_port": PORT, "host_addr": IP, "host_port": PORT},
+    "listener_remove": {"overlay_addr": IP, "overlay_port": PORT},
+    # client side, first frame on a new host connection: this host conn is overlay 4-tuple X
+    "bind": {"cid": CID, **TUPLE},
+    # the two-phase swap (see engine.py)
+    "swap_prepare": {"cid": CID, "attempt": ATTEMPT, **TUPLE},
+    "swap_ready": {"cid": CID, "attempt": ATTEMPT},
+    "swap_commit": {"cid": CID, "attempt": ATTEMPT},
+    "swap_abort": {"cid": CID, "attempt": ATTEMPT, "reason": REASON, "final": Field(bool)},
+    "swap_done": {"cid": CID, "attempt": ATTEMPT},
+    "conn_closed": {"cid": CID},
+    "error": {"code": Field(str, 1, 40), "detail": REASON},
+}
+MESSAGE_TYPES = frozenset(SCHEMAS)
+
+
+def check_body(msg_type: str, body: Any) -> dict[str, Any]:
+    """Validate a message body against its schema: exact keys, no extras; return it."""
+    schema = SCHEMAS.get(msg_type) if isinstance(msg_type, str) else None
+    if schema is None:
+        raise SchemaError(f"unknown message type {msg_type!r}")
+    if not isinstance(body, Mapping):
+        raise SchemaError(f"{msg_type}: body is {type(body).__name__}, expected a map")
+    keys = set(body)
+    if keys != schema.keys():
+        extra = sorted(map(repr, keys - schema.keys()))
+        missing = sorted(schema.keys() - keys)
+        raise SchemaError(f"{msg_type}: extra keys {extra}, missing keys {missing}")
+    for name, field in schema.items():
+        field.check(f"{msg_type}.{name}", body[name])
+    return dict(body)
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    """A decoded, authenticated, schema-checked message."""
+
+    type: str
+    body: dict[str, Any]
+    ts: float = 0.0
+    nonce: bytes = b""
