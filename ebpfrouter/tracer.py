@@ -1,0 +1,335 @@
+"""The router's socket tracer: load the BPF programs, attach them, decode their records.
+
+    with Tracer() as tracer:                 # host netns = this process's, filtered out
+        for ev in tracer.read(timeout=1.0):  # list[SocketEvent]
+            ...
+        tracer.track(pid, fd)                # seed a connection that existed before us
+
+Programs and record layout live in :mod:`ebpfrouter.tracer_programs`. Records arrive through
+a BPF ring buffer where the kernel has one (5.8+), else a perf buffer; ``buffer=`` forces
+either. Everything the tracer creates (maps, programs, links, reader) is closed by
+:meth:`Tracer.close` / leaving the ``with`` block, also when opening fails half way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+from bpf_asm.attach import Link, attach_tracepoint
+from bpf_asm.btf import BTF
+from bpf_asm.maps import Map
+from bpf_asm.programs import Program, load_program
+from bpf_asm.syscall import BPFError
+
+from .tracer_programs import (
+    CONFIG_VALUE,
+    RECORD,
+    RECORD_SIZE,
+    STASH_VALUE,
+    TRACKED_KEY,
+    TRACKED_VALUE,
+    EventKind,
+    KernelLayout,
+    TracepointArgs,
+    generate_programs,
+)
+
+__all__ = ["EventKind", "SocketEvent", "Tracer", "TracerError", "netns_inode", "socket_inode"]
+
+log = logging.getLogger(__name__)
+
+
+class TracerError(RuntimeError):
+    """The tracer could not be set up (names the program, map or tracepoint)."""
+
+
+def netns_inode(pid: int | str = "self") -> int:
+    """Inode number of a process's network namespace (``/proc/PID/ns/net``)."""
+    return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+
+def socket_inode(pid: int | str, fd: int) -> int:
+    """Inode of the socket behind ``/proc/PID/fd/FD``; ValueError if it is not a socket."""
+    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+    if not (target.startswith("socket:[") and target.endswith("]")):
+        raise ValueError(f"pid {pid} fd {fd} is not a socket: {target}")
+    return int(target[len("socket:[") : -1])
+
+
+@dataclass(frozen=True)
+class SocketEvent:
+    """One decoded tracer record.
+
+    ``fd`` is the socket's fd (for accept: the new connection; for exit: -1), ``listen_fd``
+    the listening fd an accept came from. ``ret`` is the syscall's return value (-errno on
+    failure; connect reports 0 or -EINPROGRESS). Addresses are strings (None if unknown),
+    ports host order. ``ts_ns`` is CLOCK_MONOTONIC (``time.monotonic_ns()``).
+    """
+
+    kind: EventKind
+    pid: int
+    tid: int
+    fd: int
+    netns: int
+    sock_ino: int
+    ret: int
+    ts_ns: int
+    family: int = 0
+    laddr: str | None = None
+    lport: int = 0
+    raddr: str | None = None
+    rport: int = 0
+    listen_fd: int | None = None
+
+    @classmethod
+    def decode(cls, data: bytes) -> SocketEvent:
+        """Decode one record (trailing padding ignored)."""
+        if len(data) < RECORD_SIZE:
+            raise ValueError(f"tracer record of {len(data)} bytes, expected {RECORD_SIZE}")
+        (kind, pid, tid, fd, netns, arg, ino, ret, ts, family, lport, rport, _pad, laddr, raddr) = (
+            RECORD.unpack_from(data)
+        )
+        try:
+            k = EventKind(kind)
+        except ValueError:
+            raise ValueError(f"tracer record of unknown kind {kind}") from None
+        la = ra = None
+        if family == socket.AF_INET:
+            la, ra = str(ipaddress.IPv4Address(laddr[:4])), str(ipaddress.IPv4Address(raddr[:4]))
+        elif family == socket.AF_INET6:
+            la, ra = str(ipaddress.IPv6Address(laddr)), str(ipaddress.IPv6Address(raddr))
+        return cls(
+            kind=k,
+            pid=pid,
+            tid=tid,
+            fd=fd,
+            netns=netns,
+            sock_ino=ino,
+            ret=ret,
+            ts_ns=ts,
+            family=family,
+            laddr=la,
+            lport=lport,
+            raddr=ra,
+            rport=socket.ntohs(rport),
+            listen_fd=arg if k == EventKind.ACCEPT else None,
+        )
+
+
+class Tracer:
+    """Loads and attaches the socket tracer; a context manager that detaches everything.
+
+    ``host_netns_inode``: processes in this network namespace are not traced (default:
+    this process's namespace; 0 traces every namespace). ``buffer``: "auto" (ring buffer
+    if the kernel has it), "ringbuf" or "perf".
+    """
+
+    def __init__(
+        self,
+        host_netns_inode: int | None = None,
+        *,
+        buffer: str = "auto",
+        btf: BTF | None = None,
+        max_tracked: int = 65536,
+        ring_size: int = 1 << 20,
+        perf_pages: int = 64,
+    ) -> None:
+        if buffer not in ("auto", "ringbuf", "perf"):
+            raise ValueError(f"buffer must be 'auto', 'ringbuf' or 'perf', not {buffer!r}")
+        self.host_netns = netns_inode() if host_netns_inode is None else host_netns_inode
+        self.buffer = buffer
+        self._btf = btf
+        self.max_tracked = max_tracked
+        self.ring_size = ring_size
+        self.perf_pages = perf_pages
+        self.maps: dict[str, Map] = {}
+        self.programs: list[Program] = []
+        self.links: list[Link] = []
+        self.reader: object | None = None
+        self.kind: str | None = None  # "ringbuf" or "perf" once open
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> Tracer:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        """Create maps, generate and load the programs, start the reader, attach."""
+        if self.programs:
+            raise TracerError("tracer is already open")
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        layout = KernelLayout.from_btf(self._btf)
+        args = TracepointArgs.from_tracefs()
+        n = self.max_tracked
+        self.maps["config"] = Map.create(
+            "array", key_size=4, value_size=CONFIG_VALUE.size, max_entries=1, name="er_config"
+        )
+        self.maps["config"][b"\0\0\0\0"] = CONFIG_VALUE.pack(self.host_netns, 0)
+        self.maps["stash"] = Map.create(
+            "lru_hash", key_size=8, value_size=STASH_VALUE.size, max_entries=n, name="er_stash"
+        )
+        self.maps["tracked"] = Map.create(
+            "lru_hash",
+            key_size=TRACKED_KEY.size,
+            value_size=TRACKED_VALUE.size,
+            max_entries=n,
+            name="er_tracked",
+        )
+        self.maps["pids"] = Map.create(
+            "lru_hash", key_size=4, value_size=4, max_entries=n, name="er_pids"
+        )
+        self.maps["events"] = self._events_map()
+        ringbuf = self.kind == "ringbuf"
+        defs = generate_programs(layout, args, ringbuf=ringbuf)
+        for d in defs:
+            self.programs.append(load_program(d.build(self.maps), "tracepoint", name=d.name))
+        if ringbuf:
+            from bpf_asm.ringbuf import RingBuffer
+
+            self.reader = RingBuffer(self.maps["events"])
+        else:
+            from bpf_asm.perf import PerfBuffer
+
+            self.reader = PerfBuffer(self.maps["events"], page_count=self.perf_pages)
+        # Attach exits before enters, so no enter stashes for an exit that is not there yet.
+        order = sorted(
+            zip(defs, self.programs, strict=True),
+            key=lambda dp: dp[0].tracepoint.startswith("sys_enter_"),
+        )
+        for d, prog in order:
+            try:
+                self.links.append(attach_tracepoint(prog, d.category, d.tracepoint))
+            except (OSError, BPFError) as e:
+                raise TracerError(
+                    f"cannot attach {d.name} to {d.category}:{d.tracepoint}: {e}"
+                ) from e
+
+    def _events_map(self) -> Map:
+        if self.buffer in ("auto", "ringbuf"):
+            try:
+                m = Map.create("ringbuf", max_entries=self.ring_size, name="er_events")
+                self.kind = "ringbuf"
+                return m
+            except (BPFError, ValueError) as e:
+                if self.buffer == "ringbuf":
+                    raise TracerError(f"cannot create ring buffer map er_events: {e}") from e
+                log.info("no BPF ring buffer (%s); using a perf buffer", e)
+        self.kind = "perf"
+        return Map.create("perf_event_array", name="er_events")
+
+    def close(self) -> None:
+        """Detach and close everything (idempotent)."""
+        for link in self.links:
+            link.close()
+        self.links.clear()
+        if self.reader is not None:
+            self.reader.close()  # type: ignore[attr-defined]
+            self.reader = None
+        for prog in self.programs:
+            prog.close()
+        self.programs.clear()
+        for m in self.maps.values():
+            m.close()
+        self.maps.clear()
+
+    @property
+    def closed(self) -> bool:
+        """True before open() and after close()."""
+        return not self.programs
+
+    # ------------------------------------------------------------------ events
+
+    def fileno(self) -> int:
+        """A file descriptor that polls readable when events are waiting."""
+        return self._reader().fileno()
+
+    def _reader(self):  # noqa: ANN202 - RingBuffer | PerfBuffer
+        if self.reader is None:
+            raise TracerError("tracer is not open")
+        return self.reader
+
+    def read(
+        self, timeout: float | None = 0.0, max_records: int | None = None
+    ) -> list[SocketEvent]:
+        """Events waiting now, or within ``timeout`` seconds (None: block until some).
+
+        On a process exit the process's remaining tracked fds are forgotten.
+        """
+        out = []
+        for raw in self._reader().read(timeout, max_records):
+            try:
+                ev = SocketEvent.decode(raw)
+            except ValueError as e:
+                log.warning("dropping malformed tracer record: %s", e)
+                continue
+            if ev.kind == EventKind.EXIT:
+                self._forget_pid(ev.pid)
+            out.append(ev)
+        return out
+
+    @property
+    def lost(self) -> int:
+        """Records dropped: counted by the programs (buffer full) and by the perf reader."""
+        dropped = 0
+        cfg = self.maps.get("config")
+        if cfg is not None:
+            dropped = CONFIG_VALUE.unpack(cfg[b"\0\0\0\0"])[1]
+        return dropped + int(getattr(self.reader, "lost", 0) or 0)
+
+    @property
+    def prog_ids(self) -> list[int]:
+        """Kernel ids of the loaded programs (as ``bpftool prog show`` lists them)."""
+        return [p.id for p in self.programs]
+
+    # ------------------------------------------------------------------ tracked fds
+
+    def track(self, pid: int, fd: int, inode: int | None = None, netns: int | None = None) -> None:
+        """Track an fd opened before the tracer (its close and the process exit will be
+        reported). ``inode``/``netns`` default to what /proc says now."""
+        if inode is None:
+            inode = socket_inode(pid, fd)
+        if netns is None:
+            netns = netns_inode(pid)
+        self._map("tracked")[TRACKED_KEY.pack(pid, fd)] = TRACKED_VALUE.pack(inode, netns, 0)
+        self._map("pids")[pid.to_bytes(4, "little")] = (1).to_bytes(4, "little")
+
+    def untrack(self, pid: int, fd: int) -> bool:
+        """Stop tracking (pid, fd); True if it was tracked."""
+        return bool(self._map("tracked").delete(TRACKED_KEY.pack(pid, fd)))
+
+    def tracked(self) -> dict[tuple[int, int], tuple[int, int]]:
+        """(pid, fd) -> (socket inode, netns inode) for every tracked fd."""
+        out = {}
+        for k, v in self._map("tracked").items():
+            pid, fd = TRACKED_KEY.unpack(k)
+            ino, netns, _ = TRACKED_VALUE.unpack(v)
+            out[(pid, fd)] = (ino, netns)
+        return out
+
+    def _forget_pid(self, pid: int) -> None:
+        tracked = self._map("tracked")
+        for k in list(tracked.keys()):
+            if TRACKED_KEY.unpack(k)[0] == pid:
+                with contextlib.suppress(KeyError, BPFError):
+                    tracked.delete(k)
+
+    def _map(self, name: str) -> Map:
+        m = self.maps.get(name)
+        if m is None:
+            raise TracerError("tracer is not open")
+        return m

@@ -1,0 +1,633 @@
+"""The socket tracer's BPF programs, generated with `bpf_asm.Builder` (no clang).
+
+Eleven tracepoint programs watch ``listen``, ``accept``, ``accept4``, ``connect`` and
+``close`` (enter and exit each) and ``sched_process_exit``. Every struct offset comes from
+the kernel's BTF (:class:`KernelLayout`) and every tracepoint argument offset from tracefs
+(:class:`TracepointArgs`), so nothing here depends on a kernel version.
+
+Flow of one traced syscall:
+
+* **enter** (listen/accept/accept4/connect): read the caller's network namespace inode
+  (``task->nsproxy->net_ns->ns.inum``); if it is the host's (``config`` map) do nothing,
+  else stash ``{fd, kind, netns}`` in ``stash`` under the thread's ``pid_tgid``.
+* **exit**: take the stash entry back (a thread is in one syscall at a time), check the
+  return value (listen: 0; accept: a new fd; connect: 0 or -EINPROGRESS), find the
+  socket behind the fd (``task->files->fdt->fd[fd]``, a file whose inode is ``S_IFSOCK``,
+  ``file->private_data`` is the ``struct socket``, ``socket->sk`` the ``struct sock``),
+  keep only TCP (family AF_INET/AF_INET6, type SOCK_STREAM, protocol IPPROTO_TCP), emit a
+  record and remember ``(pid, fd) -> (inode, netns)`` in ``tracked``; ``pids`` notes the
+  process has tracked sockets.
+* **close**: enter stashes only fds found in ``tracked``; exit emits and forgets them.
+* **process exit**: when the whole thread group is gone (``group_dead`` where the
+  tracepoint has it, else the leader's exit) and the process is in ``pids``, emit.
+  User space then drops the process's ``tracked`` entries (a BPF program cannot cheaply
+  walk a hash map; the maps are LRU so nothing can fill them up for good).
+
+The socket inode is read as ``file->f_inode->i_ino``: that works for any file, needs no
+assumption that ``struct socket`` is embedded in ``struct socket_alloc`` next to its inode
+(an internal detail of net/socket.c), and the same ``f_inode`` read gives ``i_mode`` to
+check that the fd is a socket at all before ``private_data`` is trusted as one.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+from bpf_asm.btf import BTF, BTFError, FieldLocation
+from bpf_asm.builder import Builder
+from bpf_asm.isa import R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10, Instructions, Reg
+from bpf_asm.tracefs import EventFormat, event_format
+
+__all__ = [
+    "EventKind",
+    "KernelLayout",
+    "TracepointArgs",
+    "ProgramDef",
+    "RECORD",
+    "RECORD_SIZE",
+    "STASH_VALUE",
+    "TRACKED_KEY",
+    "TRACKED_VALUE",
+    "CONFIG_VALUE",
+    "generate_programs",
+    "TRACEPOINTS",
+]
+
+
+class EventKind(IntEnum):
+    """What a record reports."""
+
+    LISTEN = 1
+    ACCEPT = 2
+    CONNECT = 3
+    CLOSE = 4
+    EXIT = 5
+
+
+# ----------------------------------------------------------------------------- records
+#
+# The record every program emits (native byte order, 88 bytes):
+#   0 u32 kind      4 u32 pid (tgid)    8 u32 tid        12 s32 fd
+#  16 u32 netns    20 s32 arg (accept: listening fd; else -1)
+#  24 u64 sock_ino  32 s64 ret          40 u64 ktime_ns
+#  48 u16 family   50 u16 lport (host order)  52 u16 rport (network order)  54 u16 pad
+#  56 u8 laddr[16] 72 u8 raddr[16]      (IPv4: first 4 bytes)
+RECORD = struct.Struct("=IIIiIiQqQHHHH16s16s")
+RECORD_SIZE = RECORD.size
+OFF_KIND, OFF_PID, OFF_TID, OFF_FD, OFF_NETNS, OFF_ARG = 0, 4, 8, 12, 16, 20
+OFF_INO, OFF_RET, OFF_TS = 24, 32, 40
+OFF_FAMILY, OFF_LPORT, OFF_RPORT = 48, 50, 52
+OFF_LADDR, OFF_RADDR = 56, 72
+assert RECORD_SIZE == 88
+
+#: stash value: u32 fd, u32 kind, u32 netns, u32 pad (key: u64 pid_tgid)
+STASH_VALUE = struct.Struct("=IIII")
+#: tracked key: u32 pid, s32 fd
+TRACKED_KEY = struct.Struct("=Ii")
+#: tracked value: u64 socket inode, u32 netns, u32 pad
+TRACKED_VALUE = struct.Struct("=QII")
+#: config value (array map, key 0): u64 host netns inode (0 = trace every namespace),
+#: u64 records dropped because the perf/ring buffer was full (counted by the programs)
+CONFIG_VALUE = struct.Struct("=QQ")
+
+# Stack frame (offsets from r10).
+_REC = -RECORD_SIZE  # the record
+_SCRATCH = _REC - 8  # probe_read destination
+_KEY = _SCRATCH - 8  # u64 pid_tgid / u32 0 for the config lookup
+_TKEY = _KEY - 8  # tracked key
+_SVAL = _TKEY - 16  # stash value / tracked value
+_ZERO = _SVAL - 8  # u32 0 for array lookups
+
+BPF_ANY = 0
+BPF_F_CURRENT_CPU = 0xFFFFFFFF
+S_IFMT = 0o170000
+S_IFSOCK = 0o140000
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+@dataclass(frozen=True)
+class KernelLayout:
+    """The struct fields the programs read, located in the running kernel's BTF."""
+
+    task_files: FieldLocation
+    task_nsproxy: FieldLocation
+    files_fdt: FieldLocation
+    fdt_max_fds: FieldLocation
+    fdt_fd: FieldLocation
+    file_f_inode: FieldLocation
+    file_private_data: FieldLocation
+    inode_i_mode: FieldLocation
+    inode_i_ino: FieldLocation
+    socket_sk: FieldLocation
+    nsproxy_net_ns: FieldLocation
+    net_inum: FieldLocation
+    sk_family: FieldLocation
+    sk_type: FieldLocation
+    sk_protocol: FieldLocation
+    sk_num: FieldLocation
+    sk_dport: FieldLocation
+    sk_rcv_saddr: FieldLocation
+    sk_daddr: FieldLocation
+    sk_v6_rcv_saddr: FieldLocation | None
+    sk_v6_daddr: FieldLocation | None
+    pointer_size: int
+
+    @classmethod
+    def from_btf(cls, btf: BTF | None = None) -> KernelLayout:
+        """Resolve every field from ``btf`` (default: the running kernel's)."""
+        btf = btf or BTF.vmlinux()
+        r = btf.resolve
+
+        def optional(path: str) -> FieldLocation | None:
+            try:
+                return r(path)
+            except BTFError:
+                return None  # e.g. a kernel built without IPv6
+
+        # ns_common moved around over the years; net.ns.inum is the stable spelling, but
+        # fall back to the older proc_inum if this kernel predates ns_common.
+        net_inum = optional("net.ns.inum") or r("net.proc_inum")
+        return cls(
+            task_files=r("task_struct.files"),
+            task_nsproxy=r("task_struct.nsproxy"),
+            files_fdt=r("files_struct.fdt"),
+            fdt_max_fds=r("fdtable.max_fds"),
+            fdt_fd=r("fdtable.fd"),
+            file_f_inode=r("file.f_inode"),
+            file_private_data=r("file.private_data"),
+            inode_i_mode=r("inode.i_mode"),
+            inode_i_ino=r("inode.i_ino"),
+            socket_sk=r("socket.sk"),
+            nsproxy_net_ns=r("nsproxy.net_ns"),
+            net_inum=net_inum,
+            sk_family=r("sock.__sk_common.skc_family"),
+            sk_type=r("sock.sk_type"),
+            sk_protocol=r("sock.sk_protocol"),
+            sk_num=r("sock.__sk_common.skc_num"),
+            sk_dport=r("sock.__sk_common.skc_dport"),
+            sk_rcv_saddr=r("sock.__sk_common.skc_rcv_saddr"),
+            sk_daddr=r("sock.__sk_common.skc_daddr"),
+            sk_v6_rcv_saddr=optional("sock.__sk_common.skc_v6_rcv_saddr"),
+            sk_v6_daddr=optional("sock.__sk_common.skc_v6_daddr"),
+            pointer_size=btf.pointer_size,
+        )
+
+
+@dataclass(frozen=True)
+class TracepointArgs:
+    """Offsets (and sizes) of the tracepoint arguments the programs read, from tracefs."""
+
+    enter_fd: dict[str, tuple[int, int]]  # syscall -> (offset, size) of its fd argument
+    exit_ret: dict[str, tuple[int, int]]  # syscall -> (offset, size) of ret
+    group_dead: tuple[int, int] | None  # sched_process_exit.group_dead, if present
+
+    @classmethod
+    def from_tracefs(cls, formats: dict[str, EventFormat] | None = None) -> TracepointArgs:
+        """Read the ``format`` files (or use ``formats``, keyed by "category:name")."""
+        formats = dict(formats or {})
+
+        def fmt(category: str, name: str) -> EventFormat:
+            key = f"{category}:{name}"
+            if key not in formats:
+                formats[key] = event_format(category, name)
+            return formats[key]
+
+        enter, exit_ = {}, {}
+        for sc in SYSCALLS:
+            f = fmt("syscalls", f"sys_enter_{sc}").field("fd")
+            enter[sc] = (f.offset, f.size)
+            r = fmt("syscalls", f"sys_exit_{sc}").field("ret")
+            exit_[sc] = (r.offset, r.size)
+        pexit = fmt("sched", "sched_process_exit")
+        try:
+            g = pexit.field("group_dead")
+            group_dead: tuple[int, int] | None = (g.offset, g.size)
+        except KeyError:
+            group_dead = None
+        return cls(enter, exit_, group_dead)
+
+
+SYSCALLS = ("listen", "accept", "accept4", "connect", "close")
+_KIND = {
+    "listen": EventKind.LISTEN,
+    "accept": EventKind.ACCEPT,
+    "accept4": EventKind.ACCEPT,
+    "connect": EventKind.CONNECT,
+    "close": EventKind.CLOSE,
+}
+
+
+@dataclass(frozen=True)
+class ProgramDef:
+    """One generated program: its object name, tracepoint and instructions (maps by name)."""
+
+    name: str
+    category: str
+    tracepoint: str
+    builder: Builder
+
+    def build(self, maps: dict[str, object] | None = None) -> Instructions:
+        """Resolve labels and map names (fds from ``maps``)."""
+        return self.builder.build(maps)
+
+
+#: (object name, category, tracepoint) of every program, in attach order.
+TRACEPOINTS: tuple[tuple[str, str, str], ...] = tuple(
+    [(f"er_en_{sc}", "syscalls", f"sys_enter_{sc}") for sc in SYSCALLS]
+    + [(f"er_ex_{sc}", "syscalls", f"sys_exit_{sc}") for sc in SYSCALLS]
+    + [("er_proc_exit", "sched", "sched_process_exit")]
+)
+
+
+# ----------------------------------------------------------------------------- codegen
+
+
+class _Gen:
+    """Code generation helpers around a Builder (register use documented per program)."""
+
+    def __init__(self, layout: KernelLayout, ringbuf: bool) -> None:
+        self.b = Builder()
+        self.layout = layout
+        self.ringbuf = ringbuf
+        self._n = 0
+
+    def fresh(self, stem: str) -> str:
+        self._n += 1
+        return f"{stem}_{self._n}"
+
+    def ctx_load(self, dst: Reg, off_size: tuple[int, int], signed: bool = False) -> None:
+        """Load a tracepoint argument (ctx in r6)."""
+        off, size = off_size
+        if size not in (1, 2, 4, 8):
+            raise ValueError(f"tracepoint argument of {size} bytes at offset {off}")
+        if signed and size < 8:
+            self.b.ldsx(size * 8, dst, R6, off)
+        else:
+            self.b.ldx(size * 8, dst, R6, off)
+
+    def probe_read(self, dst_stack: int, size: int | Reg, src: Reg, off: int) -> None:
+        """probe_read_kernel(r10 + dst_stack, size, src + off); clobbers r1-r5, r0 = result."""
+        b = self.b
+        b.mov64(R1, R10).add64(R1, dst_stack)
+        b.mov64(R2, size)
+        b.mov64(R3, src)
+        if off:
+            b.add64(R3, off)
+        b.call("probe_read_kernel")
+
+    def read_field(self, dst: Reg, base: Reg, loc: FieldLocation, fail: str) -> None:
+        """dst = the scalar field ``loc`` of the kernel object at ``base`` (bitfields too)."""
+        if loc.size not in (1, 2, 4, 8):
+            raise ValueError(f"{loc.path}: cannot load a {loc.size}-byte field into a register")
+        b = self.b
+        self.probe_read(_SCRATCH, loc.size, base, loc.offset)
+        b.jne(R0, 0, fail)
+        b.ldx(loc.size * 8, dst, R10, _SCRATCH)
+        if loc.is_bitfield:
+            b.lsh64(dst, loc.lshift)
+            b.rsh64(dst, loc.rshift)
+
+    def read_ptr(self, dst: Reg, base: Reg, loc: FieldLocation, fail: str) -> None:
+        """dst = pointer field ``loc`` of the object at ``base``; jump to ``fail`` if NULL."""
+        self.read_field(dst, base, loc, fail)
+        self.b.jeq(dst, 0, fail)
+
+    def netns_inum(self, dst: Reg, task: Reg, fail: str) -> None:
+        """dst = task->nsproxy->net_ns->ns.inum (task in a callee-saved register)."""
+        lay = self.layout
+        self.read_ptr(dst, task, lay.task_nsproxy, fail)
+        self.read_ptr(dst, dst, lay.nsproxy_net_ns, fail)
+        self.read_field(dst, dst, lay.net_inum, fail)
+
+    def zero_record(self) -> None:
+        for off in range(_REC, 0, 8):
+            self.b.st(64, R10, off, 0)
+
+    def emit_record(self) -> None:
+        """Output the record on the stack to the ``events`` map (ctx in r6)."""
+        b = self.b
+        b.call("ktime_get_ns")
+        b.stx(64, R10, R0, _REC + OFF_TS)
+        if self.ringbuf:
+            b.ld_map_fd(R1, "events")
+            b.mov64(R2, R10).add64(R2, _REC)
+            b.mov64(R3, RECORD_SIZE)
+            b.mov64(R4, 0)
+            b.call("ringbuf_output")
+        else:
+            b.mov64(R1, R6)
+            b.ld_map_fd(R2, "events")
+            b.ld_imm64(R3, BPF_F_CURRENT_CPU)
+            b.mov64(R4, R10).add64(R4, _REC)
+            b.mov64(R5, RECORD_SIZE)
+            b.call("perf_event_output")
+        # Count records the kernel could not deliver (ring full) in config.drops.
+        done = self.fresh("emitted")
+        b.jeq(R0, 0, done)
+        b.st(32, R10, _ZERO, 0)
+        b.ld_map_fd(R1, "config")
+        b.mov64(R2, R10).add64(R2, _ZERO)
+        b.call("map_lookup_elem")
+        b.jeq(R0, 0, done)
+        b.mov64(R1, 1)
+        b.atomic("add", 64, R0, R1, 8)
+        b.label(done)
+
+    def host_netns(self, dst: Reg, out: str) -> None:
+        """dst = config.host_netns; jump to ``out`` if the config entry is missing."""
+        b = self.b
+        b.st(32, R10, _ZERO, 0)
+        b.ld_map_fd(R1, "config")
+        b.mov64(R2, R10).add64(R2, _ZERO)
+        b.call("map_lookup_elem")
+        b.jeq(R0, 0, out)
+        b.ldx(64, dst, R0, 0)
+
+    def finish(self, out: str = "out") -> None:
+        self.b.label(out)
+        self.b.mov64(R0, 0)
+        self.b.exit()
+
+
+def _enter_program(lay: KernelLayout, args: TracepointArgs, sc: str, ringbuf: bool) -> Builder:
+    """Stash {fd, kind, netns} for the exit program, unless the caller is in the host netns.
+
+    r6 ctx, r7 pid_tgid, r8 task / netns, r9 host netns.
+    """
+    g = _Gen(lay, ringbuf)
+    b = g.b
+    b.mov64(R6, R1)
+    b.call("get_current_pid_tgid").mov64(R7, R0)
+    b.call("get_current_task").mov64(R8, R0)
+    g.netns_inum(R8, R8, "out")
+    g.host_netns(R9, "out")
+    b.jeq(R8, R9, "out")
+    g.ctx_load(R1, args.enter_fd[sc])
+    b.stx(32, R10, R1, _SVAL + 0)
+    b.st(32, R10, _SVAL + 4, int(_KIND[sc]))
+    b.stx(32, R10, R8, _SVAL + 8)
+    b.st(32, R10, _SVAL + 12, 0)
+    b.stx(64, R10, R7, _KEY)
+    b.ld_map_fd(R1, "stash")
+    b.mov64(R2, R10).add64(R2, _KEY)
+    b.mov64(R3, R10).add64(R3, _SVAL)
+    b.mov64(R4, BPF_ANY)
+    b.call("map_update_elem")
+    g.finish()
+    return b
+
+
+def _close_enter_program(lay: KernelLayout, args: TracepointArgs, ringbuf: bool) -> Builder:
+    """Stash close(fd) only if (pid, fd) is tracked. r6 ctx, r7 pid_tgid, r8 fd."""
+    g = _Gen(lay, ringbuf)
+    b = g.b
+    b.mov64(R6, R1)
+    b.call("get_current_pid_tgid").mov64(R7, R0)
+    g.ctx_load(R8, args.enter_fd["close"])
+    b.mov64(R1, R7).rsh64(R1, 32)
+    b.stx(32, R10, R1, _TKEY)
+    b.stx(32, R10, R8, _TKEY + 4)
+    b.ld_map_fd(R1, "tracked")
+    b.mov64(R2, R10).add64(R2, _TKEY)
+    b.call("map_lookup_elem")
+    b.jeq(R0, 0, "out")
+    b.ldx(32, R1, R0, 8)  # netns from the tracked value
+    b.stx(32, R10, R8, _SVAL + 0)
+    b.st(32, R10, _SVAL + 4, int(EventKind.CLOSE))
+    b.stx(32, R10, R1, _SVAL + 8)
+    b.st(32, R10, _SVAL + 12, 0)
+    b.stx(64, R10, R7, _KEY)
+    b.ld_map_fd(R1, "stash")
+    b.mov64(R2, R10).add64(R2, _KEY)
+    b.mov64(R3, R10).add64(R3, _SVAL)
+    b.mov64(R4, BPF_ANY)
+    b.call("map_update_elem")
+    g.finish()
+    return b
+
+
+def _take_stash(g: _Gen, kind: EventKind) -> None:
+    """Common exit prologue: r6 ctx, r7 pid_tgid; record zeroed and filled with the
+    stash's fd (r9) and netns; stash entry deleted. Jumps to "out" if there is none."""
+    b = g.b
+    b.mov64(R6, R1)
+    b.call("get_current_pid_tgid").mov64(R7, R0)
+    b.stx(64, R10, R7, _KEY)
+    b.ld_map_fd(R1, "stash")
+    b.mov64(R2, R10).add64(R2, _KEY)
+    b.call("map_lookup_elem")
+    b.jeq(R0, 0, "out")
+    b.ldx(32, R9, R0, 0)  # fd
+    b.ldx(32, R8, R0, 4)  # kind
+    b.ldx(32, R1, R0, 8)  # netns
+    g.zero_record()
+    b.stx(32, R10, R1, _REC + OFF_NETNS)
+    b.ld_map_fd(R1, "stash")
+    b.mov64(R2, R10).add64(R2, _KEY)
+    b.call("map_delete_elem")
+    b.jne(R8, int(kind), "out")  # a stale entry from a syscall that never returned
+    b.st(32, R10, _REC + OFF_KIND, int(kind))
+    b.stx(32, R10, R7, _REC + OFF_TID)
+    b.mov64(R1, R7).rsh64(R1, 32)
+    b.stx(32, R10, R1, _REC + OFF_PID)
+    b.st(32, R10, _REC + OFF_ARG, -1)
+
+
+def _exit_program(lay: KernelLayout, args: TracepointArgs, sc: str, ringbuf: bool) -> Builder:
+    """listen/accept/accept4/connect exit: check ret, find the TCP socket, emit, track.
+
+    r6 ctx, r7 pid_tgid, r8 scratch pointer (task, files, ..., sock), r9 fd.
+    """
+    kind = _KIND[sc]
+    g = _Gen(lay, ringbuf)
+    b = g.b
+    _take_stash(g, kind)
+    g.ctx_load(R1, args.exit_ret[sc], signed=True)
+    b.stx(64, R10, R1, _REC + OFF_RET)
+    if kind == EventKind.LISTEN:
+        b.jne(R1, 0, "out")
+    elif kind == EventKind.ACCEPT:
+        b.jslt(R1, 0, "out")
+        b.stx(32, R10, R9, _REC + OFF_ARG)  # the listening fd
+        b.mov64(R9, R1)  # the accepted connection's fd
+    else:
+        b.jeq(R1, 0, "ok_ret")
+        b.jne(R1, -errno.EINPROGRESS, "out")
+        b.label("ok_ret")
+    b.stx(32, R10, R9, _REC + OFF_FD)
+
+    # fd -> struct file (bounds-checked against fdt->max_fds).
+    b.call("get_current_task").mov64(R8, R0)
+    g.read_ptr(R8, R8, lay.task_files, "out")
+    g.read_ptr(R8, R8, lay.files_fdt, "out")
+    g.read_field(R1, R8, lay.fdt_max_fds, "out")
+    b.jge(R9, R1, "out")
+    g.read_ptr(R8, R8, lay.fdt_fd, "out")
+    b.mov64(R1, R9).lsh64(R1, 3 if lay.pointer_size == 8 else 2)
+    b.add64(R8, R1)
+    b.mov64(R1, R10).add64(R1, _SCRATCH)
+    b.mov64(R2, lay.pointer_size)
+    b.mov64(R3, R8)
+    b.call("probe_read_kernel")
+    b.jne(R0, 0, "out")
+    b.ldx(lay.pointer_size * 8, R8, R10, _SCRATCH)
+    b.jeq(R8, 0, "out")
+    # file -> inode: must be a socket; its number is the socket inode.
+    b.stx(64, R10, R8, _SVAL)  # keep the file pointer
+    g.read_ptr(R8, R8, lay.file_f_inode, "out")
+    g.read_field(R1, R8, lay.inode_i_mode, "out")
+    b.and64(R1, S_IFMT)
+    b.jne(R1, S_IFSOCK, "out")
+    g.read_field(R1, R8, lay.inode_i_ino, "out")
+    b.stx(64, R10, R1, _REC + OFF_INO)
+    # file -> socket -> sock; TCP only.
+    b.ldx(64, R8, R10, _SVAL)
+    g.read_ptr(R8, R8, lay.file_private_data, "out")
+    g.read_ptr(R8, R8, lay.socket_sk, "out")
+    g.read_field(R1, R8, lay.sk_type, "out")
+    b.jne(R1, socket.SOCK_STREAM, "out")
+    g.read_field(R1, R8, lay.sk_protocol, "out")
+    b.jne(R1, socket.IPPROTO_TCP, "out")
+    g.read_field(R1, R8, lay.sk_family, "out")
+    b.stx(16, R10, R1, _REC + OFF_FAMILY)
+    b.jeq(R1, socket.AF_INET, "v4")
+    b.jne(R1, socket.AF_INET6, "out")
+    if lay.sk_v6_rcv_saddr is not None and lay.sk_v6_daddr is not None:
+        g.probe_read(_REC + OFF_LADDR, 16, R8, lay.sk_v6_rcv_saddr.offset)
+        g.probe_read(_REC + OFF_RADDR, 16, R8, lay.sk_v6_daddr.offset)
+    b.ja("ports")
+    b.label("v4")
+    g.probe_read(_REC + OFF_LADDR, 4, R8, lay.sk_rcv_saddr.offset)
+    g.probe_read(_REC + OFF_RADDR, 4, R8, lay.sk_daddr.offset)
+    b.label("ports")
+    g.read_field(R1, R8, lay.sk_num, "emit")
+    b.stx(16, R10, R1, _REC + OFF_LPORT)
+    g.read_field(R1, R8, lay.sk_dport, "emit")
+    b.stx(16, R10, R1, _REC + OFF_RPORT)
+    b.label("emit")
+    g.emit_record()
+    # Track (pid, fd) -> (inode, netns), and the pid.
+    b.ldx(32, R1, R10, _REC + OFF_PID)
+    b.stx(32, R10, R1, _TKEY)
+    b.stx(32, R10, R9, _TKEY + 4)
+    b.ldx(64, R1, R10, _REC + OFF_INO)
+    b.stx(64, R10, R1, _SVAL)
+    b.ldx(32, R1, R10, _REC + OFF_NETNS)
+    b.stx(32, R10, R1, _SVAL + 8)
+    b.st(32, R10, _SVAL + 12, 0)
+    b.ld_map_fd(R1, "tracked")
+    b.mov64(R2, R10).add64(R2, _TKEY)
+    b.mov64(R3, R10).add64(R3, _SVAL)
+    b.mov64(R4, BPF_ANY)
+    b.call("map_update_elem")
+    b.st(32, R10, _SCRATCH, 1)
+    b.ld_map_fd(R1, "pids")
+    b.mov64(R2, R10).add64(R2, _TKEY)  # the key's first u32 is the pid
+    b.mov64(R3, R10).add64(R3, _SCRATCH)
+    b.mov64(R4, BPF_ANY)
+    b.call("map_update_elem")
+    g.finish()
+    return b
+
+
+def _close_exit_program(lay: KernelLayout, args: TracepointArgs, ringbuf: bool) -> Builder:
+    """close exit: emit with the tracked inode and forget (pid, fd). r9 fd."""
+    g = _Gen(lay, ringbuf)
+    b = g.b
+    _take_stash(g, EventKind.CLOSE)
+    g.ctx_load(R1, args.exit_ret["close"], signed=True)
+    b.stx(64, R10, R1, _REC + OFF_RET)
+    b.stx(32, R10, R9, _REC + OFF_FD)
+    b.ldx(32, R1, R10, _REC + OFF_PID)
+    b.stx(32, R10, R1, _TKEY)
+    b.stx(32, R10, R9, _TKEY + 4)
+    b.ld_map_fd(R1, "tracked")
+    b.mov64(R2, R10).add64(R2, _TKEY)
+    b.call("map_lookup_elem")
+    b.jeq(R0, 0, "out")  # untracked meanwhile (e.g. by user space)
+    b.ldx(64, R1, R0, 0)
+    b.stx(64, R10, R1, _REC + OFF_INO)
+    b.ld_map_fd(R1, "tracked")
+    b.mov64(R2, R10).add64(R2, _TKEY)
+    b.call("map_delete_elem")
+    g.emit_record()
+    g.finish()
+    return b
+
+
+def _process_exit_program(lay: KernelLayout, args: TracepointArgs, ringbuf: bool) -> Builder:
+    """sched_process_exit: when the thread group is gone and had tracked sockets, emit.
+
+    r6 ctx, r7 pid_tgid, r8 task / netns.
+    """
+    g = _Gen(lay, ringbuf)
+    b = g.b
+    b.mov64(R6, R1)
+    b.call("get_current_pid_tgid").mov64(R7, R0)
+    if args.group_dead is not None:
+        g.ctx_load(R1, args.group_dead)
+        b.jeq(R1, 0, "out")
+    else:
+        b.mov64(R1, R7).rsh64(R1, 32)
+        b.mov32(R2, R7)
+        b.jne(R1, R2, "out")
+    b.mov64(R1, R7).rsh64(R1, 32)
+    b.stx(32, R10, R1, _TKEY)
+    b.ld_map_fd(R1, "pids")
+    b.mov64(R2, R10).add64(R2, _TKEY)
+    b.call("map_lookup_elem")
+    b.jeq(R0, 0, "out")
+    b.ld_map_fd(R1, "pids")
+    b.mov64(R2, R10).add64(R2, _TKEY)
+    b.call("map_delete_elem")
+    g.zero_record()
+    b.st(32, R10, _REC + OFF_KIND, int(EventKind.EXIT))
+    b.stx(32, R10, R7, _REC + OFF_TID)
+    b.mov64(R1, R7).rsh64(R1, 32)
+    b.stx(32, R10, R1, _REC + OFF_PID)
+    b.st(32, R10, _REC + OFF_FD, -1)
+    b.st(32, R10, _REC + OFF_ARG, -1)
+    b.call("get_current_task").mov64(R8, R0)
+    g.netns_inum(R8, R8, "emit")
+    b.stx(32, R10, R8, _REC + OFF_NETNS)
+    b.label("emit")
+    g.emit_record()
+    g.finish()
+    return b
+
+
+def generate_programs(
+    layout: KernelLayout | None = None,
+    args: TracepointArgs | None = None,
+    ringbuf: bool = False,
+) -> list[ProgramDef]:
+    """All tracer programs, unresolved (maps referenced by name: config, stash, tracked,
+    pids, events). ``ringbuf`` selects bpf_ringbuf_output over bpf_perf_event_output."""
+    layout = layout or KernelLayout.from_btf()
+    args = args or TracepointArgs.from_tracefs()
+    out: list[ProgramDef] = []
+    for name, cat, tp in TRACEPOINTS:
+        if tp.startswith("sys_enter_"):
+            sc = tp.removeprefix("sys_enter_")
+            b = (
+                _close_enter_program(layout, args, ringbuf)
+                if sc == "close"
+                else _enter_program(layout, args, sc, ringbuf)
+            )
+        elif tp.startswith("sys_exit_"):
+            sc = tp.removeprefix("sys_exit_")
+            b = (
+                _close_exit_program(layout, args, ringbuf)
+                if sc == "close"
+                else _exit_program(layout, args, sc, ringbuf)
+            )
+        else:
+            b = _process_exit_program(layout, args, ringbuf)
+        out.append(ProgramDef(name, cat, tp, b))
+    return out
