@@ -277,8 +277,8 @@ class Map:
 
     def pin(self, path: str) -> None:
         """Pin the map at `path` on bpffs (mounted at /sys/fs/bpf if needed)."""
-        path = bpffs.prepare_pin_path(path, self._label())
-        obj_pin(self.fd, path, self._label())
+        label = f"map {self.name!r}"
+        obj_pin(self.fd, bpffs.prepare_pin_path(path, label), label)
 
     def freeze(self) -> None:
         """BPF_MAP_FREEZE: user space can no longer write the map."""

@@ -138,3 +138,45 @@ def event_program(counter_fd: int, out_fd: int, tgid: int, ringbuf: bool,
 def rejected_program() -> bytes:
     """Reads an uninitialised register: the verifier says 'R2 !read_ok'."""
     return mov64_reg(0, 2) + exit_()
+
+
+# --- kernel-test utilities -------------------------------------------------------------------
+
+
+def open_fds() -> int:
+    """How many fds this process has open."""
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+def bpftool(*args: str) -> object:
+    """Run `bpftool -j ARGS` (the oracle) and return its parsed JSON."""
+    import json
+    import subprocess
+
+    out = subprocess.run(["bpftool", "-j", *args], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout) if out.stdout.strip() else None
+
+
+def kernel_prog_names() -> list[str]:
+    """Names of all programs loaded in the kernel, per bpftool."""
+    return [p.get("name", "") for p in bpftool("prog", "show") or []]
+
+
+def kernel_map_names() -> list[str]:
+    """Names of all maps in the kernel, per bpftool."""
+    return [m.get("name", "") for m in bpftool("map", "show") or []]
+
+
+def gone(name: str, names=kernel_prog_names, timeout: float = 2.0) -> bool:
+    """Whether no kernel object called `name` remains (waiting briefly: freeing can be
+    deferred to an RCU callback)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while name in names():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
