@@ -59,8 +59,8 @@ class _Ref:
 
 def _map_fd(name: str, obj: object) -> int:
     fd = obj if isinstance(obj, int) else getattr(obj, "fd", None)
-    if not isinstance(fd, int):
-        raise UnknownMapError(f"map {name!r} has no integer file descriptor (.fd): {obj!r}")
+    if not isinstance(fd, int) or not 0 <= fd < (1 << 31):
+        raise UnknownMapError(f"map {name!r} has no valid file descriptor (.fd): {obj!r}")
     return fd
 
 
@@ -100,12 +100,12 @@ class Builder:
 
     def _ref(self, kind: str, insn: Instruction, target: Target) -> Builder:
         if isinstance(target, int) and kind != "map":
-            field = {"off": "off", "imm": "imm"}[kind]
             lo, hi = _INT16 if kind == "off" else _INT32
             if not lo <= target <= hi:
-                raise LabelError(f"jump offset {target} does not fit in {field} "
+                bits = "16-bit off" if kind == "off" else "32-bit imm"
+                raise LabelError(f"jump offset {target} does not fit in the {bits} field "
                                  f"({lo}..{hi})", len(self._items))
-            values = {"off": insn.off, "imm": insn.imm, field: target}
+            values = {"off": insn.off, "imm": insn.imm, kind: target}
             return self.emit(Instruction(insn.code, insn.dst, insn.src, values["off"],
                                          values["imm"]))
         self._items.append(_Ref(kind, insn, target))

@@ -254,7 +254,7 @@ def _rel(off: int) -> str:
 
 def _format_map_ref(insn: Instruction, name: str) -> str:
     if insn.src == BPF_PSEUDO_MAP_VALUE:
-        return f"r{insn.dst} = map_value({name}, {insn.imm >> 32}) ll"
+        return f"r{insn.dst} = map_value({name}, {(insn.imm >> 32) & 0xFFFFFFFF}) ll"
     return f"r{insn.dst} = {name} ll"
 
 
@@ -275,7 +275,7 @@ def _format(insn: Instruction) -> str:  # noqa: C901 - one branch per instructio
         if s == BPF_PSEUDO_MAP_FD:
             return f"r{d} = map_fd({insn.imm & 0xFFFFFFFF}) ll"
         if s == BPF_PSEUDO_MAP_VALUE:
-            return f"r{d} = map_value({insn.imm & 0xFFFFFFFF}, {insn.imm >> 32}) ll"
+            return f"r{d} = map_value({insn.imm & 0xFFFFFFFF}, {(insn.imm >> 32) & 0xFFFFFFFF}) ll"
         return _unknown(insn)
     if cls == BPF_LDX and mode == BPF_MEM:
         return f"{_reg(d, size == BPF_DW)} = {_mem(size, s, insn.off)}"
@@ -441,14 +441,16 @@ def ld_imm64(dst: Reg, value: int) -> Instruction:
 
 def ld_map_fd(dst: Reg, fd: int) -> Instruction:
     """`dst = map` (BPF_PSEUDO_MAP_FD): the kernel replaces the fd with the map pointer."""
+    if not 0 <= fd < (1 << 32):
+        raise ValueError(f"map fd {fd} does not fit in 32 bits")
     return Instruction(LD_IMM64, dst, BPF_PSEUDO_MAP_FD, 0, fd)
 
 
 def ld_map_value(dst: Reg, fd: int, off: int = 0) -> Instruction:
     """`dst = &map_value[off]` (BPF_PSEUDO_MAP_VALUE, for array maps / global data)."""
-    if not 0 <= off < (1 << 32):
-        raise ValueError(f"map value offset {off} does not fit in 32 bits")
-    return Instruction(LD_IMM64, dst, BPF_PSEUDO_MAP_VALUE, 0, (fd & 0xFFFFFFFF) | (off << 32))
+    if not 0 <= off < (1 << 32) or not 0 <= fd < (1 << 32):
+        raise ValueError(f"map fd {fd} / value offset {off} does not fit in 32 bits")
+    return Instruction(LD_IMM64, dst, BPF_PSEUDO_MAP_VALUE, 0, fd | (off << 32))
 
 
 def ldx(bits: int, dst: Reg, src: Reg, off: int = 0) -> Instruction:

@@ -48,7 +48,7 @@ _REG = r"([rw]\d+)"
 _NUM = r"([+-]?\s*(?:0[xX][0-9a-fA-F]+|\d+))"
 _NAME = r"([A-Za-z_.$][\w.$]*)"
 _TARGET = r"([+-]\s*(?:0[xX][0-9a-fA-F]+|\d+)|[A-Za-z_.$][\w.$]*)"
-_ADDR = r"\s*(r\d+)\s*([+-])\s*(0[xX][0-9a-fA-F]+|\d+)\s*"
+_ADDR = r"\s*([rw]\d+)\s*([+-])\s*(0[xX][0-9a-fA-F]+|\d+)\s*"
 _MEM = r"\*\s*\(\s*([us])(8|16|32|64)\s*\*\s*\)\s*\(" + _ADDR + r"\)"
 _ALU_SYM = r"(=|\+=|-=|\*=|/=|s/=|%=|s%=|\|=|&=|<<=|>>=|s>>=|\^=)"
 _JMP_SYM = r"(==|!=|s>=|s<=|s>|s<|>=|<=|>|<|&)"
@@ -272,7 +272,7 @@ class _Parser:
             if m[1]:
                 self.b.ld_map_fd(reg, m[1])
             else:
-                self.b.emit(isa.ld_map_fd(reg, _imm32(m[2])))
+                self.b.emit(isa.ld_map_fd(reg, _num(m[2])))
         elif m := re.fullmatch(r"map_value\s*\(\s*(?:" + _NAME + "|" + _NUM + r")\s*,\s*" + _NUM
                                + r"\s*\)", value):
             off = _num(m[3])
@@ -281,7 +281,7 @@ class _Parser:
             if m[1]:
                 self.b.ld_map_value(reg, m[1], off)
             else:
-                self.b.emit(isa.ld_map_value(reg, _imm32(m[2]), off))
+                self.b.emit(isa.ld_map_value(reg, _num(m[2]), off))
         elif re.fullmatch(_NAME, value):
             self.b.ld_map_fd(reg, value)
         else:
