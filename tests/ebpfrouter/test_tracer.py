@@ -9,6 +9,7 @@ with /proc (pid, fd, netns inode, socket inode).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import socket
@@ -222,16 +223,22 @@ CHILD = textwrap.dedent(
         bad.connect(("127.0.0.1", 1))
     except OSError:
         pass
+    # A non-blocking connect: reported with -EINPROGRESS.
+    nb = socket.socket(); nb.setblocking(False)
+    nb_ret = nb.connect_ex(("127.0.0.1", port))
+    nb_acc, _ = srv.accept()
     r, w = os.pipe()
-    for name, s in [("srv", srv), ("cli", cli), ("acc", acc), ("srv6", srv6), ("cli6", cli6),
-                    ("acc6", acc6), ("udp", udp), ("ux", ux), ("uxc", uxc), ("uxa", uxa),
-                    ("bad", bad)]:
+    out["nb_ret"] = nb_ret
+    out["cli_port"] = cli.getsockname()[1]
+    for name, s in [("nb", nb), ("nb_acc", nb_acc), ("srv", srv), ("cli", cli), ("acc", acc),
+                    ("srv6", srv6), ("cli6", cli6), ("acc6", acc6), ("udp", udp), ("ux", ux),
+                    ("uxc", uxc), ("uxa", uxa), ("bad", bad)]:
         out[name] = [s.fileno(), ino(s.fileno())]
     out["pipe"] = [r, 0]
     out["port"] = port
     print(json.dumps(out), flush=True)
     sys.stdin.readline()
-    for s in (cli, acc, srv, udp, ux, uxc, uxa, bad):
+    for s in (cli, acc, srv, udp, ux, uxc, uxa, bad, nb, nb_acc):
         s.close()
     os.close(r)
     if sys.argv[2] == "close-all":
@@ -357,7 +364,7 @@ def test_tracer_reports_tcp_in_netns(netns_name: str, buffer: str) -> None:
             def mine(evs: list[SocketEvent]) -> list[SocketEvent]:
                 return [e for e in evs if e.pid == pid]
 
-            evs = collect(tracer, lambda e: len(mine(e)) >= 6)
+            evs = collect(tracer, lambda e: len(mine(e)) >= 8)
             got = {(e.kind, e.fd) for e in mine(evs)}
             want = {
                 (EventKind.LISTEN, child.fd("srv")),
@@ -366,16 +373,19 @@ def test_tracer_reports_tcp_in_netns(netns_name: str, buffer: str) -> None:
                 (EventKind.LISTEN, child.fd("srv6")),
                 (EventKind.CONNECT, child.fd("cli6")),
                 (EventKind.ACCEPT, child.fd("acc6")),
+                (EventKind.CONNECT, child.fd("nb")),
+                (EventKind.ACCEPT, child.fd("nb_acc")),
             }
             assert got == want, f"events: {mine(evs)}"
             assert not [e for e in evs if e.pid == os.getpid()], "host netns traffic traced"
-            names = {child.fd(n): n for n in ("srv", "cli", "acc", "srv6", "cli6", "acc6")}
+            tcp = ("srv", "cli", "acc", "srv6", "cli6", "acc6", "nb", "nb_acc")
+            names = {child.fd(n): n for n in tcp}
             for e in mine(evs):
                 name = names[e.fd]
                 assert e.netns == child.info["netns"], e
                 assert e.sock_ino == child.ino(name), (name, e)
                 assert e.tid == pid
-                if e.kind != EventKind.ACCEPT:
+                if e.kind == EventKind.LISTEN or name == "cli":
                     assert e.ret == 0, e
                 v6 = name.endswith("6")
                 assert e.family == (socket.AF_INET6 if v6 else socket.AF_INET)
@@ -385,8 +395,14 @@ def test_tracer_reports_tcp_in_netns(netns_name: str, buffer: str) -> None:
                     assert e.listen_fd == child.fd("srv6" if v6 else "srv")
                 if name == "srv":
                     assert e.lport == child.info["port"]
+                if name in ("cli", "nb"):
+                    assert (e.raddr, e.rport) == ("127.0.0.1", child.info["port"])
                 if name == "cli":
-                    assert e.rport == child.info["port"]
+                    assert e.lport == child.info["cli_port"]
+                if name == "acc":
+                    assert (e.raddr, e.rport) == ("127.0.0.1", child.info["cli_port"])
+                if name == "nb":
+                    assert e.ret == -child.info["nb_ret"] == -errno.EINPROGRESS
             assert len(tracer.tracked()) >= 6
             assert tracer.tracked()[(pid, child.fd("acc"))] == (
                 child.ino("acc"),
@@ -396,7 +412,7 @@ def test_tracer_reports_tcp_in_netns(netns_name: str, buffer: str) -> None:
             # Closes: only tracked TCP fds are reported (not UDP, unix, the failed
             # connect's socket or the pipe).
             assert child.step().strip() == "closed"
-            evs = collect(tracer, lambda e: len(mine(e)) >= 6)
+            evs = collect(tracer, lambda e: len(mine(e)) >= 8)
             closes = {(e.fd, e.sock_ino) for e in mine(evs) if e.kind == EventKind.CLOSE}
             assert closes == {(child.fd(n), child.ino(n)) for n in names.values()}, mine(evs)
             assert all(e.kind == EventKind.CLOSE and e.ret == 0 for e in mine(evs))
