@@ -18,6 +18,7 @@ import ipaddress
 import logging
 import os
 import socket
+import threading
 from dataclasses import dataclass
 
 from bpf_asm.attach import Link, attach_tracepoint
@@ -234,8 +235,14 @@ class Tracer:
 
     def close(self) -> None:
         """Detach and close everything (idempotent)."""
+        # Each detach waits for an RCU grace period in the kernel; do them side by side.
+        threads = [threading.Thread(target=link.close, daemon=True) for link in self.links]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         for link in self.links:
-            link.close()
+            link.close()  # no-op unless a thread failed
         self.links.clear()
         if self.reader is not None:
             self.reader.close()  # type: ignore[attr-defined]

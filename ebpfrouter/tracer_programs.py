@@ -291,7 +291,7 @@ class _Gen:
         b.ldx(loc.size * 8, dst, R10, _SCRATCH)
         if loc.is_bitfield:
             b.lsh64(dst, loc.lshift)
-            b.rsh64(dst, loc.rshift)
+            (b.arsh64 if loc.signed else b.rsh64)(dst, loc.rshift)
 
     def read_ptr(self, dst: Reg, base: Reg, loc: FieldLocation, fail: str) -> None:
         """dst = pointer field ``loc`` of the object at ``base``; jump to ``fail`` if NULL."""
