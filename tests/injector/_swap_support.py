@@ -51,6 +51,21 @@ def stop(proc: subprocess.Popen) -> None:
             f.close()
 
 
+def wait_listen(port: int, proc: subprocess.Popen | None = None, timeout: float = 10.0) -> None:
+    """Wait until a TCP socket listens on `port` (sock_diag; no connection is made)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}")
+        with DiagSocket() as ds:
+            ds.bind()
+            for m in ds.get_sock_stats(family=socket.AF_INET, states=1 << 10):
+                if m["idiag_sport"] == port and m["idiag_state"] == 10:
+                    return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
+
+
 @contextlib.contextmanager
 def running(argv: list[str], port: int | None = None, **kw) -> Iterator[subprocess.Popen]:
     """Run `argv` as a child for the duration of the block (waiting for `port` if given)."""
@@ -59,7 +74,7 @@ def running(argv: list[str], port: int | None = None, **kw) -> Iterator[subproce
     proc = subprocess.Popen(argv, **kw)
     try:
         if port is not None:
-            wait_port(port, proc)
+            wait_listen(port, proc)
         yield proc
     finally:
         stop(proc)
