@@ -19,6 +19,8 @@ import logging
 import os
 import socket
 import threading
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from bpf_asm.attach import Link, attach_tracepoint
@@ -39,6 +41,7 @@ from .tracer_programs import (
     TracepointArgs,
     generate_programs,
 )
+from .tracer_seed import existing_sockets
 
 __all__ = ["EventKind", "SocketEvent", "Tracer", "TracerError", "netns_inode", "socket_inode"]
 
@@ -326,6 +329,36 @@ class Tracer:
             pid, fd = TRACKED_KEY.unpack(k)
             ino, netns, _ = TRACKED_VALUE.unpack(v)
             out[(pid, fd)] = (ino, netns)
+        return out
+
+    def seed(self, track: bool = True, pids: Iterable[int] | None = None) -> list[SocketEvent]:
+        """Events for TCP sockets that already existed outside the host namespace (from
+        /proc; see :mod:`ebpfrouter.tracer_seed`), tracked unless ``track=False``.
+
+        Call it after the tracer is open, so nothing falls between the scan and the
+        programs; a socket made in between may then be reported twice.
+        """
+        out = []
+        for kind, pid, fd, netns, row in existing_sockets(self.host_netns, pids):
+            if track:
+                self.track(pid, fd, row.inode, netns)
+            out.append(
+                SocketEvent(
+                    kind=kind,
+                    pid=pid,
+                    tid=pid,
+                    fd=fd,
+                    netns=netns,
+                    sock_ino=row.inode,
+                    ret=0,
+                    ts_ns=time.monotonic_ns(),
+                    family=row.family,
+                    laddr=row.laddr,
+                    lport=row.lport,
+                    raddr=row.raddr,
+                    rport=row.rport,
+                )
+            )
         return out
 
     def _forget_pid(self, pid: int) -> None:

@@ -24,7 +24,7 @@ import pytest
 from bpf_asm.btf import BTF, FieldLocation, Kind
 from bpf_asm.helpers import helper_id
 from bpf_asm.isa import Instruction
-from ebpfrouter.tracer import EventKind, SocketEvent, Tracer, netns_inode
+from ebpfrouter.tracer import EventKind, SocketEvent, Tracer, netns_inode, socket_inode
 from ebpfrouter.tracer_programs import (
     RECORD,
     RECORD_SIZE,
@@ -33,6 +33,7 @@ from ebpfrouter.tracer_programs import (
     TracepointArgs,
     generate_programs,
 )
+from ebpfrouter.tracer_seed import parse_proc_net_tcp
 
 VMLINUX = "/sys/kernel/btf/vmlinux"
 needs_btf = pytest.mark.skipif(not os.path.exists(VMLINUX), reason="no kernel BTF")
@@ -496,3 +497,62 @@ def test_open_failure_cleans_up(monkeypatch: pytest.MonkeyPatch) -> None:
         tracer.open()
     assert tracer.closed and not tracer.links and not tracer.maps
     assert not set(calls) & bpftool_prog_ids()
+
+
+def test_proc_net_tcp_parsing_matches_real_sockets() -> None:
+    """Parse this process's own /proc/net/tcp{,6} and find sockets we just made."""
+    socks = []
+    try:
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            srv = socket.socket(family)
+            srv.bind((host, 0))
+            srv.listen()
+            cli = socket.socket(family)
+            cli.connect(srv.getsockname()[:2])
+            socks += [srv, cli]
+            table = "/proc/self/net/tcp" + ("6" if family == socket.AF_INET6 else "")
+            with open(table) as f:
+                rows = {r.inode: r for r in parse_proc_net_tcp(f.read(), family)}
+            s_row = rows[socket_inode("self", srv.fileno())]
+            c_row = rows[socket_inode("self", cli.fileno())]
+            assert (s_row.laddr, s_row.lport, s_row.state) == (host, srv.getsockname()[1], 0x0A)
+            assert (c_row.raddr, c_row.rport) == (host, srv.getsockname()[1])
+            assert (c_row.laddr, c_row.lport) == (host, cli.getsockname()[1])
+            assert c_row.state == 0x01
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.root
+def test_seed_finds_sockets_made_before_the_tracer(netns_name: str) -> None:
+    child = Child(netns_name, "close-all")
+    host = socket.socket()
+    host.bind(("127.0.0.1", 0))
+    host.listen()
+    try:
+        with Tracer() as tracer:
+            evs = tracer.seed()
+            assert not [e for e in evs if e.pid == os.getpid()], "host netns socket seeded"
+            pid = child.pid
+            got = {(e.kind, e.fd, e.sock_ino) for e in evs if e.pid == pid}
+            want = {
+                (EventKind.LISTEN, child.fd("srv"), child.ino("srv")),
+                (EventKind.LISTEN, child.fd("srv6"), child.ino("srv6")),
+                (EventKind.CONNECT, child.fd("cli"), child.ino("cli")),
+                (EventKind.CONNECT, child.fd("cli6"), child.ino("cli6")),
+                (EventKind.CONNECT, child.fd("nb"), child.ino("nb")),
+                (EventKind.ACCEPT, child.fd("acc"), child.ino("acc")),
+                (EventKind.ACCEPT, child.fd("acc6"), child.ino("acc6")),
+                (EventKind.ACCEPT, child.fd("nb_acc"), child.ino("nb_acc")),
+            }
+            assert got == want
+            assert all(e.netns == child.info["netns"] for e in evs if e.pid == pid)
+            # Seeded fds are tracked: their closes are reported.
+            assert child.step().strip() == "closed"
+            evs = collect(tracer, lambda e: sum(x.pid == pid for x in e) >= 8)
+            closes = {(e.fd, e.sock_ino) for e in evs if e.pid == pid}
+            assert closes == {(fd, ino) for _, fd, ino in want}
+    finally:
+        host.close()
+        child.finish()
