@@ -83,27 +83,32 @@ class _Ring:
         """Bytes written by the kernel and not yet consumed."""
         return self._head.value - self._tail.value
 
-    def drain(self, out: list[Sample], limit: int | None) -> tuple[int, int]:
-        """Append samples to `out` (at most `limit`); return (lost, straddled) counts."""
+    def drain(self, out: list[bytes], cpus: list[int] | None,
+              limit: int | None) -> tuple[int, int]:
+        """Append payloads to `out` (and this CPU to `cpus`), at most `limit` in `out`;
+        return (lost, straddled) counts."""
         head = self._head.value
         tail = self._tail.value
         if head == tail:
             return 0, 0
+        # One copy of everything pending (two if it wraps), then parse in place.
         buf = copy_ring(self.data, self.size, tail, head - tail)
         pos = lost = straddled = 0
-        end = len(buf)
-        cpu = self.cpu
+        end, size, start = len(buf), self.size, tail % self.size
+        append = out.append
         while pos + 8 <= end:
             if limit is not None and len(out) >= limit:
                 break
             rtype, _misc, rsize = _HEADER.unpack_from(buf, pos)
             if rsize < 8 or pos + rsize > end:
                 break  # torn record: never expected, stop rather than misparse
-            if (tail + pos) % self.size + rsize > self.size:
+            if (start + pos) % size + rsize > size:
                 straddled += 1
             if rtype == PERF_RECORD_SAMPLE:
                 (raw,) = _U32.unpack_from(buf, pos + 8)
-                out.append(Sample(cpu, buf[pos + 12: pos + 12 + raw]))
+                append(buf[pos + 12: pos + 12 + raw])
+                if cpus is not None:
+                    cpus.append(self.cpu)
             elif rtype == PERF_RECORD_LOST:
                 lost += _U64.unpack_from(buf, pos + 16)[0]
             elif rtype == PERF_RECORD_LOST_SAMPLES:
@@ -122,7 +127,10 @@ class PerfBuffer:
     """Reads samples from a perf_event_array map: per-CPU rings, epoll wait, lost counts.
 
     page_count: data pages per CPU ring (a power of two). cpus: which CPUs (default: all
-    online). wakeup_events: wake the reader every N samples (1 = lowest latency).
+    online). wakeup_events: wake the reader every N samples per CPU. 1 (the default) gives
+    the lowest latency but costs the kernel a wakeup per sample, which caps the producer
+    (~100k samples/s here); larger values batch wakeups, and `read(timeout=...)` still
+    collects the stragglers when its timeout expires.
     Attributes: `lost` (total samples dropped), `last_lost` (dropped, as seen by the last
     read), `received` (total samples returned), `straddled` (records that wrapped the ring).
     """
@@ -169,30 +177,38 @@ class PerfBuffer:
 
     def read_samples(self, timeout: float | None = None,
                      max_records: int | None = None) -> list[Sample]:
-        """All available samples (up to `max_records`), waiting up to `timeout` seconds
+        """All available samples with their CPU (up to `max_records`), waiting up to
+        `timeout` seconds (None: forever, 0: don't wait) if none is ready."""
+        cpus: list[int] = []
+        data = self._read(timeout, max_records, cpus)
+        return [Sample(c, d) for c, d in zip(cpus, data, strict=True)]
+
+    def read(self, timeout: float | None = None, max_records: int | None = None) -> list[bytes]:
+        """All available payloads (up to `max_records`), waiting up to `timeout` seconds
         (None: forever, 0: don't wait) if none is ready."""
-        out: list[Sample] = []
+        return self._read(timeout, max_records, None)
+
+    def _read(self, timeout: float | None, limit: int | None,
+              cpus: list[int] | None) -> list[bytes]:
+        out: list[bytes] = []
         self.last_lost = 0
-        self._drain(out, max_records)
+        self._drain(out, cpus, limit)
         if not out and timeout != 0 and not self.last_lost:
             try:
                 events = self._epoll.poll(-1 if timeout is None else timeout)
             except InterruptedError:
                 events = []
             if events:
-                self._drain(out, max_records)
+                self._drain(out, cpus, limit)
         return out
 
-    def read(self, timeout: float | None = None, max_records: int | None = None) -> list[bytes]:
-        """Like `read_samples`, payloads only."""
-        return [s.data for s in self.read_samples(timeout, max_records)]
-
-    def _drain(self, out: list[Sample], limit: int | None) -> None:
+    def _drain(self, out: list[bytes], cpus: list[int] | None, limit: int | None) -> None:
         before = len(out)
-        for ring in list(self._rings.values()):
-            lost, straddled = ring.drain(out, limit)
-            self.last_lost += lost
-            self.lost += lost
+        for ring in self._rings.values():
+            lost, straddled = ring.drain(out, cpus, limit)
+            if lost:
+                self.last_lost += lost
+                self.lost += lost
             self.straddled += straddled
         self.received += len(out) - before
 

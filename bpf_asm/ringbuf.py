@@ -53,6 +53,7 @@ class RingBuffer:
         self._cons = self._consumer.u64(0)
         self._prod = self._producer.u64(0)
         self._data = self._producer.addr + PAGE_SIZE
+        self._words = (ctypes.c_uint32 * (2 * self.size // 4)).from_address(self._data)
 
     def fileno(self) -> int:
         """The epoll fd: readable when records are ready."""
@@ -65,26 +66,36 @@ class RingBuffer:
     def _drain(self, out: list[bytes], limit: int | None) -> None:
         cons = self._cons.value
         prod = self._prod.value
-        data, mask = self._data, self.mask
-        before = len(out)
-        while cons < prod:
-            if limit is not None and len(out) >= limit:
-                break
-            header = ctypes.c_uint32.from_address(data + (cons & mask)).value
+        if cons >= prod:
+            return
+        # Walk the headers (single 32-bit loads) up to the first record still being written,
+        # then copy that committed span once: the data area is mapped twice, so it never
+        # wraps.
+        words, mask = self._words, self.mask
+        spans: list[tuple[int, int]] = []
+        pos = cons
+        while pos < prod and (limit is None or len(out) + len(spans) < limit):
+            header = words[(pos & mask) >> 2]
             if header & BUSY_BIT:
-                break  # the producer has reserved but not committed this record yet
+                break  # reserved but not committed yet
             length = header & ~(BUSY_BIT | DISCARD_BIT)
             if header & DISCARD_BIT:
                 self.discarded += 1
             else:
-                out.append(ctypes.string_at(data + (cons & mask) + HEADER_SIZE, length))
-            cons += (length + HEADER_SIZE + 7) & ~7
-            self._cons.value = cons  # release the space to the producer
-        self.received += len(out) - before
+                spans.append((pos - cons + HEADER_SIZE, length))
+            pos += (length + HEADER_SIZE + 7) & ~7
+        if pos == cons:
+            return
+        buf = ctypes.string_at(self._data + (cons & mask), pos - cons)
+        out.extend(buf[off: off + length] for off, length in spans)
+        self.received += len(spans)
+        self._cons.value = pos  # release the space to the producer
 
     def read(self, timeout: float | None = None, max_records: int | None = None) -> list[bytes]:
         """All committed records (up to `max_records`), waiting up to `timeout` seconds
         (None: forever, 0: don't wait) if none is ready."""
+        if self._producer is None:
+            raise ValueError(f"ring buffer for map {self.map.name!r} is closed")
         out: list[bytes] = []
         self._drain(out, max_records)
         if not out and timeout != 0:
