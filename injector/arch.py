@@ -20,6 +20,15 @@ ERESTARTNOHAND = 514
 ERESTART_RESTARTBLOCK = 516
 RESTART_CODES = frozenset({ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK})
 
+# Waits that return a plain -EINTR whenever *any* signal or ptrace interrupt is pending
+# (fs/eventpoll.c), even where no handler runs. Name -> index of the timeout argument and
+# whether that argument is a pointer (NULL = wait forever) rather than milliseconds (-1).
+EINTR_ON_INTERRUPT = {
+    "epoll_wait": (3, False),
+    "epoll_pwait": (3, False),
+    "epoll_pwait2": (3, True),
+}
+
 NT_PRSTATUS = 1
 
 _X86_64_SYSCALLS = {
@@ -36,6 +45,7 @@ _X86_64_SYSCALLS = {
     "unshare": 272, "epoll_pwait": 281, "accept4": 288, "eventfd2": 290, "epoll_create1": 291,
     "dup3": 292, "pipe2": 293, "recvmmsg": 299, "sendmmsg": 307, "setns": 308,
     "memfd_create": 319, "pidfd_open": 434, "close_range": 436, "pidfd_getfd": 438,
+    "epoll_pwait2": 441,
 }
 
 # asm-generic numbering (aarch64 has no poll, select, epoll_wait, dup2, pause).
@@ -52,6 +62,7 @@ _AARCH64_SYSCALLS = {
     "recvmsg": 212, "munmap": 215, "mremap": 216, "clone": 220, "mmap": 222, "mprotect": 226,
     "madvise": 233, "accept4": 242, "recvmmsg": 243, "setns": 268, "sendmmsg": 269,
     "memfd_create": 279, "pidfd_open": 434, "close_range": 436, "pidfd_getfd": 438,
+    "epoll_pwait2": 441,
 }
 
 

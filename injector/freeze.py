@@ -19,8 +19,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
 from injector import ptrace as pt
+from injector.arch import EINTR_ON_INTERRUPT, ERESTARTNOHAND
 from injector.errors import FreezeTimeout, InjectorError, TargetGoneError
-from injector.remote import RemoteProcess, ThreadState, restart_regs
+from injector.remote import RemoteProcess, ThreadState, copy_regs, restart_regs, to_signed
 
 __all__ = ["FrozenProcess", "freeze"]
 
@@ -94,6 +95,8 @@ class FrozenProcess(RemoteProcess):
                 state.stopped = True
                 if kind is pt.StopKind.GROUP_STOP:
                     self.was_stopped = True
+                else:
+                    self._undo_interrupt_eintr(state)
                 return
             if kind is pt.StopKind.EXITED:
                 state.gone = True
@@ -109,6 +112,37 @@ class FrozenProcess(RemoteProcess):
                 pt.cont(tid)
             with suppress(OSError):
                 pt.interrupt(tid)
+
+    def _undo_interrupt_eintr(self, state: ThreadState) -> None:
+        """Our PTRACE_INTERRUPT made an endless epoll wait fail with a plain -EINTR (the
+        kernel does that for any pending signal). Turn it into -ERESTARTNOHAND: at thaw the
+        kernel then restarts the wait, or still returns EINTR if a signal handler runs."""
+        arch = self.arch
+        if arch.orig_nr_reg is None:
+            return  # aarch64: orig syscall number not in NT_PRSTATUS
+        regs = pt.getregs(state.tid)
+        nr = to_signed(getattr(regs, arch.orig_nr_reg))
+        if nr < 0 or to_signed(getattr(regs, arch.ret_reg)) != -errno.EINTR:
+            return
+        entry = EINTR_ON_INTERRUPT.get(arch.name_of(nr))
+        if entry is None:
+            return
+        index, is_pointer = entry
+        timeout = getattr(regs, arch.arg_regs[index])
+        finite = timeout != 0 if is_pointer else to_signed((timeout & 0xFFFFFFFF) << 32) >= 0
+        if finite:  # (an int timeout: only its low 32 bits count, -1 = forever)
+            return  # finite wait: restarting would stretch it; leave the kernel's EINTR
+        ip = getattr(regs, arch.ip_reg)
+        insn = arch.syscall_insn
+        try:
+            if self.read_memory(ip - len(insn), len(insn)) != insn:
+                return
+        except InjectorError:
+            return
+        setattr(regs, arch.ret_reg, -ERESTARTNOHAND & ((1 << 64) - 1))
+        pt.setregs(state.tid, regs)
+        state.saved_regs = copy_regs(regs)
+        log.debug("pid %d tid %d: %s EINTR -> restart", self.pid, state.tid, arch.name_of(nr))
 
     def _adopt(self, new_tid: int, deadline: float) -> None:
         """A traced thread cloned: the child is already seized by the kernel (TRACECLONE)."""

@@ -25,6 +25,7 @@ import ctypes
 import errno
 import mmap
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -95,6 +96,7 @@ class RemoteProcess:
         self._threads: dict[int, ThreadState] = {}
         self._insn_addr: int | None = None
         self._mem_fd: int | None = None
+        self._tracer = threading.get_native_id()  # ptrace obeys only this thread
 
     # -- threads -----------------------------------------------------------------------
 
@@ -117,15 +119,19 @@ class RemoteProcess:
             raise TargetGoneError(self.pid, tid, "thread not frozen")
         return state
 
-    def _gone(self, state: ThreadState, exc: BaseException | None = None) -> TargetGoneError:
-        """Mark a thread dead if it is, and return the error to raise."""
-        stop = pt.poll_stop(state.tid) if pt.thread_state(self.pid, state.tid) != "t" else None
-        if stop is not None and stop.kind is not pt.StopKind.EXITED:
-            state.stop = stop  # still alive after all: remember where it stopped
-        else:
+    def _gone(self, state: ThreadState, exc: BaseException | None = None) -> InjectorError:
+        """The error to raise after ESRCH: TargetGoneError if the thread really is dead."""
+        if pt.thread_state(self.pid, state.tid) in (None, "Z", "X"):
             state.gone = True
-        detail = f"while injecting ({exc})" if exc else "while injecting"
-        return TargetGoneError(self.pid, state.tid, detail)
+            detail = f"while injecting ({exc})" if exc else "while injecting"
+            return TargetGoneError(self.pid, state.tid, detail)
+        return InjectorError(f"pid {self.pid} tid {state.tid}: not in a ptrace-stop ({exc})")
+
+    def _check_tracer(self) -> None:
+        if threading.get_native_id() != self._tracer:
+            raise InjectorError(
+                f"pid {self.pid}: ptrace requests must come from the thread that froze it"
+            )
 
     # -- syscalls ----------------------------------------------------------------------
 
@@ -137,6 +143,7 @@ class RemoteProcess:
         name = name_or_nr if isinstance(name_or_nr, str) else arch.name_of(nr)
         if len(args) > len(arch.arg_regs):
             raise ValueError(f"{name}: at most {len(arch.arg_regs)} arguments")
+        self._check_tracer()
         state = self._thread(tid)
         try:
             ret = self._inject(state, nr, name, args)
@@ -214,7 +221,11 @@ class RemoteProcess:
             pt.syscall(tid)
 
     def _abort_blocked(self, state: ThreadState, name: str) -> None:
-        """An injected syscall is blocking: interrupt it and get the thread stopped again."""
+        """An injected syscall is blocking: interrupt it and get the thread stopped again.
+
+        Any ptrace-stop will do (usually the syscall-exit-stop with -ERESTART*, which also
+        consumes the interrupt); the caller then restores the saved registers.
+        """
         try:
             pt.interrupt(state.tid)
             for _ in range(4):
@@ -223,16 +234,16 @@ class RemoteProcess:
                 if stop.kind is pt.StopKind.EXITED:
                     state.gone = True
                     return
-                if stop.kind in (pt.StopKind.EVENT_STOP, pt.StopKind.GROUP_STOP):
+                if stop.kind is not pt.StopKind.SIGNAL:
                     return
-                if stop.kind is pt.StopKind.SIGNAL:
-                    state.pending_signals.append(stop.sig)
-                pt.cont(state.tid)
+                state.pending_signals.append(stop.sig)
+                pt.syscall(state.tid)
+                pt.interrupt(state.tid)
         except (OSError, InjectorError):
             if pt.thread_state(self.pid, state.tid) is None:
                 state.gone = True
                 return
-            state.stopped = False  # thaw will try again to stop and detach it
+        state.stopped = False  # thaw will try again to stop and detach it
 
     # -- code and memory ---------------------------------------------------------------
 

@@ -6,6 +6,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,9 +21,12 @@
 static volatile sig_atomic_t usr1, alrm_runs, rt_runs;
 static volatile long alrm_overruns;
 
-static void say(const char *fmt, long a, long b) {
+__attribute__((format(printf, 1, 2))) static void say(const char *fmt, ...) {
     char buf[160];
-    int n = snprintf(buf, sizeof buf, fmt, a, b);
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
     (void)!write(1, buf, n);
 }
 
@@ -50,7 +54,7 @@ static void *reader(void *arg) {
     char c;
     (void)arg;
     ssize_t n = read(0, &c, 1);
-    say("thread read=%ld errno=%ld\n", n, n < 0 ? errno : 0);
+    say("thread read=%ld errno=%ld\n", n, n < 0 ? (long)errno : 0L);
     return NULL;
 }
 
@@ -61,9 +65,9 @@ int main(int argc, char **argv) {
     handler(SIGUSR1, on_usr1, 0);  /* no SA_RESTART: a handler run means EINTR, legitimately */
 
     if (!strcmp(mode, "read")) {
-        say("ready %ld%ld\n", 0, 0);
+        say("ready\n");
         r = read(0, &c, 1);
-        say("read=%ld errno=%ld\n", r, r < 0 ? errno : 0);
+        say("read=%ld errno=%ld\n", r, r < 0 ? (long)errno : 0L);
     } else if (!strcmp(mode, "accept")) {
         int s = socket(AF_INET, SOCK_STREAM, 0);
         struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(0x7f000001)};
@@ -71,57 +75,57 @@ int main(int argc, char **argv) {
         bind(s, (struct sockaddr *)&a, sizeof a);
         listen(s, 4);
         getsockname(s, (struct sockaddr *)&a, &len);
-        say("ready %ld%ld\n", ntohs(a.sin_port), 0);
+        say("ready port=%d\n", ntohs(a.sin_port));
         r = accept(s, NULL, NULL);
-        say("accept=%ld errno=%ld\n", r >= 0 ? 1 : r, r < 0 ? errno : 0);
+        say("accept=%ld errno=%ld\n", r >= 0 ? 1 : r, r < 0 ? (long)errno : 0L);
     } else if (!strcmp(mode, "epoll")) {
         int ep = epoll_create1(0);
         struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 42};
         epoll_ctl(ep, EPOLL_CTL_ADD, 0, &ev);
-        say("ready %ld%ld\n", 0, 0);
+        say("ready\n");
         r = epoll_wait(ep, &ev, 1, -1);
         say("epoll=%ld errno=%ld\n", r, r < 0 ? errno : (long)ev.data.u64 - 42);
     } else if (!strcmp(mode, "poll")) {
         struct pollfd p = {.fd = 0, .events = POLLIN};
-        say("ready %ld%ld\n", 0, 0);
+        say("ready\n");
         r = poll(&p, 1, -1);
-        say("poll=%ld errno=%ld\n", r, r < 0 ? errno : 0);
+        say("poll=%ld errno=%ld\n", r, r < 0 ? (long)errno : 0L);
     } else if (!strcmp(mode, "select")) {
         fd_set set;
         FD_ZERO(&set);
         FD_SET(0, &set);
-        say("ready %ld%ld\n", 0, 0);
+        say("ready\n");
         r = select(1, &set, NULL, NULL, NULL);
-        say("select=%ld errno=%ld\n", r, r < 0 ? errno : 0);
+        say("select=%ld errno=%ld\n", r, r < 0 ? (long)errno : 0L);
     } else if (!strcmp(mode, "nanosleep")) {
         long ms = argc > 2 ? atol(argv[2]) : 400;
         struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000L};
-        say("ready %ld%ld\n", 0, 0);
+        say("ready\n");
         double t0 = now_ms();
         r = nanosleep(&ts, NULL);
-        say("nanosleep=%ld errno=%ld", r, r < 0 ? errno : 0);
-        say(" elapsed_ms=%ld%ld\n", (long)(now_ms() - t0), 0);
+        say("nanosleep=%ld errno=%ld", r, r < 0 ? (long)errno : 0L);
+        say(" elapsed_ms=%ld\n", (long)(now_ms() - t0));
         (void)!read(0, &c, 1);
     } else if (!strcmp(mode, "pause")) {
-        say("ready %ld%ld\n", 0, 0);
+        say("ready\n");
         r = pause();
-        say("pause=%ld errno=%ld", r, r < 0 ? errno : 0);
-        say(" usr1=%ld%ld\n", usr1, 0);
+        say("pause=%ld errno=%ld", r, r < 0 ? (long)errno : 0L);
+        say(" usr1=%d\n", (int)usr1);
     } else if (!strcmp(mode, "futex")) {
         pthread_t t;
         pthread_create(&t, NULL, reader, NULL);
-        say("ready %ld%ld\n", 0, 0);
+        say("ready\n");
         r = pthread_join(t, NULL);  /* main thread waits in a futex */
-        say("join=%ld errno=%ld\n", r, 0);
+        say("join=%ld errno=0\n", r);
     } else if (!strcmp(mode, "vfork")) {
-        say("ready %ld%ld\n", 0, 0);
+        say("ready\n");
         pid_t child = vfork();  /* parent sleeps uninterruptibly until the child exits */
         if (child == 0) {
             usleep(atol(argc > 2 ? argv[2] : "800") * 1000);
             _exit(0);
         }
         waitpid(child, NULL, 0);
-        say("vfork done %ld%ld\n", 0, 0);
+        say("vfork done\n");
         (void)!read(0, &c, 1);
     } else if (!strcmp(mode, "signals")) {
         /* A POSIX timer sends SIGALRM every millisecond (SA_RESTART); the handler adds
@@ -139,7 +143,7 @@ int main(int argc, char **argv) {
         timer_create(CLOCK_MONOTONIC, &sev, &timer);
         double t0 = now_ms();
         timer_settime(timer, 0, &its, NULL);
-        say("ready %ld%ld\n", 0, 0);
+        say("ready\n");
         long eintr = 0, other = 0;
         for (;;) {
             r = read(0, &c, 1);
@@ -154,10 +158,10 @@ int main(int argc, char **argv) {
         sigfillset(&all);
         sigprocmask(SIG_BLOCK, &all, NULL);
         say("eintr=%ld other=%ld", eintr, other);
-        say(" alrm=%ld overruns=%ld", alrm_runs, alrm_overruns);
-        say(" rt=%ld elapsed_ms=%ld\n", rt_runs, (long)elapsed);
+        say(" alrm=%ld overruns=%ld", (long)alrm_runs, alrm_overruns);
+        say(" rt=%ld elapsed_ms=%ld\n", (long)rt_runs, (long)elapsed);
     } else if (!strcmp(mode, "idle")) {
-        say("ready %ld%ld\n", 0, 0);
+        say("ready\n");
         for (;;) {
             r = read(0, &c, 1);
             if (r <= 0) break;
