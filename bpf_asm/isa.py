@@ -12,7 +12,7 @@ prints it) and a map reference is `r1 = map_fd(FD) ll` / `r1 = map_value(FD, OFF
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -218,6 +218,25 @@ class Instructions(list[Instruction]):
 
     def __bytes__(self) -> bytes:
         return b"".join(insn.encode() for insn in self)
+
+    def with_maps(self, maps: Mapping[str, object]) -> Instructions:
+        """A copy whose map loads (`map_refs`) carry the fds of `maps` (name -> object with
+        an integer `.fd`, or a plain fd); a name missing from `maps` is a ValueError naming it."""
+        out = Instructions(self, self.map_refs)
+        index_of = {slot: i for i, slot in enumerate(self.slot_indices())}
+        for slot, name in self.map_refs.items():
+            if name not in maps:
+                known = ", ".join(sorted(maps)) or "none"
+                raise ValueError(f"program uses map {name!r}, not among the maps given ({known})")
+            obj = maps[name]
+            fd = obj if isinstance(obj, int) else getattr(obj, "fd", None)
+            if not isinstance(fd, int) or fd < 0:
+                raise ValueError(f"map {name!r} has no valid file descriptor (.fd): {obj!r}")
+            insn = out[index_of[slot]]
+            src = insn.src or BPF_PSEUDO_MAP_FD
+            out[index_of[slot]] = Instruction(insn.code, insn.dst, src, insn.off,
+                                              (insn.imm & ~0xFFFFFFFF) | fd)
+        return out
 
     def __str__(self) -> str:
         lines = []
