@@ -129,13 +129,18 @@ def run_once(kind: str, rate: int, duration: float, pages: int, wakeup: int) -> 
         os.write(w, b"g")
         os.close(w)
         done = False
+        last = start
         while True:
-            received += len(rd.read(timeout=0.05))
+            got = len(rd.read(timeout=0.05))
+            if got:
+                received += got
+                last = time.monotonic()
             if not done:
                 done = os.waitpid(pid, os.WNOHANG)[0] == pid
             elif not rd.pending():
                 break
-        seconds = time.monotonic() - start
+        # The generator runs for `duration`; the reader is done at its last record.
+        seconds = max(duration, last - start)
         generated = counter[0]
         lost = rd.lost if isinstance(rd, PerfBuffer) else generated - received
     return Run(generated, received, lost, seconds)
@@ -166,7 +171,7 @@ def main() -> None:
         for rate in rates:
             runs = [run_once(kind, rate, args.duration, args.pages, wakeup)
                     for _ in range(args.repeats)]
-            gen = statistics.median(r.generated / r.seconds for r in runs)
+            gen = statistics.median(r.generated / args.duration for r in runs)
             rec = statistics.median(r.received / r.seconds for r in runs)
             lost = statistics.median(r.lost for r in runs)
             loss = statistics.median(100 * r.lost / max(r.generated, 1) for r in runs)

@@ -180,3 +180,21 @@ def gone(name: str, names=kernel_prog_names, timeout: float = 2.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def _no_leaks_fixture():
+    import pytest
+
+    @pytest.fixture(autouse=True)
+    def no_leaks(unique_name: str):
+        """Each test closes every fd it opens and leaves no program or map of its name."""
+        before = open_fds()
+        yield
+        assert open_fds() == before, "file descriptors leaked"
+        assert gone(unique_name), f"program {unique_name} still loaded"
+        assert gone(unique_name, kernel_map_names), f"map {unique_name} still exists"
+
+    return no_leaks
+
+
+no_leaks = _no_leaks_fixture()

@@ -21,11 +21,7 @@ pytestmark = pytest.mark.root
 NCPUS = len(possible_cpus())
 
 
-@pytest.fixture(autouse=True)
-def no_fd_leaks():
-    before = rp.open_fds()
-    yield
-    assert rp.open_fds() == before
+no_leaks = rp.no_leaks  # autouse: no fds, programs or maps left behind
 
 
 def key32(i: int) -> bytes:

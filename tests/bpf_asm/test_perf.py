@@ -22,11 +22,7 @@ from bpf_asm.syscall import online_cpus
 pytestmark = pytest.mark.root
 
 
-@pytest.fixture(autouse=True)
-def no_fd_leaks():
-    before = rp.open_fds()
-    yield
-    assert rp.open_fds() == before
+no_leaks = rp.no_leaks  # autouse: no fds, programs or maps left behind
 
 
 @contextmanager

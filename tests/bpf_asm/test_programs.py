@@ -15,11 +15,7 @@ from bpf_asm.syscall import BPFError, ProgType, VerifierError
 pytestmark = pytest.mark.root
 
 
-@pytest.fixture(autouse=True)
-def no_fd_leaks():
-    before = rp.open_fds()
-    yield
-    assert rp.open_fds() == before
+no_leaks = rp.no_leaks  # autouse: no fds, programs or maps left behind
 
 
 def test_load_and_bpftool_sees_it(unique_name: str) -> None:
