@@ -13,13 +13,14 @@ LD, LDX, ST, STX, ALU, JMP, ALU64 = 0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x07
 W, DW = 0x00, 0x18
 MEM, ATOMIC, IMM = 0x60, 0xC0, 0x00
 K, X = 0x00, 0x08
-ADD, RSH, MOV = 0x00, 0x70, 0xB0
-JEQ, JNE, CALL, EXIT = 0x10, 0x50, 0x80, 0x90
+ADD, AND, RSH, MOV = 0x00, 0x50, 0x70, 0xB0
+JA, JEQ, JNE, CALL, EXIT = 0x00, 0x10, 0x50, 0x80, 0x90
 FETCH = 0x01
 PSEUDO_MAP_FD = 1
 
 # Helper ids.
 MAP_LOOKUP_ELEM, GET_CURRENT_PID_TGID, PERF_EVENT_OUTPUT, RINGBUF_OUTPUT = 1, 14, 25, 130
+RINGBUF_RESERVE, RINGBUF_SUBMIT, RINGBUF_DISCARD = 131, 132, 133
 BPF_F_CURRENT_CPU = 0xFFFFFFFF
 
 
@@ -41,6 +42,14 @@ def mov32_imm(dst: int, imm: int) -> bytes:
 
 def add64_imm(dst: int, imm: int) -> bytes:
     return insn(ALU64 | ADD | K, dst, imm=imm)
+
+
+def and64_imm(dst: int, imm: int) -> bytes:
+    return insn(ALU64 | AND | K, dst, imm=imm)
+
+
+def ja(off: int) -> bytes:
+    return insn(JMP | JA, off=off)
 
 
 def rsh64_imm(dst: int, imm: int) -> bytes:
@@ -133,6 +142,40 @@ def event_program(counter_fd: int, out_fd: int, tgid: int, ringbuf: bool,
     null_check = jeq_imm(0, 0, _slots(emit_code))
     filt = jne_imm(0, tgid, _slots(rest) + 1 + _slots(emit_code))
     return body + filt + rest + null_check + emit_code + out
+
+
+def reserve_discard_program(counter_fd: int, ring_fd: int, tgid: int) -> bytes:
+    """For calls from `tgid`: seq = counter[0]++; reserve 8 bytes in the ring buffer, write
+    seq, then submit it if seq is even and discard it if odd."""
+    return b"".join([
+        mov64_reg(6, 1),                    # 0
+        call(GET_CURRENT_PID_TGID),         # 1
+        rsh64_imm(0, 32),                   # 2
+        jne_imm(0, tgid, 24),               # 3 -> 28
+        st_w(10, -4, 0),                    # 4
+        mov64_reg(2, 10),                   # 5
+        add64_imm(2, -4),                   # 6
+        ld_map_fd(1, counter_fd),           # 7-8
+        call(MAP_LOOKUP_ELEM),              # 9
+        jeq_imm(0, 0, 17),                  # 10 -> 28
+        mov64_imm(1, 1),                    # 11
+        atomic_fetch_add_dw(0, 1, 0),       # 12
+        mov64_reg(7, 1),                    # 13: r7 = seq
+        ld_map_fd(1, ring_fd),              # 14-15
+        mov64_imm(2, 8),                    # 16
+        mov64_imm(3, 0),                    # 17
+        call(RINGBUF_RESERVE),              # 18
+        jeq_imm(0, 0, 8),                   # 19 -> 28
+        stx_dw(0, 7, 0),                    # 20
+        mov64_reg(1, 0),                    # 21
+        mov64_imm(2, 0),                    # 22
+        and64_imm(7, 1),                    # 23
+        jne_imm(7, 0, 2),                   # 24 -> 27
+        call(RINGBUF_SUBMIT),               # 25
+        ja(1),                              # 26 -> 28
+        call(RINGBUF_DISCARD),              # 27
+        return_zero(),                      # 28-29
+    ])
 
 
 def rejected_program() -> bytes:

@@ -225,6 +225,40 @@ def test_pin_outside_bpffs_is_a_clear_error(unique_name: str, tmp_path) -> None:
         Map.open_pinned(f"/sys/fs/bpf/{unique_name}")
 
 
+def test_frozen_map_refuses_user_writes(unique_name: str) -> None:
+    with Map.create("array", value_size=4, max_entries=1, name=unique_name) as m:
+        m[key32(0)] = key32(9)
+        m.freeze()
+        assert m[key32(0)] == key32(9)
+        with pytest.raises(BPFError, match=f"BPF_MAP_UPDATE_ELEM on map '{unique_name}'") as e:
+            m[key32(0)] = key32(1)
+        assert e.value.errno == errno.EPERM
+
+
+def test_mounts_bpffs_when_missing(unique_name: str) -> None:
+    """In a private mount namespace without bpffs, pinning mounts it at /sys/fs/bpf."""
+    script = textwrap.dedent(f"""
+        import subprocess
+        from bpf_asm.maps import Map
+        subprocess.run(["umount", "-l", "/sys/fs/bpf"], capture_output=True)
+        assert "bpf" not in [l.split()[2] for l in open("/proc/self/mounts")]
+        with Map.create("array", value_size=4, max_entries=1, name="{unique_name}") as m:
+            m.pin("/sys/fs/bpf/{unique_name}")
+        mounts = [l.split() for l in open("/proc/self/mounts")]
+        assert ["/sys/fs/bpf", "bpf"] in [l[1:3] for l in mounts], mounts
+        with Map.open_pinned("/sys/fs/bpf/{unique_name}") as again:
+            assert again.name == "{unique_name}"
+        print("ok")
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
+                          "-c", script], cwd=root, env={**os.environ, "PYTHONPATH": root},
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    # The namespace's bpffs (and the pin in it) went away with the namespace.
+    assert not os.path.exists(f"/sys/fs/bpf/{unique_name}")
+
+
 def test_closed_map_says_so(unique_name: str) -> None:
     m = Map.create("array", value_size=4, max_entries=1, name=unique_name)
     m.close()

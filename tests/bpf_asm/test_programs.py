@@ -8,7 +8,7 @@ import os
 import pytest
 import rawprogs as rp
 
-from bpf_asm.maps import Map
+from bpf_asm.maps import BPF_F_RDONLY_PROG, Map
 from bpf_asm.programs import ProgramSpec, load_program
 from bpf_asm.syscall import BPFError, ProgType, VerifierError
 
@@ -76,6 +76,21 @@ def test_helper_not_allowed_for_type(unique_name: str) -> None:
         rp.return_zero()
     with pytest.raises(VerifierError, match="R1 type=scalar expected=ctx"):
         load_program(code, prog_type="socket_filter", name=unique_name)
+
+
+def test_map_read_only_for_programs(unique_name: str) -> None:
+    """A map created with BPF_F_RDONLY_PROG: user space writes, a program that writes is
+    rejected by the verifier with a message saying so."""
+    with Map.create("array", value_size=8, max_entries=1, name=unique_name,
+                    flags=BPF_F_RDONLY_PROG) as m:
+        m[b"\0\0\0\0"] = (5).to_bytes(8, "little")  # user space may write
+        code = b"".join([
+            rp.st_w(10, -4, 0), rp.mov64_reg(2, 10), rp.add64_imm(2, -4),
+            rp.ld_map_fd(1, m.fd), rp.call(rp.MAP_LOOKUP_ELEM), rp.jeq_imm(0, 0, 2),
+            rp.mov64_imm(1, 1), rp.stx_dw(0, 1, 0), rp.return_zero(),
+        ])
+        with pytest.raises(VerifierError, match="write into map forbidden"):
+            load_program(code, name=unique_name)
 
 
 def test_bad_input_before_the_kernel(unique_name: str) -> None:

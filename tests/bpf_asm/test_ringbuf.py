@@ -96,6 +96,30 @@ def test_timeout_fileno_and_batch_limit(unique_name: str) -> None:
         assert seqs(rb.read(timeout=0)) == list(range(3, 10))
 
 
+def test_discarded_records_are_skipped(unique_name: str) -> None:
+    with Map.create("array", value_size=8, max_entries=1, name=unique_name, key="<I",
+                    value="<Q") as counter, \
+            Map.create("ringbuf", max_entries=4096, name=unique_name) as ring, \
+            load_program(rp.reserve_discard_program(counter.fd, ring.fd, os.getpid()),
+                         name=unique_name) as prog, \
+            attach_tracepoint(prog, "syscalls", "sys_enter_getppid"), \
+            RingBuffer(ring) as rb:
+        got: list[bytes] = []
+        for _ in range(10):
+            fire(100)  # 1000 reservations of 16 bytes: the ring wraps ~4 times
+            got += rb.read(timeout=0)
+        assert seqs(got) == list(range(0, 1000, 2))
+        assert rb.discarded == 500 and rb.received == 500
+
+
+def test_read_after_close_is_an_error(unique_name: str) -> None:
+    with Map.create("ringbuf", max_entries=4096, name=unique_name) as ring:
+        rb = RingBuffer(ring)
+        rb.close()
+        with pytest.raises(ValueError, match=f"ring buffer for map '{unique_name}' is closed"):
+            rb.read(timeout=0)
+
+
 def test_wrong_map_type(unique_name: str) -> None:
     with Map.create("perf_event_array", name=unique_name) as pe, \
             pytest.raises(ValueError, match=f"ringbuf map, map '{unique_name}' is perf_event"):

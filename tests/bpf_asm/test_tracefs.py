@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import rawprogs as rp
@@ -71,6 +74,26 @@ def test_live_formats_agree_with_the_files() -> None:
     assert fmt.field("filename").offset == 24 and fmt.field("filename").size == 8
     assert fmt.id == event_id("syscalls", "sys_enter_openat")
     assert "sys_enter_getppid" in list_events("syscalls")
+
+
+@pytest.mark.root
+def test_mounts_tracefs_when_missing() -> None:
+    """In a private mount namespace without tracefs, the lookup mounts it."""
+    script = textwrap.dedent("""
+        import subprocess
+        from bpf_asm.tracefs import event_id, tracefs_root
+        for target in ("/sys/kernel/tracing", "/sys/kernel/debug"):
+            subprocess.run(["umount", "-l", target], capture_output=True)
+        assert "tracefs" not in [l.split()[2] for l in open("/proc/self/mounts")]
+        assert event_id("syscalls", "sys_enter_getppid") > 0
+        assert tracefs_root() == "/sys/kernel/tracing"
+        print("ok")
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
+                          "-c", script], cwd=root, env={**os.environ, "PYTHONPATH": root},
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 @pytest.mark.root
