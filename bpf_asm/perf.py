@@ -194,12 +194,9 @@ class PerfBuffer:
         self.last_lost = 0
         self._drain(out, cpus, limit)
         if not out and timeout != 0 and not self.last_lost:
-            try:
-                events = self._epoll.poll(-1 if timeout is None else timeout)
-            except InterruptedError:
-                events = []
-            if events:
-                self._drain(out, cpus, limit)
+            self._epoll.poll(-1 if timeout is None else timeout)
+            # Drain even after a timeout: samples below the wakeup threshold wake nobody.
+            self._drain(out, cpus, limit)
         return out
 
     def _drain(self, out: list[bytes], cpus: list[int] | None, limit: int | None) -> None:

@@ -99,12 +99,9 @@ class RingBuffer:
         out: list[bytes] = []
         self._drain(out, max_records)
         if not out and timeout != 0:
-            try:
-                events = self._epoll.poll(-1 if timeout is None else timeout)
-            except InterruptedError:
-                events = []
-            if events:
-                self._drain(out, max_records)
+            self._epoll.poll(-1 if timeout is None else timeout)
+            # Drain even after a timeout (the kernel may skip wakeups, e.g. BPF_RB_NO_WAKEUP).
+            self._drain(out, max_records)
         return out
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import select
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -123,6 +124,15 @@ def test_timeout_and_fileno(unique_name: str) -> None:
         fire(1)
         assert select.select([pb], [], [], 2.0)[0] == [pb]
         assert len(pb.read(timeout=0)) == 1
+
+
+def test_batched_wakeups_still_deliver_on_timeout(unique_name: str) -> None:
+    with emitter(unique_name) as (_, events), PerfBuffer(events, wakeup_events=64) as pb:
+        later = threading.Timer(0.05, fire, (3,))  # arrives while read() waits
+        later.start()
+        got = pb.read(timeout=0.3)  # 3 samples never reach the threshold: no wakeup
+        later.join()
+        assert decode(got) == [0, 1, 2]
 
 
 def test_batch_limit(unique_name: str) -> None:
