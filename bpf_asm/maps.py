@@ -18,6 +18,7 @@ from . import bpffs
 from .syscall import (
     BPFError,
     Cmd,
+    GetIdAttr,
     MapCreateAttr,
     MapElemAttr,
     MapInfo,
@@ -229,8 +230,6 @@ class Map:
     def from_id(cls, map_id: int, *, flags: int = 0, key: Codec = None,
                 value: Codec = None) -> Map:
         """Open a map by its kernel id (BPF_MAP_GET_FD_BY_ID)."""
-        from .syscall import GetIdAttr
-
         fd = bpf(Cmd.MAP_GET_FD_BY_ID, GetIdAttr(id=map_id, open_flags=flags), f"id {map_id}")
         return cls.from_fd(fd, readonly=bool(flags & BPF_F_RDONLY), key=key, value=value)
 
@@ -282,8 +281,6 @@ class Map:
 
     def freeze(self) -> None:
         """BPF_MAP_FREEZE: user space can no longer write the map."""
-        from .syscall import GetIdAttr
-
         bpf(Cmd.MAP_FREEZE, GetIdAttr(id=self.fd), self._label())
 
     def _label(self) -> str:

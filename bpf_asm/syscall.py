@@ -13,6 +13,7 @@ import enum
 import errno as _errno
 import os
 import platform
+from typing import TypeVar
 
 __all__ = [
     "BPFError",
@@ -229,10 +230,11 @@ class AttachType(enum.IntEnum):
         return _parse_enum(cls, value, "attach type")
 
 
-_ALIASES = {"ring_buffer": "ringbuf", "perf_event": "perf_event", "raw_tp": "raw_tracepoint"}
+_ALIASES = {"ring_buffer": "ringbuf", "raw_tp": "raw_tracepoint"}
+_E = TypeVar("_E", bound=enum.IntEnum)
 
 
-def _parse_enum(cls, value, what: str):  # type: ignore[no-untyped-def]
+def _parse_enum(cls: type[_E], value: str | int, what: str) -> _E:
     if isinstance(value, cls):
         return value
     if isinstance(value, int):

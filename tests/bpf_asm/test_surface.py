@@ -10,14 +10,16 @@ import struct
 import pytest
 import rawprogs as rp
 
-from bpf_asm.attach import attach_tracepoint
-from bpf_asm.builder import Builder
+from bpf_asm import (  # the issue's
+    Builder,
+    Map,
+    PerfBuffer,
+    RingBuffer,
+    assemble,
+    attach_tracepoint,
+    load_program,
+)
 from bpf_asm.isa import R0, R1, R2, R3, R4, R6, R7, R10
-from bpf_asm.maps import Map
-from bpf_asm.perf import PerfBuffer
-from bpf_asm.programs import load_program
-from bpf_asm.ringbuf import RingBuffer
-from bpf_asm.text import assemble
 
 SURFACE = ["Map", "PerfBuffer", "assemble", "load_program", "attach_tracepoint"]
 
