@@ -239,13 +239,17 @@ class Instructions(list[Instruction]):
         return out
 
     def __str__(self) -> str:
+        return self.listing(numbered=False)
+
+    def listing(self, numbered: bool = True) -> str:
+        """The disassembly, one instruction a line; `numbered` prefixes each line with its
+        slot index as llvm-objdump does (the numbers the verifier log uses). Both forms
+        assemble back with `bpf_asm.text.assemble`."""
         lines = []
         for slot, insn in zip(self.slot_indices(), self, strict=True):
             name = self.map_refs.get(slot)
-            if name is not None and insn.code == LD_IMM64:
-                lines.append(_format_map_ref(insn, name))
-            else:
-                lines.append(str(insn))
+            text = _format_map_ref(insn, name) if name and insn.code == LD_IMM64 else str(insn)
+            lines.append(f"{slot:>5}:\t{text}" if numbered else text)
         return "\n".join(lines) + ("\n" if lines else "")
 
     def __repr__(self) -> str:
@@ -281,7 +285,7 @@ def _unknown(insn: Instruction) -> str:
     return f"<unknown: {insn.encode().hex(' ')}>"
 
 
-def _format(insn: Instruction) -> str:  # noqa: C901 - one branch per instruction class
+def _format(insn: Instruction) -> str:
     cls, code, d, s = insn.cls, insn.code, insn.dst, insn.src
     if cls in (BPF_ALU, BPF_ALU64):
         return _format_alu(insn)

@@ -160,6 +160,8 @@ class _Parser:
             if m:
                 action(*m.groups())
                 return
+        if m := re.fullmatch(_REG + r"\s*=\s*" + _NAME, body):
+            raise _Reject(f"a map or 64-bit constant needs ' ll': {m[1]} = {m[2]} ll")
         word = re.match(r"[A-Za-z_][\w]*", body)
         if word and not re.fullmatch(r"[rw]\d+|if|lock|call|goto|gotol|exit", word[0]):
             raise _Reject(f"unknown mnemonic {word[0]!r}")

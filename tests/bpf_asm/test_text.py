@@ -31,6 +31,14 @@ def test_listing_roundtrip(insns: list[Instruction]) -> None:
     assert again == prog and bytes(again) == bytes(prog)
 
 
+@given(st.lists(all_forms(), max_size=20))
+def test_numbered_listing_roundtrip(insns: list[Instruction]) -> None:
+    prog = Instructions(insns)
+    listing = prog.listing()
+    assert assemble(listing) == prog
+    assert [int(line.split(":")[0]) for line in listing.splitlines()] == prog.slot_indices()
+
+
 def test_map_names_roundtrip_through_listing() -> None:
     maps = {"events": FakeMap(11), "counts": FakeMap(12)}
     prog = assemble("r1 = events ll\nr2 = map_value(counts, 8) ll\nexit", maps=maps)
@@ -77,6 +85,7 @@ def test_flexible_spacing_like_llvm_mc() -> None:
 BAD = [
     ("r1 = 5\nfrobnicate r1, r2\n", 2, "unknown mnemonic 'frobnicate'"),
     ("r1 +=\n", 1, "not a BPF instruction"),
+    ("r1 = events\n", 1, "needs ' ll'"),
     ("r11 = 1\n", 1, "no register r11"),
     ("r1 += w2\n", 1, "mixes 64-bit (r) and 32-bit (w)"),
     ("if r1 > w2 goto +1\n", 1, "mixes"),
