@@ -173,6 +173,9 @@ class FrozenProcess(RemoteProcess):
                     log.warning("pid %d tid %d: thaw: %s", self.pid, state.tid, exc)
             self._close_mem()
         finally:
+            self._thawed = True
+            for state in self._threads.values():
+                state.stopped = False
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     def _ensure_stopped(self, state: ThreadState) -> bool:

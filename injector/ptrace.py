@@ -197,10 +197,15 @@ def wait_stop(
     """
     deadline = time.monotonic() + timeout
     delay = 0.0
+    polls = 0
     while True:
         stop = poll_stop(tid)
         if stop is not None:
             return stop
+        polls += 1
+        if pid is not None and polls % 16 == 0 and thread_state(pid, tid) in (None, "Z", "X"):
+            # A dead main thread is not reported until every other thread is reaped.
+            return Stop(StopKind.EXITED)
         now = time.monotonic()
         if now >= deadline:
             raise FreezeTimeout(pid if pid is not None else tid, tid, what, timeout)

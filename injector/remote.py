@@ -97,6 +97,7 @@ class RemoteProcess:
         self._insn_addr: int | None = None
         self._mem_fd: int | None = None
         self._tracer = threading.get_native_id()  # ptrace obeys only this thread
+        self._thawed = False
 
     # -- threads -----------------------------------------------------------------------
 
@@ -110,13 +111,17 @@ class RemoteProcess:
         if tid is None:
             tids = self.tids
             if not tids:
+                if self._thawed:
+                    raise InjectorError(f"pid {self.pid}: no longer frozen")
                 raise TargetGoneError(self.pid, None, "no frozen thread left")
             tid = tids[0]
         state = self._threads.get(tid)
         if state is None:
             raise InjectorError(f"pid {self.pid}: tid {tid} is not a thread of this process")
-        if state.gone or not state.stopped:
-            raise TargetGoneError(self.pid, tid, "thread not frozen")
+        if state.gone:
+            raise TargetGoneError(self.pid, tid, "thread exited")
+        if not state.stopped:
+            raise InjectorError(f"pid {self.pid} tid {tid}: thread is not frozen")
         return state
 
     def _gone(self, state: ThreadState, exc: BaseException | None = None) -> InjectorError:
@@ -185,8 +190,10 @@ class RemoteProcess:
                 try:
                     pt.setregs(state.tid, state.saved_regs)
                 except OSError as exc:
-                    if pt.thread_state(self.pid, state.tid) is not None:
-                        raise InjectorError(
+                    if pt.thread_state(self.pid, state.tid) in (None, "Z", "X"):
+                        state.gone = True
+                        raise TargetGoneError(self.pid, state.tid, f"during {name}()") from exc
+                    raise InjectorError(
                             f"pid {self.pid} tid {state.tid}: cannot restore registers"
                             f" after {name}(): {exc}"
                         ) from exc

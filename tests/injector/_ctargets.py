@@ -101,7 +101,7 @@ def task_states(pid: int) -> dict[int, str]:
         try:
             with open(f"/proc/{pid}/task/{tid}/stat") as f:
                 data = f.read()
-        except FileNotFoundError:
+        except OSError:  # the thread just exited
             continue
         states[int(tid)] = data[data.rindex(")") + 2]
     return states
@@ -131,7 +131,7 @@ def signal_state(pid: int) -> dict[int, tuple[str, str, str]]:
     return {
         tid: tuple(status_field(pid, k, tid) for k in ("SigBlk", "SigIgn", "SigCgt"))
         for tid in task_states(pid)
-    }
+    }  # (for targets whose threads do not come and go)
 
 
 def wait_state(pid: int, wanted: str, timeout: float = 5.0, tid: int | None = None) -> bool:
