@@ -10,7 +10,7 @@ import struct
 import pytest
 import rawprogs as rp
 
-from bpf_asm import (  # the issue's
+from bpf_asm import (
     Builder,
     Map,
     PerfBuffer,
