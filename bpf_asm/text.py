@@ -107,10 +107,13 @@ def _target(text: str) -> int | str:
 
 @dataclass
 class _Line:
+    """One label or instruction, with where it came from."""
+
     lineno: int
-    text: str       # the original line
-    body: str       # the instruction text, decorations removed
-    reloc: str | None = None  # map name from a following objdump relocation line
+    text: str                 # the original line
+    body: str = ""            # the instruction text, decorations removed
+    label: str | None = None  # set for a label instead of an instruction
+    reloc: str | None = None  # symbol from an objdump relocation line that follows
 
 
 class _Parser:
@@ -322,29 +325,32 @@ def _strip_comment(line: str) -> str:
     return line[:cut].strip()
 
 
-def _scan(text: str) -> list[tuple[int, str, str, str | None]]:
-    """Yield (lineno, line, kind, payload) with kind "label", "insn" or "reloc"."""
-    out: list[tuple[int, str, str, str | None]] = []
+def _scan(text: str) -> list[_Line]:
+    """Split text into labels and instructions; attach objdump relocation lines to the
+    instruction before them."""
+    out: list[_Line] = []
     for lineno, line in enumerate(text.splitlines(), 1):
         body = _strip_comment(line)
         if not body or _OBJDUMP_NOISE.fullmatch(body):
             continue
         if m := _OBJDUMP_SYMBOL.fullmatch(body):
-            out.append((lineno, line, "label", m[1]))
+            out.append(_Line(lineno, line, label=m[1]))
             continue
         if m := _OBJDUMP_RELOC.fullmatch(body):
             if m[1] not in ("R_BPF_64_64", "R_BPF_64_32"):
                 raise AssemblerError(lineno, line, f"unsupported relocation type {m[1]} "
                                      "(only R_BPF_64_64 and R_BPF_64_32)")
-            out.append((lineno, line, "reloc", m[2]))
+            if not out or out[-1].label is not None or out[-1].reloc is not None:
+                raise AssemblerError(lineno, line, "relocation without an instruction before it")
+            out[-1].reloc = m[2]
             continue
         if m := _OBJDUMP_INSN.fullmatch(body):
             body = m[1]
         while m := _LABEL.fullmatch(body):
-            out.append((lineno, line, "label", m[1]))
+            out.append(_Line(lineno, line, label=m[1]))
             body = m[2].strip()
         if body:
-            out.append((lineno, line, "insn", _TARGET_NOTE.sub("", body)))
+            out.append(_Line(lineno, line, _TARGET_NOTE.sub("", body)))
     return out
 
 
@@ -354,38 +360,23 @@ def assemble(text: str, maps: Mapping[str, object] | None = None) -> Instruction
     `maps` maps the names used in `r1 = NAME ll` to objects with an integer `.fd` (or to
     plain fds); without it, map loads carry fd 0 and are listed in `map_refs` only.
     """
-    entries = _scan(text)
-    # objdump relocation lines belong to the instruction before them
-    merged: list[_Line | tuple[int, str, str]] = []
-    for lineno, line, kind, payload in entries:
-        if kind == "reloc":
-            prev = merged[-1] if merged else None
-            if not isinstance(prev, _Line) or prev.reloc is not None:
-                raise AssemblerError(lineno, line, "relocation without an instruction before it")
-            prev.reloc = payload
-        elif kind == "label":
-            merged.append((lineno, line, str(payload)))
-        else:
-            merged.append(_Line(lineno, line, str(payload)))
-    labels = {entry[2] for entry in merged if isinstance(entry, tuple)}
+    lines = _scan(text)
     builder = Builder()
-    parser = _Parser(builder, labels)
-    origin: list[tuple[int, str]] = []  # builder item index -> (lineno, line)
-    for entry in merged:
-        lineno, line = (entry[0], entry[1]) if isinstance(entry, tuple) else (
-            entry.lineno, entry.text)
+    parser = _Parser(builder, {line.label for line in lines if line.label})
+    origin: list[_Line] = []  # builder item index -> its line (one item per instruction)
+    for line in lines:
         try:
-            if isinstance(entry, tuple):
-                builder.label(entry[2])
+            if line.label is not None:
+                builder.label(line.label)
             else:
-                parser.parse(entry.body, entry.reloc)
-                origin.append((lineno, line))
+                parser.parse(line.body, line.reloc)
+                origin.append(line)
         except (_Reject, ValueError) as exc:
-            raise AssemblerError(lineno, line, str(exc)) from None
+            raise AssemblerError(line.lineno, line.text, str(exc)) from None
     try:
         return builder.build(maps)
     except BuildError as exc:
         if exc.index is not None and exc.index < len(origin):
-            lineno, line = origin[exc.index]
-            raise AssemblerError(lineno, line, str(exc)) from None
+            where = origin[exc.index]
+            raise AssemblerError(where.lineno, where.text, str(exc)) from None
         raise AssemblerError(0, "", str(exc)) from None
