@@ -65,9 +65,11 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "listener_remove": {"overlay_addr": IP, "overlay_port": PORT},
     # client side, first frame on a new host connection: this host conn is overlay 4-tuple X
     "bind": {"cid": CID, **TUPLE},
-    # the two-phase swap (see engine.py)
-    "swap_prepare": {"cid": CID, "attempt": ATTEMPT, **TUPLE},
-    "swap_ready": {"cid": CID, "attempt": ATTEMPT},
+    # the two-phase swap (see engine/machine.py)
+    "swap_prepare": {"cid": CID, "attempt": ATTEMPT,
+                     "stage": Field(str, choices=("freeze", "check")), **TUPLE},
+    "swap_ready": {"cid": CID, "attempt": ATTEMPT,
+                   "stage": Field(str, choices=("frozen", "replaced"))},
     "swap_commit": {"cid": CID, "attempt": ATTEMPT},
     "swap_abort": {"cid": CID, "attempt": ATTEMPT, "reason": REASON, "final": Field(bool)},
     "swap_done": {"cid": CID, "attempt": ATTEMPT},

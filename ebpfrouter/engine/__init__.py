@@ -1,0 +1,47 @@
+"""Sans-I/O core of the router: events in, actions out (see `machine` for the swap protocol)."""
+
+from .actions import (
+    Action,
+    CheckQueues,
+    CloseSocket,
+    Freeze,
+    HostConnect,
+    OpenHostListener,
+    ProbeConn,
+    ReplaceFd,
+    SendPeer,
+    StartTimer,
+    Thaw,
+)
+from .events import (
+    AcceptTraced,
+    ActionFailed,
+    CloseTraced,
+    ConnectTraced,
+    ConnProbed,
+    Event,
+    FourTuple,
+    FreezeDone,
+    HostAccepted,
+    HostConnected,
+    HostListenerOpened,
+    ListenTraced,
+    PeerLost,
+    PeerMessage,
+    PeerUp,
+    ProcessExited,
+    QueuesChecked,
+    ReplaceDone,
+    SockRef,
+    TimerFired,
+)
+from .machine import Conn, Engine, EngineConfig, Listener, Role, State
+
+__all__ = [
+    "AcceptTraced", "Action", "ActionFailed", "CheckQueues", "CloseSocket", "CloseTraced",
+    "Conn", "ConnProbed", "ConnectTraced", "Engine", "EngineConfig", "Event", "FourTuple",
+    "Freeze", "FreezeDone", "HostAccepted", "HostConnect", "HostConnected", "HostListenerOpened",
+    "Listener", "ListenTraced", "OpenHostListener", "PeerLost", "PeerMessage", "PeerUp",
+    "ProbeConn", "ProcessExited", "QueuesChecked", "ReplaceDone", "ReplaceFd", "Role",
+    "SendPeer", "SockRef", "StartTimer", "State", "Thaw", "TimerFired",
+]

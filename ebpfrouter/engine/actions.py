@@ -1,0 +1,114 @@
+"""Actions the engine asks for; thin adapters run them and feed back result events."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .events import SockRef
+
+
+class Action:
+    """Base class of all engine outputs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenHostListener(Action):
+    """Listen on HOST_IF (port `port_hint` if free) for connections to overlay `addr:port`.
+
+    Result: `HostListenerOpened` or `ActionFailed`.
+    """
+
+    ref: int
+    overlay_addr: str
+    overlay_port: int
+    port_hint: int
+
+
+@dataclasses.dataclass(frozen=True)
+class HostConnect(Action):
+    """Connect to a peer's host listener and send `bind` as the first frame.
+
+    Result: `HostConnected` or `ActionFailed`.
+    """
+
+    ref: int
+    cid: bytes
+    host_addr: str
+    host_port: int
+    bind: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class SendPeer(Action):
+    """Send a control message to `peer` (None: to every connected peer). Fire and forget."""
+
+    peer: str | None
+    type: str
+    body: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Freeze(Action):
+    """Stop every thread of `pid`. Result: `FreezeDone` or `ActionFailed`."""
+
+    ref: int
+    pid: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Thaw(Action):
+    """Resume `pid` (must never fail silently; a gone process is fine). Fire and forget."""
+
+    pid: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckQueues(Action):
+    """Read send/receive queue sizes of the overlay socket. Result: `QueuesChecked`."""
+
+    ref: int
+    pid: int
+    fd: int
+    sock: SockRef
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplaceFd(Action):
+    """Inside frozen `pid`, put socket `sock` at `fd` if `fd` still holds `expected_inode`.
+
+    Result: `ReplaceDone` or `ActionFailed` (then the fd is unchanged).
+    """
+
+    ref: int
+    pid: int
+    fd: int
+    sock: SockRef
+    expected_inode: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeConn(Action):
+    """Check (without reading data) whether the peer closed either connection.
+
+    Result: `ConnProbed` or `ActionFailed`.
+    """
+
+    ref: int
+    overlay_sock: SockRef
+    host_sock: SockRef
+
+
+@dataclasses.dataclass(frozen=True)
+class CloseSocket(Action):
+    """Close the daemon's handle `sock`. Fire and forget."""
+
+    sock: SockRef
+
+
+@dataclasses.dataclass(frozen=True)
+class StartTimer(Action):
+    """Deliver `TimerFired(key)` after `delay` seconds (stale keys are ignored by the engine)."""
+
+    key: tuple[Any, ...]
+    delay: float

@@ -1,0 +1,876 @@
+"""The router's sans-I/O core: overlay listeners, connections and the two-phase swap.
+
+Events in (`Engine.handle(event)`), actions out; no sockets, syscalls or clocks inside.
+
+Roles: the **client** side (the daemon that traced the overlay `connect`) coordinates; the
+**server** side (the daemon that traced the `accept`) follows. Per attempt, "first" is the side
+frozen first (the writer, so the reader can drain). Every queue check requires both the send
+and the receive queue of the overlay socket to be empty, and a side's check only counts after
+the other side is frozen with an empty send queue::
+
+    client-first:  C freeze, C check -> prepare(check) -> S freeze, S check, S replace
+                   -> ready(replaced) -> C check, C replace -> commit; C thaw -> S thaw -> done
+    server-first:  prepare(freeze) -> S freeze, S check -> ready(frozen) -> C freeze, C check
+                   -> prepare(check) -> S check, S replace -> ready(replaced) -> (as above)
+
+The commit point is the client's successful replace. Before it, any failure, timeout, busy
+queue or lost peer thaws both sides unchanged (the server puts the overlay socket back if it
+had replaced it) and the client retries with backoff up to `max_attempts`, then leaves the
+connection on the overlay. If the control channel breaks while the server waits for the
+commit, the server asks the data path: the client closes its overlay copy only after
+committing and its host socket only when giving up, so `ProbeConn` tells which way it went.
+
+Peers name connections only by connection id and overlay 4-tuple; a message can only advance
+a connection this daemon traced itself and bound to that same peer. Anything else is counted
+and ignored.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from .actions import (
+    Action,
+    CheckQueues,
+    CloseSocket,
+    Freeze,
+    HostConnect,
+    OpenHostListener,
+    ProbeConn,
+    ReplaceFd,
+    SendPeer,
+    StartTimer,
+    Thaw,
+)
+from .events import (
+    AcceptTraced,
+    ActionFailed,
+    CloseTraced,
+    ConnectTraced,
+    ConnProbed,
+    Event,
+    FourTuple,
+    FreezeDone,
+    HostAccepted,
+    HostConnected,
+    HostListenerOpened,
+    ListenTraced,
+    PeerLost,
+    PeerMessage,
+    PeerUp,
+    ProcessExited,
+    QueuesChecked,
+    ReplaceDone,
+    SockRef,
+    TimerFired,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Role(enum.Enum):
+    """Which end of the overlay connection this daemon serves."""
+
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(enum.Enum):
+    """Connection states (client and server share the enum)."""
+
+    CONNECTING = "connecting"  # client: host connect in progress
+    IDLE = "idle"  # bound; between attempts (client waits for its backoff timer)
+    AWAIT_FROZEN = "await_frozen"  # client, server-first: prepare(freeze) sent
+    FREEZING = "freezing"
+    CHECKING = "checking"  # quiescence check of the local overlay socket
+    AWAIT_REPLACED = "await_replaced"  # client: prepare(check) sent
+    AWAIT_CHECK = "await_check"  # server, server-first: frozen, ready(frozen) sent
+    REPLACING = "replacing"
+    AWAIT_COMMIT = "await_commit"  # server: replaced, frozen, ready(replaced) sent
+    PROBING = "probing"  # server: commit uncertain, asking the data path
+    ROLLING_BACK = "rolling_back"  # server: putting the overlay socket back
+    SWAPPED = "swapped"
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    """Tunables (seconds)."""
+
+    node: str
+    max_attempts: int = 5
+    backoff_base: float = 0.05
+    backoff_max: float = 2.0
+    message_timeout: float = 2.0  # waiting for the peer's next swap message
+    probe_interval: float = 0.5
+    probe_limit: int = 20
+    max_waiting: int = 10000  # traced connects waiting for a listener announcement
+    max_connections: int = 100000
+
+
+@dataclasses.dataclass
+class Listener:
+    """A local overlay listener and its host-side counterpart."""
+
+    pid: int
+    fd: int
+    addr: str
+    port: int
+    ref: int
+    sock: SockRef | None = None
+    host_addr: str = ""
+    host_port: int = 0
+
+    def announcement(self) -> dict[str, Any]:
+        """The `listener_add` body."""
+        return {"overlay_addr": self.addr, "overlay_port": self.port,
+                "host_addr": self.host_addr, "host_port": self.host_port}
+
+
+@dataclasses.dataclass
+class Conn:
+    """One overlay connection being (or already) moved to the host network."""
+
+    cid: bytes
+    role: Role
+    peer: str
+    tuple: FourTuple
+    state: State
+    pid: int | None = None
+    fd: int | None = None
+    inode: int | None = None
+    overlay_sock: SockRef | None = None
+    host_sock: SockRef | None = None
+    host_inode: int | None = None
+    attempt: int = 0
+    first: Role = Role.CLIENT
+    prepared: bool = False  # client: a prepare went out in this attempt
+    checks: int = 0  # client: queue checks done in this attempt
+    frozen: bool = False
+    replaced: bool = False
+    outstanding: int | None = None
+    pending_abort: tuple[str, bool, bool] | None = None  # (reason, retry, notify)
+    timer: int = 0
+    probes: int = 0
+    close_after: bool = False  # server: the app closed the fd while the outcome was open
+    told_final: bool = False  # a final swap_abort or conn_closed went to the peer
+
+    @property
+    def matched(self) -> bool:
+        """Server: the traced accept has been paired with the peer's bind."""
+        return self.pid is not None
+
+
+class Engine:
+    """The state machines of one daemon. `handle(event)` returns the actions to run."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        peer_of: Callable[[str], str | None],
+        allow: Callable[[Role, int, FourTuple], bool] | None = None,
+        new_cid: Callable[[], bytes] | None = None,
+    ) -> None:
+        """`peer_of(overlay_ip)` names the node owning an overlay address (None: not overlay);
+        `allow(role, pid, conn)` applies the rules; `new_cid` makes 16-byte connection ids."""
+        self.config = config
+        self.node = config.node
+        self.peer_of = peer_of
+        self.allow = allow or (lambda role, pid, conn: True)
+        self.new_cid = new_cid or (lambda: os.urandom(16))
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.listeners: dict[tuple[int, int], Listener] = {}
+        self.remote_listeners: dict[tuple[str, int], tuple[str, str, int]] = {}
+        self.conns: dict[bytes, Conn] = {}
+        self.by_fd: dict[tuple[int, int], bytes] = {}
+        self.accepts: dict[FourTuple, AcceptTraced] = {}  # server: traced, not yet bound
+        self.waiting: collections.OrderedDict[tuple[int, int], ConnectTraced] = (
+            collections.OrderedDict())
+        self.busy_pids: dict[int, bytes] = {}
+        self._refs: dict[int, tuple[str, Any]] = {}
+        self._next_ref = 1
+        self._out: list[Action] = []
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def handle(self, event: Event) -> list[Action]:
+        """Process one event; return the actions it causes, in order."""
+        self._out = []
+        method = getattr(self, "_on_" + type(event).__name__, None)
+        if method is None:
+            self.stats["unknown_event"] += 1
+        else:
+            method(event)
+        out, self._out = self._out, []
+        return out
+
+    def _emit(self, action: Action) -> None:
+        self._out.append(action)
+
+    def _ref(self, kind: str, subject: Any) -> int:
+        ref = self._next_ref
+        self._next_ref += 1
+        self._refs[ref] = (kind, subject)
+        return ref
+
+    def _take_ref(self, ref: int) -> tuple[str, Any] | None:
+        entry = self._refs.pop(ref, None)
+        if entry is None:
+            self.stats["stale_result"] += 1
+        return entry
+
+    def _timer(self, conn: Conn, delay: float) -> None:
+        conn.timer += 1
+        self._emit(StartTimer(("conn", conn.cid, conn.timer), delay))
+
+    def _send(self, conn: Conn, msg_type: str, **body: Any) -> None:
+        self._emit(SendPeer(conn.peer, msg_type, {"cid": conn.cid, **body}))
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for `ebpf-router status`."""
+        states = collections.Counter(c.state.value for c in self.conns.values())
+        return {
+            "listeners": len(self.listeners),
+            "remote_listeners": len(self.remote_listeners),
+            "connections": len(self.conns),
+            "states": dict(states),
+            "frozen_pids": sorted(self.busy_pids),
+            "stats": dict(self.stats),
+        }
+
+    # -- listeners (server side) -------------------------------------------------------------
+
+    def _on_ListenTraced(self, ev: ListenTraced) -> None:
+        if self.peer_of(ev.addr) != self.node:
+            self.stats["listen_not_local_overlay"] += 1
+            return
+        if any((lst.addr, lst.port) == (ev.addr, ev.port) for lst in self.listeners.values()):
+            self.stats["listen_duplicate"] += 1
+            return
+        listener = Listener(ev.pid, ev.fd, ev.addr, ev.port, ref=0)
+        listener.ref = self._ref("listener", (ev.pid, ev.fd))
+        self.listeners[(ev.pid, ev.fd)] = listener
+        self._emit(OpenHostListener(listener.ref, ev.addr, ev.port, port_hint=ev.port))
+
+    def _on_HostListenerOpened(self, ev: HostListenerOpened) -> None:
+        entry = self._take_ref(ev.ref)
+        listener = self.listeners.get(entry[1]) if entry else None
+        if listener is None or listener.ref != ev.ref:
+            self._emit(CloseSocket(ev.sock))  # the listener went away meanwhile
+            return
+        listener.sock, listener.host_addr, listener.host_port = ev.sock, ev.host_addr, ev.host_port
+        self.stats["listeners_announced"] += 1
+        self._emit(SendPeer(None, "listener_add", listener.announcement()))
+
+    def _drop_listener(self, key: tuple[int, int]) -> None:
+        listener = self.listeners.pop(key)
+        self._refs.pop(listener.ref, None)
+        if listener.sock is not None:
+            self._emit(CloseSocket(listener.sock))
+            self._emit(SendPeer(None, "listener_remove",
+                                {"overlay_addr": listener.addr, "overlay_port": listener.port}))
+
+    def _on_PeerUp(self, ev: PeerUp) -> None:
+        for listener in self.listeners.values():
+            if listener.sock is not None:
+                self._emit(SendPeer(ev.peer, "listener_add", listener.announcement()))
+
+    # -- tracing -----------------------------------------------------------------------------
+
+    def _on_ConnectTraced(self, ev: ConnectTraced) -> None:
+        self.stats["connects_traced"] += 1
+        peer = self.peer_of(ev.conn.server_addr)
+        if peer is None or peer == self.node:
+            self.stats["connect_not_remote"] += 1
+            return
+        if not self.allow(Role.CLIENT, ev.pid, ev.conn):
+            self.stats["connect_ruled_out"] += 1
+            return
+        self._forget_fd(ev.pid, ev.fd)  # a reused fd number: the old state is stale
+        target = self.remote_listeners.get((ev.conn.server_addr, ev.conn.server_port))
+        if target is None or target[0] != peer:
+            self.stats["connect_waiting_listener"] += 1
+            self.waiting[(ev.pid, ev.fd)] = ev
+            while len(self.waiting) > self.config.max_waiting:
+                self.waiting.popitem(last=False)
+                self.stats["waiting_evicted"] += 1
+            return
+        self._start_client(ev, peer, target[1], target[2])
+
+    def _start_client(self, ev: ConnectTraced, peer: str, host_addr: str, host_port: int) -> None:
+        if len(self.conns) >= self.config.max_connections:
+            self.stats["too_many_connections"] += 1
+            return
+        cid = self.new_cid()
+        conn = Conn(cid, Role.CLIENT, peer, ev.conn, State.CONNECTING, pid=ev.pid, fd=ev.fd,
+                    inode=ev.inode, overlay_sock=ev.sock)
+        self.conns[cid] = conn
+        self.by_fd[(ev.pid, ev.fd)] = cid
+        conn.outstanding = self._ref("conn", cid)
+        self.stats["bypass_started"] += 1
+        self._emit(HostConnect(conn.outstanding, cid, host_addr, host_port,
+                               {"cid": cid, **ev.conn.to_body()}))
+
+    def _on_AcceptTraced(self, ev: AcceptTraced) -> None:
+        self.stats["accepts_traced"] += 1
+        self._forget_fd(ev.pid, ev.fd)
+        if self.peer_of(ev.conn.server_addr) != self.node:
+            self.stats["accept_not_local"] += 1
+            return
+        peer = self.peer_of(ev.conn.client_addr)
+        if peer is None or peer == self.node:
+            self.stats["accept_not_remote"] += 1
+            return
+        for conn in self.conns.values():  # the bind may have come first
+            if conn.role is Role.SERVER and conn.tuple == ev.conn and not conn.matched:
+                if conn.peer != peer:
+                    self.stats["bind_peer_mismatch"] += 1
+                    return
+                self._match(conn, ev)
+                return
+        self.accepts[ev.conn] = ev
+        if len(self.accepts) > self.config.max_waiting:
+            self.accepts.pop(next(iter(self.accepts)))
+            self.stats["accepts_evicted"] += 1
+
+    def _match(self, conn: Conn, ev: AcceptTraced) -> None:
+        conn.pid, conn.fd, conn.inode, conn.overlay_sock = ev.pid, ev.fd, ev.inode, ev.sock
+        self.by_fd[(ev.pid, ev.fd)] = conn.cid
+        self.stats["bound"] += 1
+
+    def _on_HostAccepted(self, ev: HostAccepted) -> None:
+        bind = ev.bind
+        try:
+            cid, tup = bind["cid"], FourTuple.from_body(bind)
+        except (KeyError, TypeError):
+            self.stats["bad_bind"] += 1
+            self._emit(CloseSocket(ev.sock))
+            return
+        listener = next((lst for lst in self.listeners.values() if lst.sock == ev.listener), None)
+        if (listener is None or (listener.addr, listener.port) != (tup.server_addr, tup.server_port)
+                or self.peer_of(tup.client_addr) != ev.peer or ev.peer == self.node
+                or cid in self.conns or len(self.conns) >= self.config.max_connections):
+            self.stats["bind_rejected"] += 1
+            self._emit(CloseSocket(ev.sock))
+            return
+        conn = Conn(cid, Role.SERVER, ev.peer, tup, State.IDLE, host_sock=ev.sock,
+                    host_inode=ev.inode)
+        self.conns[cid] = conn
+        accepted = self.accepts.pop(tup, None)
+        if accepted is not None:
+            self._match(conn, accepted)
+
+    def _on_CloseTraced(self, ev: CloseTraced) -> None:
+        self.waiting.pop((ev.pid, ev.fd), None)
+        if (ev.pid, ev.fd) in self.listeners:
+            self._drop_listener((ev.pid, ev.fd))
+        self._forget_fd(ev.pid, ev.fd)
+        for tup, acc in list(self.accepts.items()):
+            if (acc.pid, acc.fd) == (ev.pid, ev.fd):
+                del self.accepts[tup]
+
+    def _on_ProcessExited(self, ev: ProcessExited) -> None:
+        for key in [k for k in self.listeners if k[0] == ev.pid]:
+            self._drop_listener(key)
+        for key in [k for k in self.waiting if k[0] == ev.pid]:
+            del self.waiting[key]
+        for tup in [t for t, a in self.accepts.items() if a.pid == ev.pid]:
+            del self.accepts[tup]
+        for key in [k for k in self.by_fd if k[0] == ev.pid]:
+            self._forget_fd(*key, exited=True)
+
+    def _forget_fd(self, pid: int, fd: int, exited: bool = False) -> None:
+        cid = self.by_fd.get((pid, fd))
+        conn = self.conns.get(cid) if cid is not None else None
+        if conn is None:
+            return
+        self.stats["closed_by_app"] += 1
+        if conn.state is State.SWAPPED:
+            self._finish(conn, notify=False)
+            return
+        if not exited and conn.state in (State.AWAIT_COMMIT, State.PROBING):
+            conn.close_after = True  # settle the swap first (a stale event: the app is frozen)
+            return
+        self._abort(conn, "exited" if exited else "closed", retry=False, notify=True)
+
+    # -- peer messages -----------------------------------------------------------------------
+
+    def _on_PeerMessage(self, ev: PeerMessage) -> None:
+        handler = getattr(self, "_msg_" + ev.type, None)
+        if handler is None:
+            self.stats["unexpected_message"] += 1
+            return
+        if "cid" in ev.body:
+            conn = self.conns.get(ev.body["cid"])
+            if conn is None or conn.peer != ev.peer:
+                self.stats["message_unknown_connection"] += 1
+                return
+            handler(ev, conn)
+        else:
+            handler(ev)
+
+    def _unexpected(self, ev: PeerMessage, conn: Conn) -> None:
+        self.stats["unexpected_message"] += 1
+        log.debug("%s from %s for %s in %s", ev.type, ev.peer, conn.tuple, conn.state)
+
+    def _msg_hello(self, ev: PeerMessage) -> None:
+        self.stats["hellos"] += 1
+
+    def _msg_error(self, ev: PeerMessage) -> None:
+        self.stats["peer_errors"] += 1
+        log.warning("peer %s reports %s: %s", ev.peer, ev.body["code"], ev.body["detail"])
+
+    def _msg_listener_add(self, ev: PeerMessage) -> None:
+        key = (ev.body["overlay_addr"], ev.body["overlay_port"])
+        if self.peer_of(key[0]) != ev.peer or ev.peer == self.node:
+            self.stats["foreign_listener_rejected"] += 1
+            return
+        self.remote_listeners[key] = (ev.peer, ev.body["host_addr"], ev.body["host_port"])
+        for fd_key, waiting in list(self.waiting.items()):  # clients that connected early
+            if (waiting.conn.server_addr, waiting.conn.server_port) == key:
+                del self.waiting[fd_key]
+                self._start_client(waiting, ev.peer, ev.body["host_addr"], ev.body["host_port"])
+
+    def _msg_listener_remove(self, ev: PeerMessage) -> None:
+        key = (ev.body["overlay_addr"], ev.body["overlay_port"])
+        entry = self.remote_listeners.get(key)
+        if entry is None or entry[0] != ev.peer:
+            self.stats["foreign_listener_rejected"] += 1
+            return
+        del self.remote_listeners[key]
+
+    def _msg_bind(self, ev: PeerMessage, conn: Conn) -> None:
+        self._unexpected(ev, conn)  # binds travel on host connections only
+
+    def _msg_conn_closed(self, ev: PeerMessage, conn: Conn) -> None:
+        self.stats["closed_by_peer"] += 1
+        if conn.state is State.SWAPPED:
+            return  # the swapped connection lives on in the applications
+        self._abort(conn, "peer closed", retry=False, notify=False)
+
+    # -- the swap: client side (coordinator) ------------------------------------------------
+
+    def _on_HostConnected(self, ev: HostConnected) -> None:
+        conn = self._result_conn(ev.ref)
+        if conn is None:
+            self._emit(CloseSocket(ev.sock))
+            return
+        conn.host_sock, conn.host_inode = ev.sock, ev.inode
+        if conn.pending_abort:
+            self._resolve_pending(conn)
+            return
+        conn.state = State.IDLE
+        self._next_attempt(conn)
+
+    def _next_attempt(self, conn: Conn) -> None:
+        if conn.attempt >= self.config.max_attempts:
+            self.stats["gave_up"] += 1
+            self._send(conn, "swap_abort", attempt=conn.attempt, reason="gave up", final=True)
+            conn.told_final = True
+            self._finish(conn, notify=False)
+            return
+        if conn.pid in self.busy_pids:  # another swap holds this process: wait a little
+            self.stats["pid_busy"] += 1
+            conn.attempt += 1
+            self._timer(conn, self._backoff(conn))
+            return
+        conn.attempt += 1
+        conn.first = Role.CLIENT if conn.attempt % 2 else Role.SERVER
+        conn.prepared, conn.checks = False, 0
+        assert conn.pid is not None
+        self.busy_pids[conn.pid] = conn.cid
+        self.stats["attempts"] += 1
+        if conn.first is Role.CLIENT:
+            self._freeze(conn)
+        else:
+            self._prepare(conn, "freeze", State.AWAIT_FROZEN)
+
+    def _backoff(self, conn: Conn) -> float:
+        return min(self.config.backoff_max, self.config.backoff_base * 2 ** max(0, conn.attempt))
+
+    def _prepare(self, conn: Conn, stage: str, state: State) -> None:
+        conn.prepared = True
+        conn.state = state
+        self._send(conn, "swap_prepare", attempt=conn.attempt, stage=stage, **conn.tuple.to_body())
+        self._timer(conn, self.config.message_timeout)
+
+    def _freeze(self, conn: Conn) -> None:
+        assert conn.pid is not None
+        conn.state = State.FREEZING
+        conn.outstanding = self._ref("conn", conn.cid)
+        self._emit(Freeze(conn.outstanding, conn.pid))
+
+    def _check(self, conn: Conn) -> None:
+        assert conn.pid is not None and conn.fd is not None and conn.overlay_sock is not None
+        conn.state = State.CHECKING
+        conn.outstanding = self._ref("conn", conn.cid)
+        self._emit(CheckQueues(conn.outstanding, conn.pid, conn.fd, conn.overlay_sock))
+
+    def _replace(self, conn: Conn, sock: SockRef, expected: int, state: State) -> None:
+        assert conn.pid is not None and conn.fd is not None
+        conn.state = state
+        conn.outstanding = self._ref("conn", conn.cid)
+        self._emit(ReplaceFd(conn.outstanding, conn.pid, conn.fd, sock, expected))
+
+    def _result_conn(self, ref: int) -> Conn | None:
+        entry = self._take_ref(ref)
+        if entry is None:
+            return None
+        conn = self.conns.get(entry[1])
+        if conn is None or conn.outstanding != ref:
+            self.stats["stale_result"] += 1
+            return None
+        conn.outstanding = None
+        return conn
+
+    def _on_FreezeDone(self, ev: FreezeDone) -> None:
+        entry = self._refs.get(ev.ref)
+        conn = self._result_conn(ev.ref)
+        if conn is None:
+            if entry is not None and entry[0] == "pid":  # freeze of a forgotten connection
+                self.busy_pids.pop(entry[1], None)
+                self._emit(Thaw(entry[1]))
+            return
+        conn.frozen = True
+        if conn.pending_abort:
+            self._resolve_pending(conn)
+            return
+        self._check(conn)
+
+    def _on_QueuesChecked(self, ev: QueuesChecked) -> None:
+        conn = self._result_conn(ev.ref)
+        if conn is None:
+            return
+        if conn.pending_abort:
+            self._resolve_pending(conn)
+            return
+        if ev.send_queue or ev.recv_queue:
+            self.stats["busy"] += 1
+            self._abort(conn, f"busy (send {ev.send_queue}, recv {ev.recv_queue})",
+                        retry=True, notify=True)
+            return
+        if conn.role is Role.SERVER:
+            self._server_checked(conn)
+            return
+        conn.checks += 1
+        if not conn.prepared or (conn.first is Role.SERVER and conn.checks == 1):
+            self._prepare(conn, "check", State.AWAIT_REPLACED)
+        elif conn.host_sock is not None and conn.inode is not None:
+            self._replace(conn, conn.host_sock, conn.inode, State.REPLACING)
+
+    def _msg_swap_ready(self, ev: PeerMessage, conn: Conn) -> None:
+        if conn.role is not Role.CLIENT or ev.body["attempt"] != conn.attempt:
+            self._unexpected(ev, conn)
+            return
+        stage = ev.body["stage"]
+        if stage == "frozen" and conn.state is State.AWAIT_FROZEN:
+            self._freeze(conn)
+        elif stage == "replaced" and conn.state is State.AWAIT_REPLACED:
+            self._check(conn)
+        else:
+            self._unexpected(ev, conn)
+
+    def _on_ReplaceDone(self, ev: ReplaceDone) -> None:
+        conn = self._result_conn(ev.ref)
+        if conn is None:
+            return
+        if conn.state is State.ROLLING_BACK:
+            conn.replaced = False
+            self._abort_done(conn)
+            return
+        conn.replaced = True
+        if conn.role is Role.CLIENT:
+            # the commit point: from here on the connection is swapped, whatever happens
+            pending, conn.pending_abort = conn.pending_abort, None
+            self._send(conn, "swap_commit", attempt=conn.attempt)
+            self._complete(conn)
+            if pending and pending[0] in ("closed", "exited"):
+                self._finish(conn, notify=False)
+            return
+        if conn.pending_abort:
+            self._resolve_pending(conn)
+            return
+        conn.state = State.AWAIT_COMMIT
+        self._send(conn, "swap_ready", attempt=conn.attempt, stage="replaced")
+        self._timer(conn, self.config.message_timeout)
+
+    def _complete(self, conn: Conn) -> None:
+        """Both sides have the host socket: thaw and drop our copies (the overlay one last)."""
+        assert conn.pid is not None
+        conn.state = State.SWAPPED
+        self._thaw(conn)
+        if conn.overlay_sock is not None:
+            self._emit(CloseSocket(conn.overlay_sock))
+        if conn.host_sock is not None:
+            self._emit(CloseSocket(conn.host_sock))
+        conn.overlay_sock = conn.host_sock = None
+        conn.inode = conn.host_inode
+        self.stats["swapped"] += 1
+
+    def _msg_swap_done(self, ev: PeerMessage, conn: Conn) -> None:
+        if conn.role is not Role.CLIENT or conn.state is not State.SWAPPED:
+            self._unexpected(ev, conn)
+            return
+        self.stats["swap_done_received"] += 1
+
+    def _msg_swap_abort(self, ev: PeerMessage, conn: Conn) -> None:
+        if ev.body["attempt"] != conn.attempt or conn.state in (State.SWAPPED, State.IDLE):
+            if ev.body["final"] and conn.state is State.IDLE:
+                self._abort(conn, "peer gave up", retry=False, notify=False)
+                return
+            self._unexpected(ev, conn)
+            return
+        self.stats["aborted_by_peer"] += 1
+        self._abort(conn, "peer: " + ev.body["reason"], retry=not ev.body["final"], notify=False)
+
+    # -- the swap: server side --------------------------------------------------------------
+
+    def _msg_swap_prepare(self, ev: PeerMessage, conn: Conn) -> None:
+        body = ev.body
+        if conn.role is not Role.SERVER or FourTuple.from_body(body) != conn.tuple:
+            self._unexpected(ev, conn)
+            return
+        stage, attempt = body["stage"], body["attempt"]
+        if stage == "check" and conn.state is State.AWAIT_CHECK and attempt == conn.attempt:
+            self._check(conn)
+            return
+        if conn.state is not State.IDLE or attempt <= conn.attempt:
+            self._unexpected(ev, conn)
+            return
+        conn.attempt = attempt
+        conn.first = Role.SERVER if stage == "freeze" else Role.CLIENT
+        if not conn.matched:
+            self.stats["prepare_not_ready"] += 1
+            self._send(conn, "swap_abort", attempt=attempt, reason="not ready", final=False)
+            return
+        assert conn.pid is not None
+        if not self.allow(Role.SERVER, conn.pid, conn.tuple):
+            self.stats["accept_ruled_out"] += 1
+            self._send(conn, "swap_abort", attempt=attempt, reason="ruled out", final=True)
+            self._finish(conn, notify=False)
+            return
+        if conn.pid in self.busy_pids:
+            self.stats["pid_busy"] += 1
+            self._send(conn, "swap_abort", attempt=attempt, reason="process busy", final=False)
+            return
+        self.busy_pids[conn.pid] = conn.cid
+        conn.checks = 0
+        self._freeze(conn)
+
+    def _server_checked(self, conn: Conn) -> None:
+        conn.checks += 1
+        if conn.first is Role.SERVER and conn.checks == 1:
+            conn.state = State.AWAIT_CHECK
+            self._send(conn, "swap_ready", attempt=conn.attempt, stage="frozen")
+            self._timer(conn, self.config.message_timeout)
+        elif conn.host_sock is not None and conn.inode is not None:
+            self._replace(conn, conn.host_sock, conn.inode, State.REPLACING)
+
+    def _msg_swap_commit(self, ev: PeerMessage, conn: Conn) -> None:
+        if (conn.role is not Role.SERVER or ev.body["attempt"] != conn.attempt
+                or conn.state not in (State.AWAIT_COMMIT, State.PROBING)):
+            self._unexpected(ev, conn)
+            return
+        self._server_commit(conn)
+
+    def _server_commit(self, conn: Conn) -> None:
+        if conn.outstanding is not None:  # an orphaned probe result will be ignored
+            self._refs.pop(conn.outstanding, None)
+            conn.outstanding = None
+        conn.pending_abort = None
+        self._complete(conn)
+        self._send(conn, "swap_done", attempt=conn.attempt)
+        if conn.close_after:
+            self._finish(conn, notify=False)
+
+    def _on_ConnProbed(self, ev: ConnProbed) -> None:
+        conn = self._result_conn(ev.ref)
+        if conn is None:
+            return
+        if conn.pending_abort:
+            self._resolve_pending(conn)
+        elif ev.host_closed:  # the client gave up: put the overlay socket back
+            self.stats["probe_rollback"] += 1
+            self._rollback(conn)
+        elif ev.overlay_closed:  # the client committed and dropped the overlay
+            self.stats["probe_commit"] += 1
+            self._server_commit(conn)
+        else:
+            self._probe_later(conn)
+
+    def _probe_later(self, conn: Conn) -> None:
+        conn.state = State.PROBING
+        if conn.probes >= self.config.probe_limit:
+            self.stats["probe_gave_up"] += 1
+            self._rollback(conn)
+            return
+        self._timer(conn, self.config.probe_interval)
+
+    def _probe(self, conn: Conn) -> None:
+        assert conn.overlay_sock is not None and conn.host_sock is not None
+        conn.state = State.PROBING
+        conn.probes += 1
+        conn.outstanding = self._ref("conn", conn.cid)
+        self._emit(ProbeConn(conn.outstanding, conn.overlay_sock, conn.host_sock))
+
+    def _rollback(self, conn: Conn) -> None:
+        assert conn.overlay_sock is not None and conn.host_inode is not None
+        conn.pending_abort = conn.pending_abort or ("rolled back", False, False)
+        self._replace(conn, conn.overlay_sock, conn.host_inode, State.ROLLING_BACK)
+
+    # -- timers, failures, peer loss ----------------------------------------------------------
+
+    def _on_TimerFired(self, ev: TimerFired) -> None:
+        key = ev.key
+        if len(key) != 3 or key[0] != "conn":
+            self.stats["stale_timer"] += 1
+            return
+        conn = self.conns.get(key[1])
+        if conn is None or key[2] != conn.timer or conn.outstanding is not None:
+            self.stats["stale_timer"] += 1
+            return
+        if conn.state is State.IDLE and conn.role is Role.CLIENT:
+            self._next_attempt(conn)
+        elif conn.state in (State.AWAIT_FROZEN, State.AWAIT_REPLACED, State.AWAIT_CHECK):
+            self.stats["timeouts"] += 1
+            self._abort(conn, "timeout", retry=True, notify=True)
+        elif conn.state in (State.AWAIT_COMMIT, State.PROBING):
+            self.stats["commit_uncertain"] += 1
+            self._probe(conn)
+        else:
+            self.stats["stale_timer"] += 1
+
+    def _on_ActionFailed(self, ev: ActionFailed) -> None:
+        entry = self._refs.get(ev.ref)
+        if entry is not None and entry[0] == "pid":
+            self._take_ref(ev.ref)
+            self.busy_pids.pop(entry[1], None)
+            return
+        if entry is not None and entry[0] == "listener":
+            self._take_ref(ev.ref)
+            listener = self.listeners.get(entry[1])
+            if listener is not None and listener.ref == ev.ref:
+                del self.listeners[entry[1]]
+                self.stats["host_listener_failed"] += 1
+                log.warning("host listener for %s:%d: %s", listener.addr, listener.port, ev.reason)
+            return
+        conn = self._result_conn(ev.ref)
+        if conn is None:
+            return
+        self.stats["action_failed"] += 1
+        log.info("connection %s: %s failed: %s", conn.tuple, conn.state.value, ev.reason)
+        if conn.state is State.ROLLING_BACK:
+            self.stats["rollback_failed"] += 1  # nothing left to try: thaw, drop the connection
+            log.error("connection %s: cannot put the overlay socket back: %s", conn.tuple,
+                      ev.reason)
+            self._thaw(conn)
+            self._finish(conn, notify=True)
+            return
+        if conn.state is State.CONNECTING:
+            self._finish(conn, notify=False)
+            return
+        if conn.state is State.PROBING:
+            self._probe_later(conn)
+            return
+        if conn.state is State.REPLACING and conn.role is Role.CLIENT and conn.pending_abort:
+            retry, notify = False, conn.pending_abort[2]
+        else:
+            retry, notify = True, True
+        conn.pending_abort = None
+        self._abort(conn, ev.reason, retry=retry, notify=notify)
+
+    def _on_PeerLost(self, ev: PeerLost) -> None:
+        for conn in [c for c in self.conns.values() if c.peer == ev.peer]:
+            if conn.state is State.SWAPPED:
+                continue
+            if conn.role is Role.SERVER and conn.state in (State.AWAIT_COMMIT, State.PROBING):
+                if conn.outstanding is None:
+                    self._probe(conn)
+                continue
+            self._abort(conn, "peer lost", retry=False, notify=False)
+
+    def _abort(self, conn: Conn, reason: str, retry: bool, notify: bool) -> None:
+        """Abandon the current attempt: undo locally, tell the peer, maybe retry later."""
+        if conn.outstanding is not None:
+            if conn.pending_abort is None or not retry:
+                conn.pending_abort = (reason, retry, notify)
+            return
+        conn.pending_abort = (reason, retry, notify)
+        self._resolve_pending(conn)
+
+    def _resolve_pending(self, conn: Conn) -> None:
+        assert conn.pending_abort is not None and conn.outstanding is None
+        reason, retry, notify = conn.pending_abort
+        if conn.state is State.SWAPPED:
+            conn.pending_abort = None
+            return
+        if conn.role is Role.SERVER and conn.replaced:
+            if reason in ("exited",):
+                conn.replaced = False  # the process is gone; nothing to put back
+            else:
+                if notify and conn.state is not State.ROLLING_BACK:
+                    self._send(conn, "swap_abort", attempt=conn.attempt, reason=reason[:200],
+                               final=not retry)
+                    conn.told_final = not retry
+                    conn.pending_abort = (reason, retry, False)
+                self._rollback(conn)
+                return
+        if notify and (conn.role is Role.SERVER or conn.prepared):
+            self._send(conn, "swap_abort", attempt=conn.attempt, reason=reason[:200],
+                       final=not retry)
+            conn.told_final = not retry
+        self._abort_done(conn)
+
+    def _abort_done(self, conn: Conn) -> None:
+        reason, retry, _ = conn.pending_abort or ("aborted", True, False)
+        conn.pending_abort = None
+        self._thaw(conn)
+        conn.probes = 0
+        self.stats["attempts_aborted"] += 1
+        log.info("connection %s: attempt %d aborted: %s", conn.tuple, conn.attempt, reason)
+        if (not retry or conn.close_after or conn.state is State.CONNECTING
+                or conn.host_sock is None):
+            self._finish(conn, notify=reason in ("closed", "exited"))
+            return
+        conn.state = State.IDLE
+        if conn.role is Role.CLIENT:
+            self._timer(conn, self._backoff(conn))
+
+    def _thaw(self, conn: Conn) -> None:
+        if conn.pid is not None and self.busy_pids.get(conn.pid) == conn.cid:
+            del self.busy_pids[conn.pid]
+        if conn.frozen:
+            assert conn.pid is not None
+            conn.frozen = False
+            self._emit(Thaw(conn.pid))
+
+    def _finish(self, conn: Conn, notify: bool) -> None:
+        """Forget a connection; close the daemon's sockets; it stays where it is."""
+        orphan_freeze = None
+        if conn.outstanding is not None:  # a result will arrive: undo a freeze if need be
+            if conn.outstanding in self._refs and conn.state is State.FREEZING:
+                self._refs[conn.outstanding] = ("pid", conn.pid)
+                orphan_freeze = conn.pid
+            else:
+                self._refs.pop(conn.outstanding, None)
+            conn.outstanding = None
+        self._thaw(conn)
+        if orphan_freeze is not None:
+            self.busy_pids[orphan_freeze] = b""  # held until the late freeze result arrives
+        if (notify and not conn.told_final and conn.state is not State.SWAPPED
+                and conn.host_sock is not None):
+            self._send(conn, "conn_closed")
+        for sock in (conn.overlay_sock, conn.host_sock):
+            if sock is not None:
+                self._emit(CloseSocket(sock))
+        conn.overlay_sock = conn.host_sock = None
+        self.conns.pop(conn.cid, None)
+        if conn.pid is not None and self.by_fd.get((conn.pid, conn.fd or -1)) == conn.cid:
+            del self.by_fd[(conn.pid, conn.fd or -1)]
+        if conn.state is not State.SWAPPED:
+            self.stats["left_on_overlay"] += 1
