@@ -82,7 +82,10 @@ class _Codec:
         if isinstance(value, bytes | bytearray | memoryview):
             data = bytes(value)
         elif self.struct is not None:
-            data = self.struct.pack(*value) if isinstance(value, tuple) else self.struct.pack(value)
+            try:
+                data = self.struct.pack(*value if isinstance(value, tuple) else (value,))
+            except struct.error as e:
+                raise ValueError(f"{self.what}: cannot pack {value!r}: {e}") from None
         elif self.ctype is not None:
             data = bytes(value if isinstance(value, ctypes._SimpleCData | ctypes.Structure
                                               | ctypes.Union | ctypes.Array)

@@ -79,6 +79,8 @@ def test_codecs_struct_and_ctypes(unique_name: str) -> None:
         assert list(m.keys()) == [(1, 2)]
         m[struct.pack("<II", 3, 4)] = bytes(Value(1, 2, 3))  # raw bytes always accepted
         assert m[(3, 4)].flags == 3
+        with pytest.raises(ValueError, match=f"map '{unique_name}' key: cannot pack \\(1,\\)"):
+            m[(1,)] = Value()
     with Map.create("array", value_size=8, max_entries=3, key="<I", value="<q") as arr:
         arr[1] = -5
         assert list(arr.items()) == [(0, 0), (1, -5), (2, 0)]
