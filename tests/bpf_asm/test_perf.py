@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import select
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -162,3 +164,17 @@ def test_close_removes_rings_from_the_map(unique_name: str) -> None:
         with PerfBuffer(events) as pb:
             fire(2)
             assert decode(pb.read(timeout=1.0)) == [3, 4]
+
+
+def test_benchmark_runs(unique_name: str) -> None:
+    """bench/bench_events.py stays runnable: one short run per reader."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, os.path.join(root, "bench", "bench_events.py"),
+                          "--duration", "0.2", "--repeats", "1", "--rates", "5000"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()[3:]]
+    assert [r[:2] for r in rows] == [["perf", "w=1"], ["perf", "w=64"], ["ringbuf", "5,000"]]
+    for r in rows:
+        assert int(r[-2].replace(",", "")) >= 0  # lost is a count
+        assert int(r[-3].replace(",", "")) > 0  # received something
