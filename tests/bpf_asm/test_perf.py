@@ -117,6 +117,27 @@ def test_full_ring_counts_lost_samples(unique_name: str) -> None:
         os.sched_setaffinity(0, old)
 
 
+def test_chosen_cpus_only(unique_name: str) -> None:
+    cpus = online_cpus()
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    old = os.sched_getaffinity(0)
+    try:
+        with emitter(unique_name) as (counter, events), \
+                PerfBuffer(events, cpus=[cpus[0]]) as pb:
+            assert pb.cpus == [cpus[0]]
+            os.sched_setaffinity(0, {cpus[1]})
+            fire(5)  # no ring on this CPU: the program's output fails, nothing arrives
+            os.sched_setaffinity(0, {cpus[0]})
+            fire(5)
+            got = pb.read_samples(timeout=1.0)
+            assert [s.cpu for s in got] == [cpus[0]] * 5
+            assert decode([s.data for s in got]) == [5, 6, 7, 8, 9]
+            assert counter[0] == 10
+    finally:
+        os.sched_setaffinity(0, old)
+
+
 def test_timeout_and_fileno(unique_name: str) -> None:
     with emitter(unique_name) as (_, events), PerfBuffer(events) as pb:
         start = time.monotonic()

@@ -9,7 +9,7 @@ import pytest
 import rawprogs as rp
 
 from bpf_asm.maps import BPF_F_RDONLY_PROG, Map
-from bpf_asm.programs import ProgramSpec, load_program
+from bpf_asm.programs import Program, ProgramSpec, load_program
 from bpf_asm.syscall import BPFError, ProgType, VerifierError
 
 pytestmark = pytest.mark.root
@@ -124,3 +124,15 @@ def test_accepts_anything_bytes_accepts(unique_name: str) -> None:
 
     with load_program(Insns(), "socket_filter", name=unique_name) as prog:
         assert prog.info().xlated_prog_len == 16
+
+
+def test_pin_and_open_pinned(unique_name: str) -> None:
+    path = f"/sys/fs/bpf/{unique_name}"
+    with load_program(rp.return_zero(), "socket_filter", name=unique_name) as prog:
+        prog.pin(path)
+        try:
+            with Program.open_pinned(path) as again:
+                assert again.id == prog.id and again.name == unique_name
+                assert again.prog_type == ProgType.SOCKET_FILTER
+        finally:
+            os.unlink(path)
