@@ -180,6 +180,9 @@ def decode(data: bytes) -> Instructions:
         if code == LD_IMM64:
             if pos + 16 > len(data):
                 raise DecodeError(f"ld_imm64 at slot {pos // 8} is missing its second half")
+            if data[pos + 8:pos + 12] != b"\0\0\0\0":
+                raise DecodeError(f"ld_imm64 at slot {pos // 8}: the second slot's code, "
+                                  "registers and offset must be zero")
             lo = imm & 0xFFFFFFFF
             hi = struct.unpack_from("<I", data, pos + 12)[0]
             imm = lo | (hi << 32)
@@ -285,7 +288,39 @@ def _unknown(insn: Instruction) -> str:
     return f"<unknown: {insn.encode().hex(' ')}>"
 
 
+def _unused_fields_are_zero(insn: Instruction) -> bool:
+    """False when a field the instruction does not use is non-zero (or a register is
+    beyond r10): such bytes print as `<unknown>` rather than as a lossy line."""
+    if insn.dst > 10 or insn.src > 10:
+        return False
+    cls, op, x = insn.cls, insn.code & 0xF0, insn.code & BPF_X
+    if cls in (BPF_ALU, BPF_ALU64):
+        if op in (BPF_NEG, BPF_END):
+            return insn.src == 0 and insn.off == 0 and (op == BPF_END or insn.imm == 0) and (
+                op == BPF_END or not x)
+        offs = {BPF_DIV: (0, 1), BPF_MOD: (0, 1), BPF_MOV: (0, 8, 16, 32) if x else (0,)}
+        return insn.off in offs.get(op, (0,)) and (insn.imm == 0 if x else insn.src == 0)
+    if cls in (BPF_JMP, BPF_JMP32):
+        if op == BPF_JA:
+            zero = (insn.imm,) if cls == BPF_JMP else (insn.off,)
+            return not x and insn.dst == insn.src == 0 and zero == (0,)
+        if op in (BPF_CALL, BPF_EXIT):
+            return not x and insn.dst == 0 and insn.off == 0 and (
+                op == BPF_CALL or insn.src == insn.imm == 0)
+        return insn.imm == 0 if x else insn.src == 0
+    mode = insn.code & 0xE0
+    if insn.code == LD_IMM64:
+        return insn.off == 0
+    if cls == BPF_LDX or (cls == BPF_STX and mode == BPF_MEM):
+        return insn.imm == 0
+    if cls == BPF_ST:
+        return insn.src == 0
+    return True
+
+
 def _format(insn: Instruction) -> str:
+    if not _unused_fields_are_zero(insn):
+        return _unknown(insn)
     cls, code, d, s = insn.cls, insn.code, insn.dst, insn.src
     if cls in (BPF_ALU, BPF_ALU64):
         return _format_alu(insn)

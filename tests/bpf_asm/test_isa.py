@@ -91,6 +91,10 @@ def test_decode_rejects_partial_slots() -> None:
         decode(b"\0" * 12)
     with pytest.raises(DecodeError, match="second half"):
         decode(isa.ld_imm64(R1, 5).encode()[:8])
+    bad = bytearray(isa.ld_imm64(R1, 5).encode())
+    bad[9] = 0x12  # registers in the second slot
+    with pytest.raises(DecodeError, match="slot 0: the second slot"):
+        decode(bytes(bad))
 
 
 def test_unknown_opcode_decodes_and_prints_as_unknown() -> None:

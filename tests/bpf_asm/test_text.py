@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from bpf_insn_strategies import all_forms
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bpf_asm import isa
@@ -136,3 +136,38 @@ def test_single_instruction_and_r0_exit_example() -> None:
     prog = assemble("r0 = 0\nexit")
     assert prog == [isa.alu("mov", R0, 0), isa.exit_()]
     assert bytes(prog) == bytes.fromhex("b700000000000000 9500000000000000")
+
+
+# opcodes some valid form uses, so random bytes mostly hit real instruction classes
+_SAMPLES = (
+    [isa.alu(op, R1, src, w) for op in isa.ALU_OPS for src in (R2, 1) for w in (True, False)]
+    + [isa.neg(R1, w) for w in (True, False)]
+    + [isa.endian(k, R1, 16) for k in ("le", "be", "bswap")]
+    + [isa.jump(op, R1, src, 0, w) for op in isa.JMP_OPS for src in (R2, 1)
+       for w in (True, False)]
+    + [isa.ja(0), isa.gotol(0), isa.call(1), isa.exit_(), isa.ld_imm64(R1, 0)]
+    + [f(bits, R1, R2) for f in (isa.ldx, isa.stx) for bits in (8, 16, 32, 64)]
+    + [isa.ldsx(bits, R1, R2) for bits in (8, 16, 32)]
+    + [isa.st(bits, R1, 0, 0) for bits in (8, 16, 32, 64)]
+    + [isa.xchg(bits, R1, R2) for bits in (32, 64)]
+)
+CODES = sorted({insn.code for insn in _SAMPLES})
+
+
+@settings(max_examples=2000)
+@given(st.sampled_from(CODES) | st.integers(0, 255), st.binary(min_size=15, max_size=15),
+       st.sampled_from([0, 1, 8, 16, 32, 64, 0xE1, 0xF1, 0x41]))
+def test_any_bytes_either_print_unknown_or_roundtrip_exactly(code: int, rest: bytes,
+                                                             imm: int) -> None:
+    """The disassembler never prints a lossy line: unused non-zero fields mean `<unknown>`."""
+    raw = bytes([code]) + rest
+    if code == isa.LD_IMM64:
+        raw = raw[:8] + bytes(4) + raw[12:]
+    else:
+        raw = raw[:8]
+        if rest[0] & 1:  # often a small, meaningful imm (sizes, atomic ops) and zero off
+            raw = raw[:2] + bytes(2) + imm.to_bytes(4, "little")
+    insns = isa.decode(raw)
+    text = str(insns)
+    if "<unknown" not in text:
+        assert bytes(assemble(text)) == raw
