@@ -18,6 +18,7 @@ from .syscall import (
     LinkInfo,
     NotSupportedError,
     PerfEventAttr,
+    ProgType,
     RawTracepointAttr,
     bpf,
     close_fd,
@@ -94,10 +95,17 @@ def attach_perf_event(prog: Program, perf_fd: int, target: str) -> Link:
     return Link(target, link_fd, perf_fd, prog)
 
 
+def _check_type(prog: Program, want: ProgType, target: str) -> None:
+    if prog.prog_type != want:
+        raise ValueError(f"cannot attach {prog.prog_type.name.lower()} program {prog.name!r} "
+                         f"to {target}: it needs a {want.name.lower()} program")
+
+
 def attach_tracepoint(prog: Program, category: str, name: str) -> Link:
     """Attach a tracepoint program to `category:name` (e.g. "syscalls", "sys_enter_close").
     The program runs on every CPU; close the Link to detach."""
     target = f"tracepoint {category}:{name}"
+    _check_type(prog, ProgType.TRACEPOINT, target)
     attr = PerfEventAttr(type=PERF_TYPE_TRACEPOINT, config=event_id(category, name),
                          sample_period=1, wakeup_events=1)
     # One perf event is enough: a tracepoint's BPF programs run on all CPUs.
@@ -107,6 +115,7 @@ def attach_tracepoint(prog: Program, category: str, name: str) -> Link:
 
 def attach_raw_tracepoint(prog: Program, name: str) -> Link:
     """Attach a raw_tracepoint program to tracepoint `name` (e.g. "sys_enter")."""
+    _check_type(prog, ProgType.RAW_TRACEPOINT, f"raw_tracepoint {name}")
     raw = ctypes.create_string_buffer(name.encode())
     attr = RawTracepointAttr(name=ctypes.addressof(raw), prog_fd=prog.fd)
     fd = bpf(Cmd.RAW_TRACEPOINT_OPEN, attr, f"{name!r} (program {prog.name!r})")
@@ -128,6 +137,7 @@ def attach_kprobe(prog: Program, symbol: str, offset: int = 0, retprobe: bool = 
     Raises NotSupportedError on kernels built without kprobes."""
     kind = "kretprobe" if retprobe else "kprobe"
     target = f"{kind} {symbol}+{offset}"
+    _check_type(prog, ProgType.KPROBE, target)
     if not kprobes_supported():
         raise NotSupportedError(
             f"kprobes are not supported by this kernel (CONFIG_KPROBES off: no {KPROBE_PMU} and "

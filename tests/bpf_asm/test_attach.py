@@ -99,9 +99,12 @@ def test_missing_tracepoint_is_one_clear_error(counter: Map, unique_name: str) -
 
 def test_wrong_program_type_names_the_tracepoint(counter: Map, unique_name: str) -> None:
     with load_program(rp.return_zero(), "socket_filter", name=unique_name) as prog:
-        with pytest.raises(BPFError, match="tracepoint syscalls:sys_enter_getppid") as info:
+        with pytest.raises(ValueError, match=f"cannot attach socket_filter program "
+                           f"'{unique_name}' to tracepoint syscalls:sys_enter_getppid: it "
+                           "needs a tracepoint program"):
             attach_tracepoint(prog, "syscalls", "sys_enter_getppid")
-        assert info.value.errno == errno.EINVAL
+        with pytest.raises(ValueError, match="needs a raw_tracepoint program"):
+            attach_raw_tracepoint(prog, "sys_enter")
 
 
 def test_raw_tracepoint(counter: Map, unique_name: str) -> None:
