@@ -1,17 +1,95 @@
-"""The `ebpf-router` command line."""
+"""The `ebpf-router` command line: run, status, testbed, demo."""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import json
+import logging
 import sys
+
+from . import config as config_mod
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="run the node daemon (env: OVERLAY_IF, HOST_IF, "
+                                     "ROUTER_PORT, ROUTER_LOGLEVEL)")
+    config_mod.add_arguments(run)
+    run.add_argument("--health-port", type=int, help="serve /healthz, /readyz, /metrics here")
+    run.add_argument("--pod-cidr", action="append", default=[], metavar="CIDR",
+                     help="this node's pod subnet (repeatable; default: from OVERLAY_IF)")
+    run.add_argument("--peer", action="append", default=[], metavar="OVERLAY_CIDR=HOST_ADDR",
+                     help="static peer map entry (repeatable; default: from the overlay route)")
+    run.add_argument("--pod-metadata", metavar="FILE",
+                     help="pod labels for label rules (StaticPodMetadata JSON)")
+    run.add_argument("--node-name", help="this node's name in peer messages (default: host addr)")
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    status = sub.add_parser("status", help="ask the running daemon for its status")
+    status.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    status.add_argument("--control-socket", default=None,
+                        help=f"status socket path ({config_mod.DEFAULT_CONTROL_SOCKET})")
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    demo = sub.add_parser("demo", help="two-node testbed: throughput over the overlay, with "
+                                       "bypass and node to node, plus an integrity check")
+    demo.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    demo.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
+    demo.add_argument("--builtin", action="store_true",
+                      help="use the built-in stream even if iperf3 is installed")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser; each subcommand module adds itself here."""
+    """The top-level parser with every subcommand."""
+    from .testbed import add_testbed_parser
+
     parser = argparse.ArgumentParser(prog="ebpf-router", description=__doc__)
     parser.add_argument("--version", action="version", version="ebpf-router 0.1.0")
-    parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command")
+    _add_run(sub)
+    _add_status(sub)
+    add_testbed_parser(sub)
+    _add_demo(sub)
     return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from . import hostnet
+    from .daemon import DaemonOptions, run_daemon
+
+    try:
+        cfg = config_mod.RouterConfig.from_env(None, args)
+        pod_cidrs = [ipaddress.ip_network(c, strict=False) for c in args.pod_cidr]
+        peers = dict(hostnet.parse_peer(p) for p in args.peer)
+    except (config_mod.ConfigError, ValueError) as exc:
+        print(f"ebpf-router run: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=cfg.log_level_number,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = DaemonOptions(cfg, pod_cidrs=pod_cidrs, peers=peers, health_port=args.health_port,
+                            pod_metadata=args.pod_metadata, node_name=args.node_name)
+    return run_daemon(options)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .control import ControlError, format_status, query_status
+
+    path = args.control_socket or config_mod.RouterConfig.from_env().control_socket
+    try:
+        status = query_status(path)
+    except ControlError as exc:
+        print(f"ebpf-router status: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(seconds=args.seconds, as_json=args.json, builtin=args.builtin)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return 0
+    if args.command == "run":
+        return _cmd_run(args)
+    if args.command == "status":
+        return _cmd_status(args)
+    if args.command == "demo":
+        return _cmd_demo(args)
+    return int(args.func(args))
 
 
 if __name__ == "__main__":

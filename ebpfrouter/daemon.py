@@ -1,0 +1,864 @@
+"""The node daemon: tracer + engine + peers + injector + control on one asyncio loop.
+
+    tracer fd ──> node scoping ──> engine events ──> Engine.handle ──> actions ──> runners
+    peer server ─────────────────> PeerMessage                           │
+    host listeners ──────────────> HostAccepted            results <─────┘ (loop / threads)
+
+The engine (:mod:`ebpfrouter.engine`) decides; this module only observes and acts. Every
+ptrace operation (freeze, replace, thaw) runs on one dedicated thread, because a ptrace
+tracer is a thread: the thread that seized a process must be the one that drives it. Socket
+handles given to the engine (`SockRef`) are the daemon's own fds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+from injector.errors import InjectorError
+from injector.inspect import copy_socket, queue_sizes
+
+from . import hostnet
+from .config import ConfigError, RouterConfig
+from .control import ControlError, ControlServer, HealthServer, Metrics
+from .engine.actions import (
+    Action,
+    CheckQueues,
+    CloseSocket,
+    Freeze,
+    HostConnect,
+    OpenHostListener,
+    ProbeConn,
+    ReplaceFd,
+    SendPeer,
+    StartTimer,
+    Thaw,
+)
+from .engine.events import (
+    AcceptTraced,
+    ActionFailed,
+    CloseTraced,
+    ConnectTraced,
+    ConnProbed,
+    Event,
+    FourTuple,
+    FreezeDone,
+    HostAccepted,
+    HostConnected,
+    HostListenerOpened,
+    ListenTraced,
+    PeerLost,
+    PeerMessage,
+    PeerUp,
+    ProcessExited,
+    QueuesChecked,
+    ReplaceDone,
+    TimerFired,
+)
+from .engine.machine import Engine, EngineConfig, Role, State
+from .peers import Codec, ProtocolError
+from .peers.transport import PeerClient, PeerInfo, PeerServer
+from .peers.wire import HEADER
+from .podmeta import PodMetadataSource, StaticPodMetadata
+from .rules import ConnectionFacts, RuleError, RuleWatcher
+from .tracer import EventKind, SocketEvent, Tracer, TracerError
+
+log = logging.getLogger(__name__)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class DaemonError(RuntimeError):
+    """The daemon cannot start; the message names the interface, port, file or program."""
+
+
+@dataclasses.dataclass
+class DaemonOptions:
+    """Everything `ebpf-router run` passes in, beyond `RouterConfig`."""
+
+    config: RouterConfig
+    pod_cidrs: list[IPNetwork] = dataclasses.field(default_factory=list)
+    peers: dict[IPNetwork, str] = dataclasses.field(default_factory=dict)
+    health_port: int | None = None
+    pod_metadata: str | None = None
+    node_name: str | None = None
+    freeze_timeout: float = 2.0
+    bind_timeout: float = 5.0
+    rules_poll: float = 2.0
+    peer_refresh: float = 10.0
+
+
+def normalize_addr(addr: str | None) -> str | None:
+    """IPv4-mapped IPv6 (`::ffff:a.b.c.d`, a dual-stack socket) as plain IPv4."""
+    if not addr:
+        return addr
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return addr
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def _setns(path: str) -> None:
+    from .testbed import setns_path
+
+    setns_path(path)
+
+
+def netns_ipv4_addresses(pid: int) -> list[str]:
+    """IPv4 addresses of the network namespace of `pid` (read from a helper thread)."""
+    result: list[str] = []
+    error: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            _setns(f"/proc/{pid}/ns/net")
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:
+                for addr in ipr.get_addr(family=2):
+                    value = addr.get_attr("IFA_ADDRESS")
+                    if value and not value.startswith("127."):
+                        result.append(str(value))
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            error.append(exc)
+
+    thread = threading.Thread(target=work, name=f"netns-{pid}")  # dies with its netns
+    thread.start()
+    thread.join(5)
+    if error:
+        raise error[0]
+    return result
+
+
+class _Injector:
+    """The one thread that freezes, replaces and thaws (ptrace is per tracer thread)."""
+
+    def __init__(self, freeze_timeout: float) -> None:
+        self.freeze_timeout = freeze_timeout
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="injector")
+        self.frozen: dict[int, tuple[Any, Any, int]] = {}  # pid -> (context, proc, holds)
+        self.freeze_ns: collections.deque[int] = collections.deque(maxlen=1000)
+        self._since: dict[int, int] = {}
+
+    def freeze(self, pid: int) -> None:
+        from injector.freeze import freeze
+
+        if pid in self.frozen:
+            ctx, proc, holds = self.frozen[pid]
+            self.frozen[pid] = (ctx, proc, holds + 1)
+            return
+        ctx = freeze(pid, timeout=self.freeze_timeout)
+        proc = ctx.__enter__()
+        self.frozen[pid] = (ctx, proc, 1)
+        self._since[pid] = time.monotonic_ns()
+
+    def thaw(self, pid: int, force: bool = False) -> None:
+        entry = self.frozen.get(pid)
+        if entry is None:
+            return
+        ctx, proc, holds = entry
+        if holds > 1 and not force:
+            self.frozen[pid] = (ctx, proc, holds - 1)
+            return
+        del self.frozen[pid]
+        try:
+            ctx.__exit__(None, None, None)
+        except Exception as exc:  # noqa: BLE001 - thaw must not fail the loop
+            log.warning("pid %d: thaw: %s", pid, exc)
+        started = self._since.pop(pid, None)
+        if started is not None:
+            self.freeze_ns.append(time.monotonic_ns() - started)
+
+    def replace(self, pid: int, fd: int, sock: socket.socket, expected_inode: int) -> None:
+        from injector.swap import replace_fd
+
+        entry = self.frozen.get(pid)
+        if entry is None:
+            raise InjectorError(f"pid {pid} is not frozen (replace fd {fd})")
+        old = replace_fd(pid, fd, sock, expected_inode=expected_inode,
+                         timeout=self.freeze_timeout, proc=entry[1])
+        old.close()
+
+    def thaw_all(self) -> None:
+        for pid in list(self.frozen):
+            self.thaw(pid, force=True)
+
+    def submit(self, fn: Any, *args: Any) -> concurrent.futures.Future[Any]:
+        return self.pool.submit(fn, *args)
+
+    def close(self) -> None:
+        """Thaw everything (on the injector thread) and stop the thread."""
+        with contextlib.suppress(RuntimeError):
+            self.pool.submit(self.thaw_all).result(timeout=30)
+        self.pool.shutdown(wait=True)
+
+
+class Daemon:
+    """One node's router. `await run()` serves until `stop()` (or SIGTERM/SIGINT)."""
+
+    def __init__(self, options: DaemonOptions) -> None:
+        self.options = options
+        self.config = options.config
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.tracer: Tracer | None = None
+        self.engine: Engine | None = None
+        self.codec: Codec | None = None
+        self.server: PeerServer | None = None
+        self.clients: dict[str, PeerClient] = {}
+        self.control: ControlServer | None = None
+        self.health: HealthServer | None = None
+        self.metrics = Metrics()
+        self.injector = _Injector(options.freeze_timeout)
+        self.socks: dict[int, socket.socket] = {}
+        self.listen_tasks: dict[int, asyncio.Task[None]] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.host_addr = ""
+        self.node = ""
+        self.pod_cidrs: list[IPNetwork] = list(options.pod_cidrs)
+        self.peer_map = hostnet.PeerMap(options.peers)
+        self.pods: PodMetadataSource | None = None
+        self.rules: RuleWatcher | None = None
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.addr_cache: dict[int, list[str]] = {}
+        self.started = time.monotonic()
+        self.traced_at: dict[tuple[int, int], int] = {}
+        self.swapped_seen: set[bytes] = set()
+        self._swapped_total = 0
+        self.swap_latency_ns: collections.deque[int] = collections.deque(maxlen=1000)
+        self._stop: asyncio.Event | None = None
+        self._ready = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _discover(self) -> None:
+        cfg = self.config
+        assert cfg.host_if and cfg.overlay_if
+        try:
+            self.host_addr = hostnet.interface_ipv4(cfg.host_if)
+            if not self.pod_cidrs:
+                self.pod_cidrs = hostnet.local_pod_cidrs(cfg.overlay_if)
+            self.peer_map.update_discovered(hostnet.overlay_peers(cfg.overlay_if))
+        except hostnet.HostNetError as exc:
+            raise DaemonError(str(exc)) from None
+        if not self.pod_cidrs:
+            raise DaemonError(f"OVERLAY_IF {cfg.overlay_if}: cannot find this node's pod CIDR "
+                              "(no bridge route holds its address); give --pod-cidr")
+        self.node = self.options.node_name or self.host_addr
+
+    def peer_of(self, addr: str) -> str | None:
+        """The node (its host address) owning overlay address `addr`; None if not overlay."""
+        if hostnet.in_any(addr, self.pod_cidrs):
+            return self.node
+        return self.peer_map.lookup(addr)
+
+    def allow(self, role: Role, pid: int, conn: FourTuple) -> bool:
+        """Rules: label filters (pod metadata of `pid`), then cidr validators."""
+        pod = self.pods.pod_for_pid(pid) if self.pods is not None else None
+        facts = ConnectionFacts(conn.server_addr, conn.server_port, conn.client_addr,
+                                conn.client_port,
+                                pod_labels=dict(pod.labels) if pod else {},
+                                container_labels=dict(pod.container_labels) if pod else {})
+        assert self.rules is not None
+        ok = self.rules.rules.allows(facts)
+        if not ok:
+            self.counters["ruled_out"] += 1
+        return ok
+
+    async def start(self) -> None:
+        """Open everything; raise `DaemonError` naming what failed (and undo the rest)."""
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        cfg = self.config
+        try:
+            cfg.validate()
+        except ConfigError as exc:
+            raise DaemonError(str(exc)) from None
+        await self.loop.run_in_executor(None, self._discover)  # pyroute2 wants no running loop
+        try:
+            self.rules = RuleWatcher(cfg.rules_dir, strict=False)
+        except RuleError as exc:  # pragma: no cover - strict=False logs instead
+            raise DaemonError(str(exc)) from None
+        if self.rules.last_error is not None:
+            self.counters["rules_errors"] += 1
+        if self.options.pod_metadata:
+            try:
+                self.pods = StaticPodMetadata.from_file(self.options.pod_metadata)
+            except (OSError, ValueError) as exc:
+                raise DaemonError(f"pod metadata {self.options.pod_metadata}: {exc}") from None
+        assert cfg.key is not None
+        self.codec = Codec(cfg.key)
+        self.engine = Engine(EngineConfig(node=self.node), self.peer_of, self.allow)
+        self.server = PeerServer(self.codec, self._on_peer_message, host=self.host_addr,
+                                 port=cfg.router_port)
+        try:
+            await self.server.start()
+        except OSError as exc:
+            raise DaemonError(f"ROUTER_PORT: {exc.strerror or exc}") from None
+        self._declare_metrics()
+        try:
+            self.control = ControlServer(cfg.control_socket, self._status_threadsafe)
+            self.control.start()
+        except (ControlError, OSError) as exc:
+            raise DaemonError(f"control socket {cfg.control_socket}: {exc}") from None
+        if self.options.health_port is not None:
+            try:
+                self.health = HealthServer(self.options.health_port, self.metrics,
+                                           ready=lambda: self._ready)
+                self.health.start()
+            except OSError as exc:
+                raise DaemonError(f"health port {self.options.health_port}: "
+                                  f"{exc.strerror or exc}") from None
+        try:
+            self.tracer = Tracer()
+            self.tracer.open()
+        except (TracerError, OSError) as exc:
+            raise DaemonError(f"tracer: {exc}") from None
+        self.loop.add_reader(self.tracer.fileno(), self._on_tracer_readable)
+        for host in sorted(self.peer_map.hosts()):
+            self._ensure_client(host)
+        for ev in self.tracer.seed():
+            self._on_socket_event(ev)
+        self._spawn(self._housekeeping())
+        self._ready = True
+        log.warning("ebpf-router on %s: host %s, pod CIDRs %s, peers %s, port %d", self.node,
+                    self.host_addr, ", ".join(map(str, self.pod_cidrs)),
+                    ", ".join(sorted(self.peer_map.hosts())) or "none", self.server.port)
+
+    async def run(self) -> None:
+        """Start, serve until stopped, then shut down cleanly."""
+        try:
+            await self.start()
+            assert self.loop is not None and self._stop is not None
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    self.loop.add_signal_handler(sig, self.stop)
+            await self._stop.wait()
+        finally:
+            await self.shutdown()
+
+    def stop(self) -> None:
+        """Ask the loop to shut down."""
+        if self._stop is not None:
+            self._stop.set()
+
+    async def shutdown(self) -> None:
+        """Detach BPF, thaw every frozen process, close sockets, remove the control socket."""
+        self._ready = False
+        loop = asyncio.get_running_loop()
+        if self.tracer is not None:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(self.tracer.fileno())
+        await loop.run_in_executor(None, self.injector.close)
+        for task in list(self.tasks) + list(self.listen_tasks.values()):
+            task.cancel()
+        for task in list(self.tasks) + list(self.listen_tasks.values()):
+            with contextlib.suppress(BaseException):
+                await task
+        for client in self.clients.values():
+            await client.close()
+        if self.server is not None:
+            await self.server.close()
+        for sock in self.socks.values():
+            with contextlib.suppress(OSError):
+                sock.close()
+        self.socks.clear()
+        if self.tracer is not None:
+            self.tracer.close()
+            self.tracer = None
+        if self.control is not None:
+            self.control.close()
+        if self.health is not None:
+            self.health.close()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def _housekeeping(self) -> None:
+        """Poll the rules directory and refresh the peer map from the overlay routes."""
+        last_peers = time.monotonic()
+        while True:
+            await asyncio.sleep(self.options.rules_poll)
+            assert self.rules is not None
+            if self.rules.poll():
+                self.counters["rules_reloads"] += 1
+            if time.monotonic() - last_peers >= self.options.peer_refresh:
+                last_peers = time.monotonic()
+                assert self.config.overlay_if and self.loop is not None
+                try:
+                    found = await self.loop.run_in_executor(None, hostnet.overlay_peers,
+                                                            self.config.overlay_if)
+                except (hostnet.HostNetError, OSError) as exc:
+                    log.warning("refreshing peers from %s: %s", self.config.overlay_if, exc)
+                else:
+                    self.peer_map.update_discovered(found)
+                for host in self.peer_map.hosts():
+                    self._ensure_client(host)
+
+    # -- engine plumbing ---------------------------------------------------------------------
+
+    def feed(self, event: Event) -> None:
+        """Hand one event to the engine and run what it asks for."""
+        assert self.engine is not None
+        try:
+            actions = self.engine.handle(event)
+        except Exception:  # the engine must never take the daemon down
+            log.exception("engine failed on %s", type(event).__name__)
+            self.counters["engine_errors"] += 1
+            return
+        if self.engine.stats.get("swapped", 0) != self._swapped_total:
+            self._note_swaps()
+        for action in actions:
+            try:
+                self._run_action(action)
+            except Exception as exc:
+                log.exception("action %s failed", type(action).__name__)
+                ref = getattr(action, "ref", None)
+                if ref is not None:
+                    self._later(ActionFailed(ref, f"{type(action).__name__}: {exc}"))
+
+    def _note_swaps(self) -> None:
+        """Count newly swapped connections per role; time from connect()/accept() to swapped."""
+        assert self.engine is not None
+        self._swapped_total = self.engine.stats.get("swapped", 0)
+        now = time.monotonic_ns()
+        for cid, conn in self.engine.conns.items():
+            if conn.state is State.SWAPPED and cid not in self.swapped_seen:
+                self.swapped_seen.add(cid)
+                self.counters[f"swapped_{conn.role.value}"] += 1
+                started = self.traced_at.pop((conn.pid or 0, conn.fd or 0), None)
+                if started is not None:
+                    self.swap_latency_ns.append(now - started)
+                log.info("swapped %s %s (pid %s fd %s)", conn.role.value, conn.tuple, conn.pid,
+                         conn.fd)
+        live = set(self.engine.conns)
+        self.swapped_seen &= live
+
+    def _later(self, event: Event) -> None:
+        assert self.loop is not None
+        self.loop.call_soon(self.feed, event)
+
+    def _run_action(self, action: Action) -> None:
+        if isinstance(action, SendPeer):
+            self._send_peer(action)
+        elif isinstance(action, StartTimer):
+            assert self.loop is not None
+            self.loop.call_later(action.delay, self.feed, TimerFired(action.key))
+        elif isinstance(action, CloseSocket):
+            self._close_sock(action.sock)
+        elif isinstance(action, CheckQueues):
+            recv, send = queue_sizes(self.socks[action.sock])
+            self._later(QueuesChecked(action.ref, send, recv))
+        elif isinstance(action, ProbeConn):
+            self._later(ConnProbed(action.ref, _peer_closed(self.socks[action.overlay_sock]),
+                                   _peer_closed(self.socks[action.host_sock])))
+        elif isinstance(action, Freeze):
+            self._injector_call(action.ref, FreezeDone(action.ref), self.injector.freeze,
+                                action.pid)
+        elif isinstance(action, Thaw):
+            self.injector.submit(self.injector.thaw, action.pid)
+        elif isinstance(action, ReplaceFd):
+            self._replace(action)
+        elif isinstance(action, OpenHostListener):
+            self._open_listener(action)
+        elif isinstance(action, HostConnect):
+            self._spawn(self._host_connect(action))
+        else:
+            log.error("unknown engine action %r", action)
+
+    def _injector_call(self, ref: int, done: Event, fn: Any, *args: Any) -> None:
+        future = self.injector.submit(fn, *args)
+        assert self.loop is not None
+        wrapped = asyncio.wrap_future(future, loop=self.loop)
+
+        def finished(fut: asyncio.Future[Any]) -> None:
+            exc = fut.exception()
+            if exc is None:
+                self.feed(done)
+            else:
+                self.counters["injector_errors"] += 1
+                log.info("%s: %s", fn.__name__, exc)
+                self.feed(ActionFailed(ref, str(exc)))
+
+        wrapped.add_done_callback(finished)
+
+    def _replace(self, action: ReplaceFd) -> None:
+        sock = self.socks[action.sock]
+        new_ino = os.fstat(sock.fileno()).st_ino
+        pid, fd = action.pid, action.fd
+
+        def done() -> None:
+            # the tracer keys its tracked fds by (pid, fd) and does not see dup3: re-register
+            if self.tracer is not None:
+                with contextlib.suppress(Exception):
+                    self.tracer.untrack(pid, fd)
+                with contextlib.suppress(Exception):
+                    self.tracer.track(pid, fd, inode=new_ino)
+
+        def work() -> None:
+            self.injector.replace(pid, fd, sock, action.expected_inode)
+
+        future = self.injector.submit(work)
+        assert self.loop is not None
+        wrapped = asyncio.wrap_future(future, loop=self.loop)
+
+        def finished(fut: asyncio.Future[Any]) -> None:
+            exc = fut.exception()
+            if exc is None:
+                done()
+                self.feed(ReplaceDone(action.ref))
+            else:
+                self.counters["injector_errors"] += 1
+                log.info("replace pid %d fd %d: %s", pid, fd, exc)
+                self.feed(ActionFailed(action.ref, str(exc)))
+
+        wrapped.add_done_callback(finished)
+
+    def _add_sock(self, sock: socket.socket) -> int:
+        ref = sock.fileno()
+        self.socks[ref] = sock
+        return ref
+
+    def _close_sock(self, ref: int) -> None:
+        task = self.listen_tasks.pop(ref, None)
+        if task is not None:
+            task.cancel()
+        sock = self.socks.pop(ref, None)
+        if sock is not None:
+            if self.loop is not None:
+                with contextlib.suppress(Exception):
+                    self.loop.remove_reader(ref)
+            sock.close()
+
+    # -- host listeners (server side) ------------------------------------------------------
+
+    def _open_listener(self, action: OpenHostListener) -> None:
+        sock = None
+        for port in (action.port_hint, 0):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((self.host_addr, port))
+                sock.listen(1024)
+                break
+            except OSError as exc:
+                sock.close()
+                sock = None
+                if port == 0:
+                    self._later(ActionFailed(action.ref, f"host listener on {self.host_addr}: "
+                                                         f"{exc.strerror or exc}"))
+                    return
+        assert sock is not None
+        sock.setblocking(False)
+        ref = self._add_sock(sock)
+        host_port = sock.getsockname()[1]
+        self.listen_tasks[ref] = asyncio.ensure_future(self._accept_loop(ref, sock))
+        self.counters["host_listeners"] += 1
+        self._later(HostListenerOpened(action.ref, ref, self.host_addr, host_port))
+
+    async def _accept_loop(self, ref: int, listener: socket.socket) -> None:
+        assert self.loop is not None
+        while True:
+            try:
+                conn, address = await self.loop.sock_accept(listener)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:
+                log.warning("host listener %s: accept: %s", listener.getsockname(), exc)
+                await asyncio.sleep(0.1)
+                continue
+            self._spawn(self._read_bind(ref, conn, address[0]))
+
+    async def _read_bind(self, listener: int, conn: socket.socket, peer_addr: str) -> None:
+        """Read exactly the `bind` frame (never a byte of application data behind it)."""
+        assert self.loop is not None and self.codec is not None
+        conn.setblocking(False)
+        try:
+            header = await asyncio.wait_for(_recv_exact(self.loop, conn, HEADER.size),
+                                            self.options.bind_timeout)
+            length = self.codec.frame_length(header)
+            payload = await asyncio.wait_for(_recv_exact(self.loop, conn, length),
+                                             self.options.bind_timeout)
+            msg = self.codec.decode_payload(payload)
+            if msg.type != "bind":
+                self.codec.rejected["not_bind"] += 1
+                raise ProtocolError(f"first frame was {msg.type}, expected bind")
+        except (ProtocolError, OSError, EOFError, TimeoutError) as exc:
+            self.counters["host_conn_rejected"] += 1
+            log.warning("host connection from %s: %s: %s; closed", peer_addr,
+                        type(exc).__name__, exc)
+            conn.close()
+            return
+        if peer_addr not in self.peer_map.hosts():
+            log.info("host connection from %s: not a known peer node", peer_addr)
+        ref = self._add_sock(conn)
+        self.feed(HostAccepted(listener, ref, os.fstat(conn.fileno()).st_ino, peer_addr,
+                               msg.body))
+
+    # -- host connect (client side) --------------------------------------------------------
+
+    async def _host_connect(self, action: HostConnect) -> None:
+        assert self.loop is not None and self.codec is not None
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.bind((self.host_addr, 0))
+            await asyncio.wait_for(self.loop.sock_connect(sock, (action.host_addr,
+                                                                 action.host_port)), 5.0)
+            await self.loop.sock_sendall(sock, self.codec.encode("bind", action.bind))
+        except (OSError, TimeoutError, ValueError) as exc:
+            sock.close()
+            self.counters["host_connect_failed"] += 1
+            self.feed(ActionFailed(action.ref, f"host connect to {action.host_addr}:"
+                                               f"{action.host_port}: {exc}"))
+            return
+        ref = self._add_sock(sock)
+        self.feed(HostConnected(action.ref, ref, os.fstat(sock.fileno()).st_ino))
+
+    # -- peers ------------------------------------------------------------------------------
+
+    def _ensure_client(self, host: str) -> None:
+        if host in self.clients or host == self.host_addr:
+            return
+        assert self.codec is not None
+        client = PeerClient(self.codec, host, self.config.router_port,
+                            {"node": self.node, "host_addr": self.host_addr},
+                            on_state=lambda up, h=host: self._later(PeerUp(h) if up
+                                                                    else PeerLost(h)))
+        self.clients[host] = client
+        client.start()
+
+    def _send_peer(self, action: SendPeer) -> None:
+        targets = list(self.clients.values()) if action.peer is None else [
+            self.clients[action.peer]] if action.peer in self.clients else []
+        if not targets:
+            self.counters["peer_send_unknown"] += 1
+            log.info("no peer connection for %s (%s)", action.peer, action.type)
+            return
+        for client in targets:
+            try:
+                client.send(action.type, action.body)
+            except (asyncio.QueueFull, ProtocolError, ValueError) as exc:
+                self.counters["peer_send_failed"] += 1
+                log.warning("peer %s: cannot send %s: %s", client.host, action.type, exc)
+
+    def _on_peer_message(self, peer: PeerInfo, msg: Any) -> None:
+        if peer.host_addr != peer.address[0]:
+            log.info("peer %s says it is %s", peer.address[0], peer.host_addr)
+        self._ensure_client(peer.host_addr)  # a peer we did not know: talk back
+        self.feed(PeerMessage(peer.host_addr, msg.type, msg.body))
+
+    # -- tracer -----------------------------------------------------------------------------
+
+    def _on_tracer_readable(self) -> None:
+        assert self.tracer is not None
+        try:
+            events = self.tracer.read(0)
+        except Exception as exc:
+            log.error("tracer read: %s", exc)
+            self.counters["tracer_errors"] += 1
+            return
+        for ev in events:
+            try:
+                self._on_socket_event(ev)
+            except Exception:
+                log.exception("tracer event %s", ev)
+                self.counters["tracer_errors"] += 1
+
+    def _local(self, addr: str | None) -> bool:
+        return hostnet.in_any(addr, self.pod_cidrs)
+
+    def _on_socket_event(self, ev: SocketEvent) -> None:
+        kind = ev.kind
+        if kind == EventKind.EXIT:
+            self.addr_cache.pop(ev.pid, None)
+            self.feed(ProcessExited(ev.pid))
+            return
+        if kind == EventKind.CLOSE:
+            self.traced_at.pop((ev.pid, ev.fd), None)
+            self.feed(CloseTraced(ev.pid, ev.fd))
+            return
+        if ev.ret < 0 and not (kind == EventKind.CONNECT and ev.ret == -115):  # EINPROGRESS
+            return
+        laddr, raddr = normalize_addr(ev.laddr), normalize_addr(ev.raddr)
+        if kind == EventKind.LISTEN:
+            for addr in self._listen_addrs(ev.pid, laddr):
+                self.counters["listens"] += 1
+                self.feed(ListenTraced(ev.pid, ev.fd, ev.sock_ino, addr, ev.lport))
+            return
+        if kind == EventKind.ACCEPT:
+            if not self._local(laddr):
+                return
+            conn = FourTuple(str(raddr), ev.rport, str(laddr), ev.lport)
+            sock = self._copy(ev)
+            if sock is None:
+                return
+            self.counters["seen"] += 1
+            self.traced_at[(ev.pid, ev.fd)] = ev.ts_ns
+            self.feed(AcceptTraced(ev.pid, ev.fd, ev.sock_ino, conn, sock))
+            return
+        if kind == EventKind.CONNECT:
+            if raddr is None or not self._local(laddr) and laddr not in (None, "0.0.0.0"):
+                return
+            sock = self._copy(ev)
+            if sock is None:
+                return
+            if not laddr or laddr == "0.0.0.0" or not ev.lport:
+                laddr, lport = self.socks[sock].getsockname()[:2]
+                laddr = normalize_addr(laddr)
+            else:
+                lport = ev.lport
+            if not self._local(laddr):
+                self._close_sock(sock)
+                return
+            self.counters["seen"] += 1
+            self.traced_at[(ev.pid, ev.fd)] = ev.ts_ns
+            conn = FourTuple(str(laddr), lport, raddr, ev.rport)
+            self.feed(ConnectTraced(ev.pid, ev.fd, ev.sock_ino, conn, sock))
+
+    def _copy(self, ev: SocketEvent) -> int | None:
+        try:
+            sock = copy_socket(ev.pid, ev.fd, ev.sock_ino)
+        except (InjectorError, OSError) as exc:
+            self.counters["copy_failed"] += 1
+            log.info("pid %d fd %d: cannot copy the socket: %s", ev.pid, ev.fd, exc)
+            return None
+        return self._add_sock(sock)
+
+    def _listen_addrs(self, pid: int, laddr: str | None) -> list[str]:
+        if laddr and laddr not in ("0.0.0.0", "::"):
+            return [laddr] if self._local(laddr) else []
+        if pid not in self.addr_cache:
+            try:
+                self.addr_cache[pid] = netns_ipv4_addresses(pid)
+            except OSError as exc:
+                log.info("pid %d: cannot read its addresses: %s", pid, exc)
+                return []
+        return [a for a in self.addr_cache[pid] if self._local(a)]
+
+    # -- status -----------------------------------------------------------------------------
+
+    def _declare_metrics(self) -> None:
+        for name, help_text in (("connections_seen", "overlay connections traced on this node"),
+                                ("connections_bypassed", "connections moved to the host network"),
+                                ("connections_failed", "connections left on the overlay"),
+                                ("peer_frames_rejected", "peer frames rejected")):
+            self.metrics.declare(name, "counter", help_text)
+        self.metrics.declare("connections_pending", "gauge", "connections being swapped")
+
+    def status(self) -> dict[str, Any]:
+        """Counters and connections (runs on the loop)."""
+        assert self.engine is not None
+        stats = self.engine.stats
+        conns = []
+        swapped = {"client": 0, "server": 0}
+        for conn in self.engine.conns.values():
+            if conn.state is State.SWAPPED:
+                swapped[conn.role.value] += 1
+            conns.append({"state": conn.state.value, "role": conn.role.value, "pid": conn.pid,
+                          "fd": conn.fd, "tuple": str(conn.tuple), "peer": conn.peer,
+                          "attempt": conn.attempt})
+        rejected = dict(self.codec.rejected) if self.codec else {}
+        pending = sum(1 for c in self.engine.conns.values() if c.state is not State.SWAPPED)
+        counters = {
+            "seen": self.counters["seen"],
+            "bypassed": stats.get("swapped", 0),
+            "bypassed_client": self.counters["swapped_client"],
+            "bypassed_server": self.counters["swapped_server"],
+            "pending": pending,
+            "failed": stats.get("left_on_overlay", 0),
+            "peer_rejected": sum(rejected.values()) + self.counters["host_conn_rejected"],
+            "ruled_out": self.counters["ruled_out"],
+        }
+        self.metrics.set("connections_seen", counters["seen"])
+        self.metrics.set("connections_bypassed", counters["bypassed"])
+        self.metrics.set("connections_failed", counters["failed"])
+        self.metrics.set("connections_pending", pending)
+        self.metrics.set("peer_frames_rejected", counters["peer_rejected"])
+        freezes = sorted(self.injector.freeze_ns)
+        swaps = sorted(self.swap_latency_ns)
+        return {
+            "node": self.node,
+            "host_addr": self.host_addr,
+            "pod_cidrs": [str(n) for n in self.pod_cidrs],
+            "uptime_s": time.monotonic() - self.started,
+            "peers": sorted(h for h, c in self.clients.items() if c.connected.is_set()),
+            "counters": counters,
+            "engine": self.engine.summary(),
+            "daemon": dict(self.counters),
+            "peer_rejected": rejected,
+            "freeze_ms_p99": _pct(freezes, 0.99),
+            "traced_to_swapped_ms_p50": _pct(swaps, 0.5),
+            "traced_to_swapped_ms_p99": _pct(swaps, 0.99),
+            "connections": conns,
+            "listeners": [{"overlay": f"{lst.addr}:{lst.port}",
+                           "host": f"{lst.host_addr}:{lst.host_port}", "pid": lst.pid}
+                          for lst in self.engine.listeners.values()],
+            "tracer_lost": self.tracer.lost if self.tracer is not None else 0,
+        }
+
+    def _status_threadsafe(self) -> dict[str, Any]:
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return {"node": self.node, "counters": {}, "connections": []}
+
+        async def get() -> dict[str, Any]:
+            return self.status()
+
+        return asyncio.run_coroutine_threadsafe(get(), loop).result(timeout=5)
+
+
+def _pct(values: list[int], q: float) -> float | None:
+    """Percentile `q` of sorted nanosecond values, in milliseconds."""
+    if not values:
+        return None
+    return values[min(len(values) - 1, int(len(values) * q))] / 1e6
+
+
+async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = await loop.sock_recv(sock, size - len(data))
+        if not chunk:
+            raise EOFError(f"connection closed after {len(data)} of {size} bytes")
+        data += chunk
+    return bytes(data)
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """True if the other end closed (EOF pending or reset); never consumes data."""
+    try:
+        data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+    return data == b""
+
+
+def run_daemon(options: DaemonOptions) -> int:
+    """Run until SIGTERM/SIGINT; 0 on a clean stop, 1 (one message) if it cannot start."""
+    daemon = Daemon(options)
+    try:
+        asyncio.run(daemon.run())
+    except DaemonError as exc:
+        log.error("%s", exc)
+        print(f"ebpf-router: {exc}", flush=True)
+        return 1
+    return 0
