@@ -115,6 +115,8 @@ def read_elf(source: str | os.PathLike[str] | bytes) -> ElfObject:
 
 
 class _Reader:
+    """Walks one parsed object: symbols, relocations, programs and maps."""
+
     def __init__(self, elf: ELFFile, label: str) -> None:
         self.elf, self.label = elf, label
         machine = elf["e_machine"]
