@@ -23,6 +23,7 @@ from .events import (
     FourTuple,
     FreezeDone,
     HostAccepted,
+    HostClosed,
     HostConnected,
     HostListenerOpened,
     ListenTraced,
@@ -40,7 +41,8 @@ from .machine import Conn, Engine, EngineConfig, Listener, Role, State
 __all__ = [
     "AcceptTraced", "Action", "ActionFailed", "CheckQueues", "CloseSocket", "CloseTraced",
     "Conn", "ConnProbed", "ConnectTraced", "Engine", "EngineConfig", "Event", "FourTuple",
-    "Freeze", "FreezeDone", "HostAccepted", "HostConnect", "HostConnected", "HostListenerOpened",
+    "Freeze", "FreezeDone", "HostAccepted", "HostClosed", "HostConnect", "HostConnected",
+    "HostListenerOpened",
     "Listener", "ListenTraced", "OpenHostListener", "PeerLost", "PeerMessage", "PeerUp",
     "ProbeConn", "ProcessExited", "QueuesChecked", "ReplaceDone", "ReplaceFd", "Role",
     "SendPeer", "SockRef", "StartTimer", "State", "Thaw", "TimerFired",

@@ -128,6 +128,13 @@ class HostAccepted(Event):
     bind: dict[str, Any]
 
 
+@dataclasses.dataclass(frozen=True)
+class HostClosed(Event):
+    """The remote end closed a host connection the daemon holds (`sock`): EOF or reset."""
+
+    sock: SockRef
+
+
 # -- results of actions (every action with a `ref` yields exactly one of these) ----------------
 
 

@@ -58,6 +58,7 @@ from .events import (
     FourTuple,
     FreezeDone,
     HostAccepted,
+    HostClosed,
     HostConnected,
     HostListenerOpened,
     ListenTraced,
@@ -287,17 +288,23 @@ class Engine:
         peer = self.peer_of(ev.conn.server_addr)
         if peer is None or peer == self.node:
             self.stats["connect_not_remote"] += 1
+            self._emit(CloseSocket(ev.sock))
             return
         if not self.allow(Role.CLIENT, ev.pid, ev.conn):
             self.stats["connect_ruled_out"] += 1
+            self._emit(CloseSocket(ev.sock))
             return
         self._forget_fd(ev.pid, ev.fd)  # a reused fd number: the old state is stale
         target = self.remote_listeners.get((ev.conn.server_addr, ev.conn.server_port))
         if target is None or target[0] != peer:
             self.stats["connect_waiting_listener"] += 1
+            old = self.waiting.pop((ev.pid, ev.fd), None)
+            if old is not None:
+                self._emit(CloseSocket(old.sock))
             self.waiting[(ev.pid, ev.fd)] = ev
             while len(self.waiting) > self.config.max_waiting:
-                self.waiting.popitem(last=False)
+                _, evicted = self.waiting.popitem(last=False)
+                self._emit(CloseSocket(evicted.sock))
                 self.stats["waiting_evicted"] += 1
             return
         self._start_client(ev, peer, target[1], target[2])
@@ -305,6 +312,7 @@ class Engine:
     def _start_client(self, ev: ConnectTraced, peer: str, host_addr: str, host_port: int) -> None:
         if len(self.conns) >= self.config.max_connections:
             self.stats["too_many_connections"] += 1
+            self._emit(CloseSocket(ev.sock))
             return
         cid = self.new_cid()
         conn = Conn(cid, Role.CLIENT, peer, ev.conn, State.CONNECTING, pid=ev.pid, fd=ev.fd,
@@ -321,21 +329,28 @@ class Engine:
         self._forget_fd(ev.pid, ev.fd)
         if self.peer_of(ev.conn.server_addr) != self.node:
             self.stats["accept_not_local"] += 1
+            self._emit(CloseSocket(ev.sock))
             return
         peer = self.peer_of(ev.conn.client_addr)
         if peer is None or peer == self.node:
             self.stats["accept_not_remote"] += 1
+            self._emit(CloseSocket(ev.sock))
             return
         for conn in self.conns.values():  # the bind may have come first
             if conn.role is Role.SERVER and conn.tuple == ev.conn and not conn.matched:
                 if conn.peer != peer:
                     self.stats["bind_peer_mismatch"] += 1
+                    self._emit(CloseSocket(ev.sock))
                     return
                 self._match(conn, ev)
                 return
+        old = self.accepts.pop(ev.conn, None)
+        if old is not None:
+            self._emit(CloseSocket(old.sock))
         self.accepts[ev.conn] = ev
         if len(self.accepts) > self.config.max_waiting:
-            self.accepts.pop(next(iter(self.accepts)))
+            evicted = self.accepts.pop(next(iter(self.accepts)))
+            self._emit(CloseSocket(evicted.sock))
             self.stats["accepts_evicted"] += 1
 
     def _match(self, conn: Conn, ev: AcceptTraced) -> None:
@@ -365,22 +380,36 @@ class Engine:
         if accepted is not None:
             self._match(conn, accepted)
 
+    def _on_HostClosed(self, ev: HostClosed) -> None:
+        conn = next((c for c in self.conns.values() if c.host_sock == ev.sock), None)
+        if conn is None or conn.state is State.SWAPPED:
+            return
+        self.stats["host_closed_by_peer"] += 1
+        if conn.state in (State.AWAIT_COMMIT, State.PROBING):
+            if conn.outstanding is None:
+                self._probe(conn)  # the client gave up; the probe confirms and rolls back
+            return
+        self._abort(conn, "host connection closed", retry=False, notify=True)
+
     def _on_CloseTraced(self, ev: CloseTraced) -> None:
-        self.waiting.pop((ev.pid, ev.fd), None)
+        waiting = self.waiting.pop((ev.pid, ev.fd), None)
+        if waiting is not None:
+            self._emit(CloseSocket(waiting.sock))
         if (ev.pid, ev.fd) in self.listeners:
             self._drop_listener((ev.pid, ev.fd))
         self._forget_fd(ev.pid, ev.fd)
         for tup, acc in list(self.accepts.items()):
             if (acc.pid, acc.fd) == (ev.pid, ev.fd):
                 del self.accepts[tup]
+                self._emit(CloseSocket(acc.sock))
 
     def _on_ProcessExited(self, ev: ProcessExited) -> None:
         for key in [k for k in self.listeners if k[0] == ev.pid]:
             self._drop_listener(key)
         for key in [k for k in self.waiting if k[0] == ev.pid]:
-            del self.waiting[key]
+            self._emit(CloseSocket(self.waiting.pop(key).sock))
         for tup in [t for t, a in self.accepts.items() if a.pid == ev.pid]:
-            del self.accepts[tup]
+            self._emit(CloseSocket(self.accepts.pop(tup).sock))
         for key in [k for k in self.by_fd if k[0] == ev.pid]:
             self._forget_fd(*key, exited=True)
 
@@ -546,6 +575,12 @@ class Engine:
         conn = self._result_conn(ev.ref)
         if conn is None:
             return
+        if (conn.pending_abort and conn.pending_abort[0] == "peer lost"
+                and conn.role is Role.CLIENT and conn.checks >= 1 and conn.prepared
+                and conn.state is State.CHECKING and conn.frozen):
+            conn.pending_abort = None  # the second check: the server may have replaced
+            self._probe(conn)
+            return
         if conn.pending_abort:
             self._resolve_pending(conn)
             return
@@ -692,6 +727,18 @@ class Engine:
         conn = self._result_conn(ev.ref)
         if conn is None:
             return
+        if conn.role is Role.CLIENT:
+            if conn.pending_abort and conn.pending_abort[0] in ("closed", "exited"):
+                self._resolve_pending(conn)
+            elif ev.overlay_closed and not ev.host_closed:
+                # the server replaced and its daemon is gone: only going forward is consistent
+                self.stats["probe_forward"] += 1
+                assert conn.host_sock is not None and conn.inode is not None
+                conn.pending_abort = ("peer lost", False, False)
+                self._replace(conn, conn.host_sock, conn.inode, State.REPLACING)
+            else:
+                self._abort(conn, "peer lost", retry=False, notify=False)
+            return
         if conn.pending_abort:
             self._resolve_pending(conn)
         elif ev.host_closed:  # the client gave up: put the overlay socket back
@@ -791,6 +838,10 @@ class Engine:
             if conn.role is Role.SERVER and conn.state in (State.AWAIT_COMMIT, State.PROBING):
                 if conn.outstanding is None:
                     self._probe(conn)
+                continue
+            if conn.role is Role.CLIENT and conn.state is State.AWAIT_REPLACED and conn.checks:
+                # the server may have replaced, and may be gone: ask the data path
+                self._probe(conn)
                 continue
             self._abort(conn, "peer lost", retry=False, notify=False)
 

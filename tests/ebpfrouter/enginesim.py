@@ -1,0 +1,374 @@
+"""A simulated two-node world for the engine tests (a test double: no processes, no sockets).
+
+Each node's daemon runs a real `Engine`; the world plays the tracer, the peer transport, the
+injector and the kernel's sockets, executing every action the way the real adapters must:
+result-bearing actions stay pending until the test completes them (success or failure, in any
+order), so any interleaving can be produced.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+from typing import Any
+
+from ebpfrouter.engine import (
+    AcceptTraced,
+    ActionFailed,
+    CheckQueues,
+    CloseSocket,
+    CloseTraced,
+    ConnectTraced,
+    ConnProbed,
+    Engine,
+    EngineConfig,
+    Event,
+    FourTuple,
+    Freeze,
+    FreezeDone,
+    HostAccepted,
+    HostClosed,
+    HostConnect,
+    HostConnected,
+    HostListenerOpened,
+    ListenTraced,
+    OpenHostListener,
+    PeerLost,
+    PeerMessage,
+    ProbeConn,
+    ProcessExited,
+    QueuesChecked,
+    ReplaceDone,
+    ReplaceFd,
+    SendPeer,
+    StartTimer,
+    State,
+    Thaw,
+    TimerFired,
+)
+
+CLIENT, SERVER = "node1", "node2"
+OTHER = {CLIENT: SERVER, SERVER: CLIENT}
+ACTIVE = {State.CONNECTING, State.AWAIT_FROZEN, State.FREEZING, State.CHECKING,
+          State.AWAIT_REPLACED, State.REPLACING, State.AWAIT_CHECK, State.AWAIT_COMMIT,
+          State.PROBING, State.ROLLING_BACK}
+
+
+def peer_of(ip: str) -> str | None:
+    if ip.startswith("10.244.1."):
+        return CLIENT
+    if ip.startswith("10.244.2."):
+        return SERVER
+    return None
+
+
+class Violation(AssertionError):
+    """An invariant broke during the run."""
+
+
+@dataclasses.dataclass(eq=False)
+class Sock:
+    kind: str  # overlay, host, listener
+    node: str
+    inode: int
+    conn: int  # index of the connection it belongs to (-1: listener)
+
+
+@dataclasses.dataclass
+class Proc:
+    pid: int
+    node: str
+    fds: dict[int, Sock]
+    frozen: bool = False
+    alive: bool = True
+
+
+class Daemon:
+    def __init__(self, world: World, node: str, **config: Any) -> None:
+        self.world = world
+        self.node = node
+        self.engine = Engine(EngineConfig(node, **config), peer_of,
+                             new_cid=lambda: next(world.cids))
+        self.handles: dict[int, Sock] = {}
+        self.timers: list[tuple[Any, ...]] = []
+        self.alive = True
+
+
+class World:
+    """Two daemons, one client process, one server process, `n` overlay connections."""
+
+    def __init__(self, n: int = 1, **config: Any) -> None:
+        self.cids = (bytes([i]) * 16 for i in itertools.count(1))
+        self.inodes = itertools.count(1000)
+        self.handle_ids = itertools.count(1)
+        config.setdefault("probe_limit", 3)
+        self.daemons = {node: Daemon(self, node, **config) for node in (CLIENT, SERVER)}
+        self.procs = {CLIENT: Proc(100, CLIENT, {}), SERVER: Proc(200, SERVER, {})}
+        self.net: dict[tuple[str, str], collections.deque[tuple[str, dict]]] = {
+            (CLIENT, SERVER): collections.deque(), (SERVER, CLIENT): collections.deque()}
+        self.link_up = True
+        self.inbox: dict[str, list[Event]] = {CLIENT: [], SERVER: []}
+        self.pending: list[tuple[str, Any]] = []
+        self.log: list[tuple[str, str]] = []  # (node, action/event name) in execution order
+        self.host_pairs: dict[int, tuple[Sock, Sock]] = {}
+        self.host_closed_sent: set[int] = set()  # id() of socks already reported closed
+        self.n = n
+        self.overlay_pairs: dict[int, tuple[Sock, Sock]] = {}
+        self.tuples = [FourTuple("10.244.1.2", 40000 + i, "10.244.2.2", 5201) for i in range(n)]
+        for i, tup in enumerate(self.tuples):
+            c = Sock("overlay", CLIENT, next(self.inodes), i)
+            s = Sock("overlay", SERVER, next(self.inodes), i)
+            self.overlay_pairs[i] = (c, s)
+            self.procs[CLIENT].fds[5 + i] = c
+            self.procs[SERVER].fds[50 + i] = s
+            ch = self._hold(CLIENT, c)
+            sh = self._hold(SERVER, s)
+            self.inbox[CLIENT].append(ConnectTraced(100, 5 + i, c.inode, tup, ch))
+            self.inbox[SERVER].append(AcceptTraced(200, 50 + i, s.inode, tup, sh))
+        self.feed(SERVER, ListenTraced(200, 49, next(self.inodes), "10.244.2.2", 5201))
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _hold(self, node: str, sock: Sock) -> int:
+        ref = next(self.handle_ids)
+        self.daemons[node].handles[ref] = sock
+        return ref
+
+    def holders(self, sock: Sock) -> int:
+        count = sum(1 for p in self.procs.values() if p.alive for s in p.fds.values() if s is sock)
+        return count + sum(1 for d in self.daemons.values() if d.alive
+                           for s in d.handles.values() if s is sock)
+
+    def feed(self, node: str, event: Event) -> None:
+        daemon = self.daemons[node]
+        if not daemon.alive:
+            return
+        self.log.append((node, type(event).__name__))
+        for action in daemon.engine.handle(event):
+            self.log.append((node, type(action).__name__))
+            self._apply(node, action)
+        self._notice_closed_hosts()
+
+    def _notice_closed_hosts(self) -> None:
+        """A daemon holding one end of a host connection sees EOF when nobody holds the other."""
+        for c, s in self.host_pairs.values():
+            for mine, theirs in ((c, s), (s, c)):
+                daemon = self.daemons[mine.node]
+                refs = [r for r, k in daemon.handles.items() if k is mine]
+                if (daemon.alive and refs and self.holders(theirs) == 0
+                        and id(mine) not in self.host_closed_sent):
+                    self.host_closed_sent.add(id(mine))
+                    self.inbox[mine.node].append(HostClosed(refs[0]))
+
+    def _apply(self, node: str, action: Any) -> None:
+        daemon = self.daemons[node]
+        if isinstance(action, SendPeer):
+            if self.link_up:
+                self.net[(node, OTHER[node])].append((action.type, action.body))
+        elif isinstance(action, Thaw):
+            proc = self.procs[node]
+            assert proc.pid == action.pid
+            proc.frozen = False
+        elif isinstance(action, CloseSocket):
+            if action.sock not in daemon.handles:
+                raise Violation(f"{node}: CloseSocket of unknown handle {action.sock}")
+            del daemon.handles[action.sock]
+        elif isinstance(action, StartTimer):
+            daemon.timers.append(action.key)
+        else:
+            self.pending.append((node, action))
+
+    # -- moves -------------------------------------------------------------------------------
+
+    def complete(self, index: int, ok: bool = True, busy: bool = False) -> None:
+        """Finish pending action `index` (successfully or not)."""
+        node, action = self.pending.pop(index)
+        daemon = self.daemons[node]
+        if not daemon.alive:
+            return
+        proc = self.procs[node]
+        ref = action.ref
+        if not ok:
+            self.feed(node, ActionFailed(ref, "injected failure"))
+            return
+        if isinstance(action, OpenHostListener):
+            sock = Sock("listener", node, next(self.inodes), -1)
+            self.feed(node, HostListenerOpened(ref, self._hold(node, sock), "192.168.77.2", 41000))
+        elif isinstance(action, HostConnect):
+            i = next(k for k, t in enumerate(self.tuples)
+                     if FourTuple.from_body(action.bind) == t)
+            c = Sock("host", CLIENT, next(self.inodes), i)
+            s = Sock("host", SERVER, next(self.inodes), i)
+            self.host_pairs[i] = (c, s)
+            sd = self.daemons[SERVER]
+            listener = next((r for r, k in sd.handles.items() if k.kind == "listener"), -1)
+            if sd.alive and self.link_up:
+                self.inbox[SERVER].append(HostAccepted(listener, self._hold(SERVER, s), s.inode,
+                                                       CLIENT, dict(action.bind)))
+            self.feed(node, HostConnected(ref, self._hold(node, c), c.inode))
+        elif isinstance(action, Freeze):
+            if not proc.alive:
+                self.feed(node, ActionFailed(ref, "no such process"))
+                return
+            if proc.frozen:
+                raise Violation(f"{node}: Freeze of an already frozen process")
+            proc.frozen = True
+            self.feed(node, FreezeDone(ref))
+        elif isinstance(action, CheckQueues):
+            self.feed(node, QueuesChecked(ref, 1 if busy else 0, 0))
+        elif isinstance(action, ReplaceFd):
+            if not proc.alive:
+                self.feed(node, ActionFailed(ref, "no such process"))
+                return
+            if not proc.frozen:
+                raise Violation(f"{node}: ReplaceFd in a running process")
+            current = proc.fds.get(action.fd)
+            if current is None or current.inode != action.expected_inode:
+                self.feed(node, ActionFailed(ref, "fd changed"))
+                return
+            proc.fds[action.fd] = daemon.handles[action.sock]
+            self.feed(node, ReplaceDone(ref))
+        elif isinstance(action, ProbeConn):
+            mine = daemon.handles[action.overlay_sock]
+            i = mine.conn
+            peer_node = OTHER[node]
+            overlay = self.overlay_pairs[i][0 if peer_node == CLIENT else 1]
+            host = self.host_pairs[i][0 if peer_node == CLIENT else 1]
+            self.feed(node, ConnProbed(ref, self.holders(overlay) == 0, self.holders(host) == 0))
+        else:  # pragma: no cover
+            raise AssertionError(action)
+
+    def deliver(self, src: str) -> None:
+        msg_type, body = self.net[(src, OTHER[src])].popleft()
+        self.feed(OTHER[src], PeerMessage(src, msg_type, body))
+
+    def deliver_inbox(self, node: str, index: int = 0) -> None:
+        self.feed(node, self.inbox[node].pop(index))
+
+    def fire(self, node: str, index: int) -> None:
+        key = self.daemons[node].timers.pop(index)
+        self.feed(node, TimerFired(key))
+
+    def timer_allowed(self, node: str, key: tuple[Any, ...]) -> bool:
+        """Timing assumption: the server's last probe comes after the client decided."""
+        engine = self.daemons[node].engine
+        conn = engine.conns.get(key[1]) if len(key) == 3 else None
+        if node != SERVER or conn is None or conn.state not in (State.AWAIT_COMMIT,
+                                                                  State.PROBING):
+            return True
+        if conn.probes < engine.config.probe_limit - 1:
+            return True
+        client = self.daemons[CLIENT]
+        other = client.engine.conns.get(conn.cid) if client.alive else None
+        return other is None or other.state not in ACTIVE
+
+    def cut_link(self) -> None:
+        self.link_up = False
+        for queue in self.net.values():
+            queue.clear()
+        self.feed(CLIENT, PeerLost(SERVER))
+        self.feed(SERVER, PeerLost(CLIENT))
+
+    def crash(self, node: str) -> None:
+        """The daemon dies: its sockets close, ptrace lets go (the process runs on)."""
+        daemon = self.daemons[node]
+        daemon.alive = False
+        daemon.handles.clear()
+        daemon.timers.clear()
+        self.procs[node].frozen = False
+        self.pending = [(n, a) for n, a in self.pending if n != node]
+        self.inbox[node].clear()
+        self.link_up = False
+        for queue in self.net.values():
+            queue.clear()
+        self.feed(OTHER[node], PeerLost(node))
+        self._notice_closed_hosts()
+
+    def app_close(self, node: str, i: int) -> None:
+        proc = self.procs[node]
+        fd = (5 if node == CLIENT else 50) + i
+        if proc.fds.pop(fd, None) is not None:
+            self.inbox[node].append(CloseTraced(proc.pid, fd))
+
+    def app_exit(self, node: str) -> None:
+        proc = self.procs[node]
+        proc.alive = False
+        proc.frozen = False
+        proc.fds.clear()
+        self.inbox[node].append(ProcessExited(proc.pid))
+
+    # -- running -----------------------------------------------------------------------------
+
+    def moves(self) -> list[tuple[str, tuple[Any, ...]]]:
+        """Every possible next step (for random interleavings)."""
+        out: list[tuple[str, tuple[Any, ...]]] = []
+        for node in (CLIENT, SERVER):
+            out += [("inbox", (node, i)) for i in range(len(self.inbox[node]))]
+            if self.link_up and self.net[(node, OTHER[node])]:
+                out.append(("deliver", (node,)))
+            out += [("fire", (node, i)) for i, key in enumerate(self.daemons[node].timers)
+                    if self.timer_allowed(node, key)]
+        out += [("complete", (i,)) for i in range(len(self.pending))]
+        return out
+
+    def step_default(self) -> bool:
+        """One step of a fault-free scheduler; False when nothing is left to do."""
+        for node in (CLIENT, SERVER):
+            if self.inbox[node]:
+                self.deliver_inbox(node)
+                return True
+        if self.pending:
+            self.complete(0)
+            return True
+        for node in (CLIENT, SERVER):
+            if self.link_up and self.net[(node, OTHER[node])]:
+                self.deliver(node)
+                return True
+        for node in (CLIENT, SERVER):
+            for i, key in enumerate(self.daemons[node].timers):
+                if self.timer_allowed(node, key):
+                    self.fire(node, i)
+                    return True
+        return False
+
+    def drain(self, limit: int = 20000) -> None:
+        for _ in range(limit):
+            if not self.step_default():
+                return
+        raise Violation("no quiescence (livelock?)")
+
+    def check_final(self) -> list[str]:
+        """The invariants once everything settled; returns each connection's outcome."""
+        outcomes = []
+        for node, proc in self.procs.items():
+            if proc.alive and proc.frozen:
+                raise Violation(f"{node}: process left frozen")
+        for node, daemon in self.daemons.items():
+            if not daemon.alive:
+                continue
+            engine = daemon.engine
+            if engine.busy_pids:
+                raise Violation(f"{node}: busy pids left {engine.busy_pids}")
+            for conn in engine.conns.values():
+                if conn.state is not State.SWAPPED:
+                    raise Violation(f"{node}: connection left in {conn.state}")
+            kept = {w.sock for w in engine.waiting.values()}
+            kept |= {a.sock for a in engine.accepts.values()}
+            leaked = [s for r, s in daemon.handles.items() if s.kind != "listener"
+                      and r not in kept]
+            if leaked and all(c.state is State.SWAPPED for c in engine.conns.values()):
+                raise Violation(f"{node}: daemon still holds {leaked}")
+        for i in range(self.n):
+            c = self.procs[CLIENT].fds.get(5 + i) if self.procs[CLIENT].alive else None
+            s = self.procs[SERVER].fds.get(50 + i) if self.procs[SERVER].alive else None
+            if c is None or s is None:
+                outcomes.append("closed")
+                continue
+            if c.kind == s.kind == "overlay":
+                outcomes.append("overlay")
+            elif c.kind == s.kind == "host" and self.host_pairs[i] == (c, s):
+                outcomes.append("swapped")
+            else:
+                raise Violation(f"connection {i} one-sided: client {c.kind}, server {s.kind}")
+        return outcomes

@@ -1,0 +1,368 @@
+"""The sans-I/O engine: happy path, every step failing, peer loss and crashes at every step,
+hostile and out-of-order messages, and random interleavings (hypothesis).
+
+Invariant everywhere: a connection ends either swapped on both sides or unchanged on both,
+nothing is left frozen, and the daemons hold no sockets for settled connections.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from enginesim import CLIENT, SERVER, World  # noqa: E402
+
+from ebpfrouter.engine import (  # noqa: E402
+    AcceptTraced,
+    ActionFailed,
+    CheckQueues,
+    CloseSocket,
+    ConnectTraced,
+    Engine,
+    EngineConfig,
+    FourTuple,
+    Freeze,
+    HostAccepted,
+    ListenTraced,
+    OpenHostListener,
+    PeerMessage,
+    ReplaceFd,
+    SendPeer,
+    State,
+    TimerFired,
+)
+from ebpfrouter.peers import SCHEMAS  # noqa: E402
+
+EXAMPLES = int(os.environ.get("ENGINE_FUZZ_EXAMPLES", "300"))
+TUP = FourTuple("10.244.1.2", 40000, "10.244.2.2", 5201)
+
+
+def happy_steps() -> int:
+    world = World()
+    steps = 0
+    while world.step_default():
+        steps += 1
+    assert world.check_final() == ["swapped"]
+    return steps
+
+
+STEPS = happy_steps()
+
+
+def test_happy_path_swaps_both_sides_in_protocol_order() -> None:
+    world = World()
+    world.drain()
+    assert world.check_final() == ["swapped"]
+    order = [(n, a) for n, a in world.log if a in ("Freeze", "ReplaceFd", "Thaw", "CheckQueues")]
+    assert order == [
+        (CLIENT, "Freeze"), (CLIENT, "CheckQueues"),  # writer (client, attempt 1) first
+        (SERVER, "Freeze"), (SERVER, "CheckQueues"), (SERVER, "ReplaceFd"),
+        (CLIENT, "CheckQueues"), (CLIENT, "ReplaceFd"), (CLIENT, "Thaw"), (SERVER, "Thaw"),
+    ]
+    for node in (CLIENT, SERVER):
+        assert world.daemons[node].engine.stats["swapped"] == 1
+        assert not world.daemons[node].handles or all(
+            s.kind == "listener" for s in world.daemons[node].handles.values())
+
+
+def test_busy_then_server_first_on_retry() -> None:
+    world = World()
+    busy_done = False
+    while True:
+        index = next((i for i, (n, a) in enumerate(world.pending)
+                      if isinstance(a, CheckQueues) and n == SERVER), None)
+        if index is not None and not busy_done:
+            world.complete(index, busy=True)
+            busy_done = True
+            continue
+        if not world.step_default():
+            break
+    assert world.check_final() == ["swapped"]
+    engine = world.daemons[CLIENT].engine
+    assert engine.stats["attempts"] == 2 and engine.stats["aborted_by_peer"] == 1
+    freezes = [n for n, a in world.log if a == "Freeze"]
+    assert freezes == [CLIENT, SERVER, SERVER, CLIENT]  # attempt 2: server first
+
+
+def test_always_busy_gives_up_and_stays_on_overlay() -> None:
+    world = World(max_attempts=3)
+    while True:
+        index = next((i for i, (_, a) in enumerate(world.pending)
+                      if isinstance(a, CheckQueues)), None)
+        if index is not None:
+            world.complete(index, busy=True)
+        elif not world.step_default():
+            break
+    assert world.check_final() == ["overlay"]
+    assert world.daemons[CLIENT].engine.stats["gave_up"] == 1
+    assert not world.daemons[SERVER].engine.conns  # the server forgot it too
+
+
+@pytest.mark.parametrize("k", range(STEPS))
+def test_failure_at_every_step(k: int) -> None:
+    world = World()
+    for _ in range(k):
+        world.step_default()
+    if world.pending:
+        world.complete(0, ok=False)
+    world.drain()
+    assert world.check_final() in (["swapped"], ["overlay"])
+
+
+@pytest.mark.parametrize("k", range(STEPS))
+@pytest.mark.parametrize("fault", ["cut", "crash_client", "crash_server"])
+def test_peer_loss_and_crash_at_every_step(k: int, fault: str) -> None:
+    world = World()
+    for _ in range(k):
+        world.step_default()
+    if fault == "cut":
+        world.cut_link()
+    else:
+        world.crash(CLIENT if fault == "crash_client" else SERVER)
+    world.drain()
+    assert world.check_final() in (["swapped"], ["overlay"])
+
+
+@pytest.mark.parametrize("k", range(STEPS))
+@pytest.mark.parametrize("fault", ["close_client", "close_server", "exit_client", "exit_server"])
+def test_app_close_or_exit_at_every_step(k: int, fault: str) -> None:
+    world = World()
+    for _ in range(k):
+        world.step_default()
+    if not world.procs[CLIENT if fault.endswith("client") else SERVER].frozen or "exit" in fault:
+        node = CLIENT if fault.endswith("client") else SERVER
+        if fault.startswith("close"):
+            world.app_close(node, 0)
+        else:
+            world.app_exit(node)
+    world.drain()
+    assert world.check_final() in (["closed"], ["swapped"], ["overlay"])
+    for daemon in world.daemons.values():  # closes and exits forget state
+        assert all(c.state is State.SWAPPED for c in daemon.engine.conns.values())
+
+
+def test_stale_timers_and_duplicate_messages_are_ignored() -> None:
+    world = World()
+    world.drain()
+    engine = world.daemons[SERVER].engine
+    cid = next(iter(world.daemons[CLIENT].engine.conns))
+    before = dict(engine.stats)
+    for msg_type in ("swap_commit", "swap_ready", "swap_done"):
+        body = {"cid": cid, "attempt": 1}
+        if msg_type == "swap_ready":
+            body["stage"] = "replaced"
+        assert world.daemons[SERVER].engine.handle(PeerMessage(CLIENT, msg_type, body)) == []
+    assert engine.handle(TimerFired(("conn", cid, 1))) == []
+    assert engine.handle(TimerFired(("bogus",))) == []
+    assert engine.stats["unexpected_message"] == before.get("unexpected_message", 0) + 3
+    assert world.check_final() == ["swapped"]
+
+
+def _server_engine() -> Engine:
+    engine = Engine(EngineConfig(SERVER), lambda ip: CLIENT if ip.startswith("10.244.1.")
+                    else SERVER if ip.startswith("10.244.2.") else None)
+    (listen,) = engine.handle(ListenTraced(200, 3, 77, "10.244.2.2", 5201))
+    assert isinstance(listen, OpenHostListener)
+    from ebpfrouter.engine import HostListenerOpened
+
+    engine.handle(HostListenerOpened(listen.ref, 900, "192.168.77.2", 41000))
+    engine.handle(AcceptTraced(200, 9, 88, TUP, 901))
+    return engine
+
+
+def test_peer_cannot_act_on_untraced_or_foreign_connections() -> None:
+    engine = _server_engine()
+    cid = b"\x07" * 16
+    prepare = {"cid": cid, "attempt": 1, "stage": "check", **TUP.to_body()}
+    # no bind yet: an unknown connection id is ignored, nothing frozen
+    assert engine.handle(PeerMessage(CLIENT, "swap_prepare", prepare)) == []
+    assert engine.stats["message_unknown_connection"] == 1
+    # a bind naming a server address we do not listen on is refused
+    other = {"cid": cid, **FourTuple("10.244.1.2", 40000, "10.244.2.9", 80).to_body()}
+    acts = engine.handle(HostAccepted(900, 950, 99, CLIENT, other))
+    assert [type(a).__name__ for a in acts] == ["CloseSocket"]
+    # a bind from a node that does not own the client address is refused
+    acts = engine.handle(HostAccepted(900, 951, 99, "node3", {"cid": cid, **TUP.to_body()}))
+    assert [type(a).__name__ for a in acts] == ["CloseSocket"]
+    assert engine.stats["bind_rejected"] == 2
+    # a good bind; then another peer cannot drive it
+    assert engine.handle(HostAccepted(900, 952, 99, CLIENT, {"cid": cid, **TUP.to_body()})) == []
+    assert engine.handle(PeerMessage("node3", "swap_prepare", prepare)) == []
+    # the wrong 4-tuple for this id is ignored
+    bad = {**prepare, "server_port": 5202}
+    assert engine.handle(PeerMessage(CLIENT, "swap_prepare", bad)) == []
+    # the right peer and tuple: the freeze targets the pid *we* traced for that tuple
+    acts = engine.handle(PeerMessage(CLIENT, "swap_prepare", prepare))
+    assert acts == [Freeze(acts[0].ref, 200)]
+    # a listener_add for an address the peer does not own is rejected
+    assert engine.handle(PeerMessage("node3", "listener_add", {
+        "overlay_addr": "10.244.1.2", "overlay_port": 80, "host_addr": "1.2.3.4",
+        "host_port": 80})) == []
+    assert engine.stats["foreign_listener_rejected"] == 1
+
+
+def test_rules_and_scoping() -> None:
+    def peer(ip: str) -> str | None:
+        return CLIENT if ip.startswith("10.244.1.") else SERVER if ip.startswith("10.244.2.") \
+            else None
+
+    engine = Engine(EngineConfig(CLIENT), peer, allow=lambda role, pid, conn: pid != 666)
+    same_node = FourTuple("10.244.1.2", 1, "10.244.1.3", 80)
+    # not handled: the daemon's copy of the socket is released at once
+    assert engine.handle(ConnectTraced(100, 4, 1, same_node, 1)) == [CloseSocket(1)]
+    assert engine.handle(ConnectTraced(100, 5, 2, FourTuple("10.244.1.2", 2, "8.8.8.8", 53),
+                                       2)) == [CloseSocket(2)]
+    assert engine.handle(ConnectTraced(666, 6, 3, TUP, 3)) == [CloseSocket(3)]
+    assert engine.stats["connect_not_remote"] == 2 and engine.stats["connect_ruled_out"] == 1
+    # allowed, but no listener announced yet: waits; the announcement starts it
+    assert engine.handle(ConnectTraced(100, 7, 4, TUP, 4)) == []
+    acts = engine.handle(PeerMessage(SERVER, "listener_add", {
+        "overlay_addr": "10.244.2.2", "overlay_port": 5201, "host_addr": "192.168.77.2",
+        "host_port": 41000}))
+    assert [type(a).__name__ for a in acts] == ["HostConnect"]
+    assert (acts[0].host_addr, acts[0].host_port) == ("192.168.77.2", 41000)
+    # listen on an address that is not a local pod: not announced
+    assert engine.handle(ListenTraced(100, 9, 5, "10.244.2.2", 80)) == []
+
+
+def test_rollback_failure_thaws_and_tells_the_peer() -> None:
+    world = World()
+    while not any(isinstance(a, ReplaceFd) and n == CLIENT for n, a in world.pending):
+        assert world.step_default()
+    index = next(i for i, (n, a) in enumerate(world.pending) if isinstance(a, CheckQueues)) \
+        if any(isinstance(a, CheckQueues) for _, a in world.pending) else None
+    assert index is None
+    # make the client's replace fail: the server must roll back
+    world.complete(next(i for i, (n, _) in enumerate(world.pending) if n == CLIENT), ok=False)
+    # fail the server's rollback too
+    while not any(isinstance(a, ReplaceFd) and n == SERVER for n, a in world.pending):
+        assert world.step_default()
+    node, action = next((n, a) for n, a in world.pending if n == SERVER)
+    world.pending.clear()
+    world.feed(node, ActionFailed(action.ref, "injected"))
+    assert world.daemons[SERVER].engine.stats["rollback_failed"] == 1
+    assert not world.procs[SERVER].frozen
+    world.drain()
+    assert not world.procs[CLIENT].frozen and not world.daemons[SERVER].engine.conns
+
+
+def test_two_connections_same_processes_serialise() -> None:
+    world = World(n=2)
+    world.drain()
+    assert world.check_final() == ["swapped", "swapped"]
+
+
+# -- hostile messages ----------------------------------------------------------------------------
+
+_values = {
+    bytes: st.binary(min_size=16, max_size=16),
+    int: st.integers(1, 65535),
+    str: st.sampled_from(["10.244.1.2", "10.244.2.2", "freeze", "check", "frozen", "replaced",
+                          "x"]),
+    bool: st.booleans(),
+}
+
+
+@st.composite
+def peer_messages(draw: st.DrawFn, cids: list[bytes]) -> PeerMessage:
+    msg_type = draw(st.sampled_from(sorted(SCHEMAS)))
+    body = {}
+    for name, field in SCHEMAS[msg_type].items():
+        if name == "cid":
+            body[name] = draw(st.sampled_from(cids) | _values[bytes])
+        elif field.choices:
+            body[name] = draw(st.sampled_from(field.choices))
+        else:
+            body[name] = draw(_values[field.kind])
+    return PeerMessage(draw(st.sampled_from([CLIENT, SERVER, "node3"])), msg_type, body)
+
+
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(st.data())
+def test_hostile_messages_never_act_on_untraced(data: st.DataObject) -> None:
+    world = World()
+    for _ in range(data.draw(st.integers(0, STEPS))):
+        world.step_default()
+    cids = list(world.daemons[CLIENT].engine.conns) or [b"\x01" * 16]
+    for _ in range(data.draw(st.integers(1, 30))):
+        node = data.draw(st.sampled_from([CLIENT, SERVER]))
+        msg = data.draw(peer_messages(cids))
+        acts = world.daemons[node].engine.handle(msg)
+        for act in acts:
+            if isinstance(act, Freeze | ReplaceFd):
+                assert act.pid == world.procs[node].pid
+            if isinstance(act, SendPeer):
+                assert act.peer in (None, CLIENT, SERVER)
+        if msg.body.get("cid") not in cids:
+            assert acts == [] or msg.type.startswith("listener")
+
+
+# -- random interleavings ------------------------------------------------------------------------
+
+
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.data())
+def test_random_interleavings_never_one_sided(data: st.DataObject) -> None:
+    world = World(n=data.draw(st.integers(1, 2)), max_attempts=4)
+    faults = set()
+    for _ in range(data.draw(st.integers(0, 120))):
+        moves = world.moves()
+        extra = ["busy", "fail"] if world.pending else []
+        extra += [f for f in ("cut", "crash_client", "crash_server", "close", "exit")
+                  if f not in faults]
+        choice = data.draw(st.integers(0, len(moves) + len(extra) - 1)) if moves or extra \
+            else None
+        if choice is None:
+            break
+        if choice < len(moves):
+            kind, args = moves[choice]
+            if kind == "inbox":
+                world.deliver_inbox(*args)
+            elif kind == "deliver":
+                world.deliver(*args)
+            elif kind == "fire":
+                world.fire(*args)
+            else:
+                world.complete(*args)
+            continue
+        fault = extra[choice - len(moves)]
+        faults.add(fault)
+        if fault in ("busy", "fail"):
+            index = data.draw(st.integers(0, len(world.pending) - 1))
+            node, action = world.pending[index]
+            if fault == "fail" and _unsafe_to_fail(world, node, action):
+                continue
+            world.complete(index, ok=fault != "fail", busy=fault == "busy")
+        elif fault == "cut":
+            world.cut_link()
+        elif fault.startswith("crash"):
+            if not any(not d.alive for d in world.daemons.values()):
+                world.crash(CLIENT if fault == "crash_client" else SERVER)
+        elif fault == "close":
+            node = data.draw(st.sampled_from([CLIENT, SERVER]))
+            if not world.procs[node].frozen:
+                world.app_close(node, data.draw(st.integers(0, world.n - 1)))
+        elif fault == "exit":
+            world.app_exit(data.draw(st.sampled_from([CLIENT, SERVER])))
+    world.drain()
+    world.check_final()
+
+
+def _unsafe_to_fail(world: World, node: str, action: object) -> bool:
+    """Failures the protocol cannot mask: putting the overlay socket back, and going forward
+    after the peer daemon died having swapped its side (both documented limitations)."""
+    if not isinstance(action, ReplaceFd):
+        return False
+    daemon = world.daemons[node]
+    sock = daemon.handles.get(action.sock)
+    if sock is not None and sock.kind == "overlay":
+        return True
+    return not all(d.alive for d in world.daemons.values())
