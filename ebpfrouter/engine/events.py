@@ -130,7 +130,10 @@ class HostAccepted(Event):
 
 @dataclasses.dataclass(frozen=True)
 class HostClosed(Event):
-    """The remote end closed a host connection the daemon holds (`sock`): EOF or reset."""
+    """The remote end closed a host connection the daemon holds (`sock`): EOF or reset.
+
+    Runners report it only after the `HostAccepted`/`HostConnected` event of that socket.
+    """
 
     sock: SockRef
 

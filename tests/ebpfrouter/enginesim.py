@@ -246,6 +246,13 @@ class World:
     def deliver_inbox(self, node: str, index: int = 0) -> None:
         self.feed(node, self.inbox[node].pop(index))
 
+    def deliverable(self, node: str) -> list[int]:
+        """Inbox events that may come next (a host close only after that host's accept)."""
+        inbox = self.inbox[node]
+        accepted = {e.sock for e in inbox if isinstance(e, HostAccepted)}
+        return [i for i, e in enumerate(inbox)
+                if not (isinstance(e, HostClosed) and e.sock in accepted)]
+
     def fire(self, node: str, index: int) -> None:
         key = self.daemons[node].timers.pop(index)
         self.feed(node, TimerFired(key))
@@ -304,7 +311,7 @@ class World:
         """Every possible next step (for random interleavings)."""
         out: list[tuple[str, tuple[Any, ...]]] = []
         for node in (CLIENT, SERVER):
-            out += [("inbox", (node, i)) for i in range(len(self.inbox[node]))]
+            out += [("inbox", (node, i)) for i in self.deliverable(node)]
             if self.link_up and self.net[(node, OTHER[node])]:
                 out.append(("deliver", (node,)))
             out += [("fire", (node, i)) for i, key in enumerate(self.daemons[node].timers)
@@ -316,7 +323,7 @@ class World:
         """One step of a fault-free scheduler; False when nothing is left to do."""
         for node in (CLIENT, SERVER):
             if self.inbox[node]:
-                self.deliver_inbox(node)
+                self.deliver_inbox(node, self.deliverable(node)[0])
                 return True
         if self.pending:
             self.complete(0)

@@ -353,7 +353,11 @@ def test_random_interleavings_never_one_sided(data: st.DataObject) -> None:
         elif fault == "exit":
             world.app_exit(data.draw(st.sampled_from([CLIENT, SERVER])))
     world.drain()
-    world.check_final()
+    try:
+        world.check_final()
+    except AssertionError:
+        print("\n".join(f"{n} {a}" for n, a in world.log))
+        raise
 
 
 def _unsafe_to_fail(world: World, node: str, action: object) -> bool:
