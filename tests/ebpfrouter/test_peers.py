@@ -366,3 +366,43 @@ def test_server_port_in_use_is_named() -> None:
         await first.close()
 
     asyncio.run(main())
+
+
+# -- peer discovery from overlay routes ----------------------------------------------------
+
+
+def test_peer_map_lookup() -> None:
+    import ipaddress
+
+    from ebpfrouter.peers.discovery import OverlayRoute, PeerMap
+
+    net = ipaddress.ip_network
+    pm = PeerMap([OverlayRoute(net("10.244.2.0/24"), "192.168.77.2", "10.244.2.0"),
+                  OverlayRoute(net("10.244.0.0/16"), "192.168.77.9", "10.244.0.1")],
+                 "192.168.77.1", [net("10.244.1.0/24")])
+    assert pm.peer_of("10.244.1.7") == "192.168.77.1"
+    assert pm.peer_of("10.244.2.7") == "192.168.77.2"  # longest prefix first
+    assert pm.peer_of("10.244.3.7") == "192.168.77.9"
+    assert pm.peer_of("::ffff:10.244.2.7") == "192.168.77.2"
+    assert pm.peer_of("8.8.8.8") is None and pm.peer_of("nonsense") is None
+    assert pm.peers() == ["192.168.77.2", "192.168.77.9"]
+
+
+@pytest.mark.root
+def test_peer_map_from_testbed_routes() -> None:
+    import uuid
+
+    from pyroute2 import NetNS
+
+    from ebpfrouter.peers.discovery import DiscoveryError, PeerMap
+    from ebpfrouter.testbed import PREFIX, Testbed
+
+    with Testbed.up(nodes=3, pods_per_node=1, run_id=PREFIX + uuid.uuid4().hex[:6]) as bed:
+        with NetNS(bed.node("node1").netns, flags=0) as ipr:
+            pm = PeerMap.from_interface("flannel.1", "192.168.77.1", ipr)
+            with pytest.raises(DiscoveryError, match="'nosuch0'"):
+                PeerMap.from_interface("nosuch0", "x", ipr)
+        assert pm.peers() == ["192.168.77.2", "192.168.77.3"]
+        assert pm.peer_of("10.244.1.2") == "192.168.77.1"
+        assert pm.peer_of("10.244.3.2") == "192.168.77.3"
+        assert pm.peer_of("192.168.77.2") is None

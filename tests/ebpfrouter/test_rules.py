@@ -149,3 +149,44 @@ def test_watcher_strict_initial(tmp_path: Path) -> None:
     with pytest.raises(RuleError):
         RuleWatcher(tmp_path)
     assert len(RuleWatcher(tmp_path, strict=False).rules) == 0
+
+
+# -- pod metadata (the label source the rules read) ----------------------------------------
+
+
+def test_static_pod_metadata_roundtrip_and_lookup(tmp_path: Path) -> None:
+    from ebpfrouter.podmeta import PodInfo, PodMetadataSource, StaticPodMetadata, netns_inode_of
+
+    mine = netns_inode_of(os.getpid())
+    assert mine is not None and netns_inode_of(2**22 + 12345) is None
+    meta = StaticPodMetadata([
+        PodInfo("web", ip="10.244.1.2", node="node1", labels={"app": "web"}, netns_inode=mine),
+        PodInfo("db", ip="10.244.2.2", node="node2", labels={"app": "db"}, netns_inode=1),
+    ])
+    assert isinstance(meta, PodMetadataSource)
+    path = tmp_path / "pods.json"
+    meta.write(path)
+    loaded = StaticPodMetadata.from_file(path)
+    assert loaded.pod_for_pid(os.getpid()).name == "web"  # same netns inode as this process
+    assert loaded.pod_for_ip("10.244.2.2").labels == {"app": "db"}
+    assert loaded.pod_for_ip("10.244.9.9") is None
+    facts = ConnectionFacts("10.244.2.2", 80, "10.244.1.2", 4000,
+                            pod_labels=loaded.pod_for_pid(os.getpid()).labels)
+    write(tmp_path, "f", "type=podLabel\nname=app\nvalue=web\n")
+    (tmp_path / "pods.json").unlink()
+    assert RuleSet.load(tmp_path).allows(facts)
+
+
+def test_static_pod_metadata_errors(tmp_path: Path) -> None:
+    from ebpfrouter.podmeta import StaticPodMetadata
+
+    bad = tmp_path / "pods.json"
+    bad.write_text('{"pods": [{"name": "x", "pid": 3}]}')
+    with pytest.raises(ValueError, match=r"pods.json.*unknown key.*pid"):
+        StaticPodMetadata.from_file(bad)
+    bad.write_text('{"pods": [{"name": "x", "labels": {"a": 1}}]}')
+    with pytest.raises(ValueError, match="labels must map strings"):
+        StaticPodMetadata.from_file(bad)
+    bad.write_text("not json")
+    with pytest.raises(ValueError, match="pods.json"):
+        StaticPodMetadata.from_file(bad)
