@@ -193,6 +193,13 @@ class _Injector:
                          timeout=self.freeze_timeout, proc=entry[1])
         old.close()
 
+    def frozen_pids(self) -> list[int]:
+        """Pids held frozen right now (read from any thread)."""
+        for _ in range(10):
+            with contextlib.suppress(RuntimeError):  # resized by the injector thread meanwhile
+                return sorted(self.frozen)
+        return []
+
     def thaw_all(self) -> None:
         for pid in list(self.frozen):
             self.thaw(pid, force=True)
@@ -231,6 +238,8 @@ class Daemon:
         self.pod_cidrs: list[IPNetwork] = list(options.pod_cidrs)
         self.peer_map = hostnet.PeerMap(options.peers)
         self.pods: PodMetadataSource | None = None
+        self.local_netns: set[int] | None = None
+        self.draining = False
         self.rules: RuleWatcher | None = None
         self.counters: collections.Counter[str] = collections.Counter()
         self.addr_cache: dict[int, list[str]] = {}
@@ -296,9 +305,13 @@ class Daemon:
             self.counters["rules_errors"] += 1
         if self.options.pod_metadata:
             try:
-                self.pods = StaticPodMetadata.from_file(self.options.pod_metadata)
-            except (OSError, ValueError) as exc:
+                pods = StaticPodMetadata.from_file(self.options.pod_metadata)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise DaemonError(f"pod metadata {self.options.pod_metadata}: {exc}") from None
+            self.pods = pods
+            # with pod metadata, scope by network namespace too: only this node's pods
+            self.local_netns = {p.netns_inode for p in pods.pods
+                                if p.netns_inode and hostnet.in_any(p.ip, self.pod_cidrs)}
         assert cfg.key is not None
         self.codec = Codec(cfg.key)
         self.engine = Engine(EngineConfig(node=self.node), self.peer_of, self.allow)
@@ -350,6 +363,13 @@ class Daemon:
         finally:
             await self.shutdown()
 
+    def _swaps_in_flight(self) -> bool:
+        assert self.engine is not None
+        return bool(self.engine.busy_pids) or any(
+            c.outstanding is not None or c.state not in (State.IDLE, State.SWAPPED,
+                                                         State.CONNECTING)
+            for c in self.engine.conns.values())
+
     def stop(self) -> None:
         """Ask the loop to shut down."""
         if self._stop is not None:
@@ -359,6 +379,10 @@ class Daemon:
         """Detach BPF, thaw every frozen process, close sockets, remove the control socket."""
         self._ready = False
         loop = asyncio.get_running_loop()
+        self.draining = True
+        deadline = time.monotonic() + 5.0
+        while self.engine is not None and self._swaps_in_flight() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # let running two-phase swaps commit or roll back
         if self.tracer is not None:
             with contextlib.suppress(Exception):
                 loop.remove_reader(self.tracer.fileno())
@@ -610,6 +634,36 @@ class Daemon:
         ref = self._add_sock(conn)
         self.feed(HostAccepted(listener, ref, os.fstat(conn.fileno()).st_ino, peer_addr,
                                msg.body))
+        await self._match_unseen_accept(listener, msg.body)
+
+    async def _match_unseen_accept(self, listener: int, bind: dict[str, Any]) -> None:
+        """Find the overlay accept for a bind when the tracer did not report it.
+
+        An app already blocked in accept() when the tracer attached returns from it unseen
+        (the entry was never stashed): look for the connection among the listener process's
+        sockets, as `Tracer.seed` does at start-up.
+        """
+        assert self.engine is not None
+        try:
+            tup = FourTuple.from_body(bind)
+        except (KeyError, TypeError):
+            return
+        for delay in (0.05, 0.15, 0.3, 0.5):
+            await asyncio.sleep(delay)
+            conn = self.engine.conns.get(bind.get("cid", b""))
+            if conn is None or conn.matched or self.tracer is None:
+                return
+            pids = {lst.pid for lst in self.engine.listeners.values() if lst.sock == listener}
+            if not pids:
+                return
+            for ev in self.tracer.seed(track=False, pids=pids):
+                if (ev.kind == EventKind.ACCEPT and (ev.pid, ev.fd) not in self.engine.by_fd
+                        and normalize_addr(ev.raddr) == tup.client_addr
+                        and ev.rport == tup.client_port and ev.lport == tup.server_port):
+                    self.counters["accepts_found_in_proc"] += 1
+                    self.tracer.track(ev.pid, ev.fd, ev.sock_ino, ev.netns)
+                    self._on_socket_event(ev)
+                    return
 
     # -- host connect (client side) --------------------------------------------------------
 
@@ -695,6 +749,8 @@ class Daemon:
             self.feed(CloseTraced(ev.pid, ev.fd))
             return
         if ev.ret < 0 and not (kind == EventKind.CONNECT and ev.ret == -115):  # EINPROGRESS
+            return
+        if self.draining or (self.local_netns is not None and ev.netns not in self.local_netns):
             return
         laddr, raddr = normalize_addr(ev.laddr), normalize_addr(ev.raddr)
         if kind == EventKind.LISTEN:
@@ -811,6 +867,8 @@ class Daemon:
                            "host": f"{lst.host_addr}:{lst.host_port}", "pid": lst.pid}
                           for lst in self.engine.listeners.values()],
             "tracer_lost": self.tracer.lost if self.tracer is not None else 0,
+            "prog_ids": self.tracer.prog_ids if self.tracer is not None else [],
+            "frozen_now": self.injector.frozen_pids(),
         }
 
     def _status_threadsafe(self) -> dict[str, Any]:

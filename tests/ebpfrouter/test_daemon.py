@@ -1,0 +1,326 @@
+"""The daemon end to end on the testbed: two routers, real pods, real sockets (root).
+
+The unit part at the top (address normalisation, peer map, probes) needs no root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from ebpfrouter import hostnet
+from ebpfrouter.daemon import _peer_closed, normalize_addr
+from ebpfrouter.demo import PACKAGE_ROOT, Routers, _env, _wait_line
+from ebpfrouter.peers import Codec
+from ebpfrouter.testbed import Testbed
+
+# -- no root -----------------------------------------------------------------------------------
+
+
+def test_normalize_addr() -> None:
+    assert normalize_addr("::ffff:10.244.1.2") == "10.244.1.2"
+    assert normalize_addr("10.0.0.1") == "10.0.0.1"
+    assert normalize_addr("fe80::1") == "fe80::1"
+    assert normalize_addr(None) is None
+
+
+def test_peer_map_longest_prefix_and_static_first() -> None:
+    net = ipaddress.ip_network
+    pm = hostnet.PeerMap({net("10.244.2.0/24"): "192.0.2.9"},
+                         {net("10.244.0.0/16"): "192.0.2.1", net("10.244.3.0/24"): "192.0.2.3"})
+    assert pm.lookup("10.244.2.7") == "192.0.2.9"
+    assert pm.lookup("10.244.3.7") == "192.0.2.3"
+    assert pm.lookup("10.244.9.7") == "192.0.2.1"
+    assert pm.lookup("10.1.0.1") is None
+    assert pm.hosts() == {"192.0.2.9", "192.0.2.1", "192.0.2.3"}
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.0/8", "10.0.0.0/8=", "x=1.2.3.4", "10.0.0.0/8=host"])
+def test_parse_peer_rejects(bad: str) -> None:
+    with pytest.raises(ValueError, match="--peer"):
+        hostnet.parse_peer(bad)
+
+
+def test_peer_closed_never_consumes() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        assert not _peer_closed(a)
+        b.sendall(b"x")
+        assert not _peer_closed(a)
+        assert a.recv(1) == b"x"  # the probe peeked only
+        b.close()
+        assert _peer_closed(a)
+
+
+# -- on the testbed ----------------------------------------------------------------------------
+
+PORT = 7100
+
+
+@pytest.fixture(scope="module")
+def bed():
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    testbed = Testbed.up(2, 2)
+    try:
+        yield testbed
+    finally:
+        testbed.down()
+
+
+@pytest.fixture
+def routers(bed):
+    with tempfile.TemporaryDirectory(prefix="er-test-") as tmp:
+        r = Routers(bed, Path(tmp), loglevel="INFO")
+        (Path(tmp) / "rules").mkdir()
+        try:
+            yield r
+        finally:
+            r.stop()
+            for node in bed.nodes:  # shown by pytest when the test failed
+                with contextlib.suppress(OSError):
+                    print(f"--- router log {node.name}\n{r.log_of(node.name).read_text()[-3000:]}")
+
+
+class Stream:
+    """`python -m ebpfrouter.demo send` in a pod, inspected from outside while it runs."""
+
+    def __init__(self, bed: Testbed, pod: str, host: str, port: int, seconds: float) -> None:
+        self.proc = bed.popen(pod, [sys.executable, "-m", "ebpfrouter.demo", "send", host,
+                                    str(port), str(seconds)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env(), cwd=str(PACKAGE_ROOT))
+
+    def peer(self) -> tuple[str, int] | None:
+        """Peer address of the app's TCP socket, as the app's fd sees it now."""
+        from injector.inspect import copy_socket
+
+        for name in os.listdir(f"/proc/{self.proc.pid}/fd"):
+            with contextlib.suppress(Exception), copy_socket(self.proc.pid, int(name)) as s:
+                if s.type == socket.SOCK_STREAM and s.family == socket.AF_INET:
+                    return s.getpeername()[:2]
+        return None
+
+    def result(self) -> dict:
+        out, err = self.proc.communicate(timeout=60)
+        assert self.proc.returncode == 0, err
+        return json.loads(out)
+
+
+@contextlib.contextmanager
+def stream_server(bed: Testbed, pod: str, port: int = PORT):
+    proc = bed.popen(pod, [sys.executable, "-m", "ebpfrouter.demo", "serve", str(port)],
+                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(),
+                     cwd=str(PACKAGE_ROOT))
+    try:
+        _wait_line(proc, f"stream server in {pod}")
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def wait_for(cond, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def counters(routers: Routers, node: str) -> dict:
+    return routers.status(node)["counters"]
+
+
+def wait_listener_announced(routers: Routers, node: str, port: int) -> None:
+    wait_for(lambda: any(lst["overlay"].endswith(f":{port}") and not lst["host"].endswith(":0")
+                         for lst in routers.status(node)["listeners"]), 10, "host listener")
+
+
+def assert_not_stopped(pid: int) -> None:
+    status = Path(f"/proc/{pid}/status").read_text()
+    state = next(line for line in status.splitlines() if line.startswith("State:"))
+    tracer = next(line for line in status.splitlines() if line.startswith("TracerPid:"))
+    assert "stopped" not in state and "tracing stop" not in state, state
+    assert tracer.split()[1] == "0", tracer
+
+
+@pytest.mark.root
+def test_cross_node_bypassed_every_byte_arrives(bed, routers):
+    server, client = bed.pod("n1p0"), bed.pod("n2p0")
+    routers.start()
+    with stream_server(bed, server.name):  # listens after the routers started
+        wait_listener_announced(routers, "node1", PORT)
+        before = counters(routers, "node2")["bypassed_client"]
+        stream = Stream(bed, client.name, server.ip, PORT, 3.0)
+        # the app's own fd now points at a socket on the underlay addresses
+        peer = wait_for(lambda: (p := stream.peer()) and p[0].startswith("192.168.77.") and p,
+                        10, "swapped socket")
+        assert peer[0] == bed.node("node1").underlay_ip
+        vx0 = bed.link_stats("node2", "flannel.1")["tx_bytes"]
+        eth0 = bed.link_stats("node2", "eth0")["tx_bytes"]
+        time.sleep(1.0)
+        vx1 = bed.link_stats("node2", "flannel.1")["tx_bytes"]
+        eth1 = bed.link_stats("node2", "eth0")["tx_bytes"]
+        result = stream.result()
+    assert result["ok"], result
+    assert result["sent_bytes"] > 10_000_000
+    assert vx1 - vx0 < 64 * 1024, "overlay traffic kept flowing after the swap"
+    assert eth1 - eth0 > 10_000_000, "the data did not move to the underlay"
+    assert counters(routers, "node2")["bypassed_client"] == before + 1
+    status1 = routers.status("node1")
+    assert status1["counters"]["bypassed_server"] >= 1
+    assert status1["frozen_now"] == [] and routers.status("node2")["frozen_now"] == []
+
+
+@pytest.mark.root
+def test_listener_before_router_start_is_seeded(bed, routers):
+    server, client = bed.pod("n1p1"), bed.pod("n2p1")
+    with stream_server(bed, server.name, PORT + 1):  # listens before the routers exist
+        routers.start()
+        wait_listener_announced(routers, "node1", PORT + 1)
+        stream = Stream(bed, client.name, server.ip, PORT + 1, 1.5)
+        wait_for(lambda: (p := stream.peer()) and p[0].startswith("192.168.77."), 10, "swap")
+        result = stream.result()
+    assert result["ok"], result
+    assert counters(routers, "node2")["bypassed_client"] >= 1
+
+
+@pytest.mark.root
+def test_same_node_pair_left_alone(bed, routers):
+    server, client = bed.pod("n1p0"), bed.pod("n1p1")
+    routers.start()
+    with stream_server(bed, server.name, PORT + 2):
+        wait_listener_announced(routers, "node1", PORT + 2)
+        stream = Stream(bed, client.name, server.ip, PORT + 2, 1.5)
+        wait_for(lambda: stream.peer(), 5, "connection")
+        time.sleep(0.7)
+        assert stream.peer() == (server.ip, PORT + 2)
+        result = stream.result()
+    assert result["ok"], result
+    for node in ("node1", "node2"):
+        assert counters(routers, node)["bypassed"] == 0
+
+
+@pytest.mark.root
+def test_cidr_rule_keeps_traffic_on_overlay(bed, routers):
+    (routers.workdir / "rules" / "only-10.99").write_text(
+        "type=cidr\nfrom=10.244.1.0/24\nto=10.99.0.0/16\n")
+    server, client = bed.pod("n1p0"), bed.pod("n2p0")
+    routers.start()
+    with stream_server(bed, server.name, PORT + 3):
+        wait_listener_announced(routers, "node1", PORT + 3)
+        vx0 = bed.link_stats("node2", "flannel.1")["tx_bytes"]
+        stream = Stream(bed, client.name, server.ip, PORT + 3, 1.5)
+        wait_for(lambda: stream.peer(), 5, "connection")
+        time.sleep(0.7)
+        assert stream.peer() == (server.ip, PORT + 3)
+        result = stream.result()
+        vx1 = bed.link_stats("node2", "flannel.1")["tx_bytes"]
+    assert result["ok"], result
+    assert vx1 - vx0 > result["sent_bytes"] * 0.9  # it all went through the VXLAN device
+    c2 = counters(routers, "node2")
+    assert c2["bypassed"] == 0 and c2["ruled_out"] >= 1
+
+
+def _garbage_and_wrong_key(bed: Testbed, host: str, port: int) -> None:
+    """From node2's netns: a frame of junk, then a well-formed hello under another key."""
+    wrong = Codec(b"not-the-right-key-0123456789").encode(
+        "hello", {"node": "intruder", "host_addr": bed.node("node2").underlay_ip})
+    code = (
+        "import socket,sys,time\n"
+        "for payload in (bytes.fromhex(sys.argv[3]), bytes.fromhex(sys.argv[4])):\n"
+        "    s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=5)\n"
+        "    s.sendall(payload); s.settimeout(5)\n"
+        "    try: s.recv(10)\n"
+        "    except OSError: pass\n"
+        "    s.close()\n"
+    )
+    junk = b"\x00\x00\x00\x40" + b"GET / HTTP/1.1\r\n" * 4
+    res = bed.run("node2", [sys.executable, "-c", code, host, str(port), junk.hex(), wrong.hex()])
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.root
+def test_peer_garbage_rejected_daemon_keeps_working(bed, routers):
+    routers.start()
+    node1 = bed.node("node1")
+    before = counters(routers, "node1")["peer_rejected"]
+    _garbage_and_wrong_key(bed, node1.underlay_ip, 1234)
+    status = wait_for(lambda: (s := routers.status("node1"))["counters"]["peer_rejected"]
+                      >= before + 2 and s, 5, "rejections counted")
+    assert status["peer_rejected"].get("bad_auth", 0) >= 1
+    log = routers.log_of("node1").read_text()
+    assert "AuthError" in log
+    # ... and still bypasses
+    server, client = bed.pod("n1p0"), bed.pod("n2p0")
+    with stream_server(bed, server.name, PORT + 4):
+        wait_listener_announced(routers, "node1", PORT + 4)
+        stream = Stream(bed, client.name, server.ip, PORT + 4, 1.5)
+        wait_for(lambda: (p := stream.peer()) and p[0].startswith("192.168.77."), 10, "swap")
+        assert stream.result()["ok"]
+
+
+@pytest.mark.root
+def test_port_in_use_is_one_clear_message(bed, routers):
+    routers.start()
+    res = bed.run("node1", [sys.executable, "-m", "ebpfrouter.cli", "run", "--overlay-if",
+                            "flannel.1", "--host-if", "eth0", "--key-file",
+                            str(routers.key_file), "--control-socket",
+                            str(routers.workdir / "second.sock")],
+                  env=_env(), cwd=str(PACKAGE_ROOT), timeout=30)
+    assert res.returncode == 1
+    assert "ROUTER_PORT" in res.stdout + res.stderr and "1234" in res.stdout + res.stderr
+    assert "Traceback" not in res.stdout + res.stderr
+    assert not (routers.workdir / "second.sock").exists()
+    assert routers.status("node1")["counters"] is not None  # the first one is unharmed
+
+
+@pytest.mark.root
+def test_missing_interface_is_one_clear_message(bed, tmp_path):
+    key = tmp_path / "key"
+    key.write_text("k" * 32)
+    res = bed.run("node1", [sys.executable, "-m", "ebpfrouter.cli", "run", "--overlay-if",
+                            "nosuch0", "--host-if", "eth0", "--key-file", str(key),
+                            "--control-socket", str(tmp_path / "c.sock")],
+                  env=_env(), cwd=str(PACKAGE_ROOT), timeout=30)
+    assert res.returncode == 1
+    assert "OVERLAY_IF" in res.stdout + res.stderr and "nosuch0" in res.stdout + res.stderr
+    assert "Traceback" not in res.stdout + res.stderr
+
+
+@pytest.mark.root
+def test_sigterm_leaves_nothing(bed, routers):
+    routers.start()
+    prog_ids = {n: routers.status(n)["prog_ids"] for n in ("node1", "node2")}
+    assert all(prog_ids.values())
+    server, client = bed.pod("n1p0"), bed.pod("n2p0")
+    with stream_server(bed, server.name, PORT + 5) as srv:
+        wait_listener_announced(routers, "node1", PORT + 5)
+        stream = Stream(bed, client.name, server.ip, PORT + 5, 2.0)
+        wait_for(lambda: stream.peer(), 5, "connection")
+        codes = routers.stop()  # SIGTERM, possibly mid-swap
+        assert codes == {"node1": 0, "node2": 0}
+        for pid in (srv.pid, stream.proc.pid):
+            assert_not_stopped(pid)
+        result = stream.result()
+    assert result["ok"], result
+    for ids in prog_ids.values():
+        for prog in ids:
+            res = subprocess.run(["bpftool", "prog", "show", "id", str(prog)],
+                                 capture_output=True, text=True)
+            assert res.returncode != 0, f"BPF program {prog} still loaded"
+    for node in ("node1", "node2"):
+        assert not Path(routers.socket_of(node)).exists()
