@@ -23,6 +23,14 @@ committing and its host socket only when giving up, so `ProbeConn` tells which w
 Peers name connections only by connection id and overlay 4-tuple; a message can only advance
 a connection this daemon traced itself and bound to that same peer. Anything else is counted
 and ignored.
+
+Open ends for the later features of DESIGN.md: a connection that stays busy can get a
+migration step in place of `CheckQueues` (capture both queues with TCP_REPAIR, replay them on
+the host sockets) without changing the message flow; and `ConnectTraced/AcceptTraced(stopped=
+True)` (the caller already stopped at connect/accept return) lets the freeze step be skipped.
+
+Timing assumption: the server's last probe (`probe_limit * probe_interval`) comes well after
+the client's message timeouts, so the client has decided by then.
 """
 
 from __future__ import annotations
@@ -236,6 +244,10 @@ class Engine:
         """Counts for `ebpf-router status`."""
         states = collections.Counter(c.state.value for c in self.conns.values())
         return {
+            "seen": self.stats["connects_traced"] + self.stats["accepts_traced"],
+            "bypassed": self.stats["swapped"],
+            "pending": sum(n for state, n in states.items() if state != State.SWAPPED.value),
+            "failed": self.stats["left_on_overlay"],
             "listeners": len(self.listeners),
             "remote_listeners": len(self.remote_listeners),
             "connections": len(self.conns),
