@@ -82,6 +82,9 @@ from .events import (
 
 log = logging.getLogger(__name__)
 
+NOT_READY, PROCESS_BUSY = "not ready", "process busy"
+WAIT_REASONS = (NOT_READY, PROCESS_BUSY)  # server-side reasons that do not use up an attempt
+
 
 class Role(enum.Enum):
     """Which end of the overlay connection this daemon serves."""
@@ -112,7 +115,8 @@ class EngineConfig:
     """Tunables (seconds)."""
 
     node: str
-    max_attempts: int = 5
+    max_attempts: int = 5  # real attempts (freeze + check); busy queues count
+    max_waits: int = 50  # retries because the process or the peer's side was not ready
     backoff_base: float = 0.05
     backoff_max: float = 2.0
     message_timeout: float = 2.0  # waiting for the peer's next swap message
@@ -156,7 +160,8 @@ class Conn:
     overlay_sock: SockRef | None = None
     host_sock: SockRef | None = None
     host_inode: int | None = None
-    attempt: int = 0
+    attempt: int = 0  # strictly increasing per connection (the peer checks it)
+    waits: int = 0  # attempts that did not run: process busy, server side not ready
     first: Role = Role.CLIENT
     prepared: bool = False  # client: a prepare went out in this attempt
     checks: int = 0  # client: queue checks done in this attempt
@@ -509,7 +514,8 @@ class Engine:
         self._next_attempt(conn)
 
     def _next_attempt(self, conn: Conn) -> None:
-        if conn.attempt >= self.config.max_attempts:
+        if (conn.attempt - conn.waits >= self.config.max_attempts
+                or conn.waits >= self.config.max_waits):
             self.stats["gave_up"] += 1
             self._send(conn, "swap_abort", attempt=conn.attempt, reason="gave up", final=True)
             conn.told_final = True
@@ -518,7 +524,8 @@ class Engine:
         if conn.pid in self.busy_pids:  # another swap holds this process: wait a little
             self.stats["pid_busy"] += 1
             conn.attempt += 1
-            self._timer(conn, self._backoff(conn))
+            conn.waits += 1
+            self._timer(conn, self.config.backoff_base)
             return
         conn.attempt += 1
         conn.first = Role.CLIENT if conn.attempt % 2 else Role.SERVER
@@ -532,7 +539,8 @@ class Engine:
             self._prepare(conn, "freeze", State.AWAIT_FROZEN)
 
     def _backoff(self, conn: Conn) -> float:
-        return min(self.config.backoff_max, self.config.backoff_base * 2 ** max(0, conn.attempt))
+        tries = min(conn.attempt - conn.waits, 16)
+        return min(self.config.backoff_max, self.config.backoff_base * 2 ** max(0, tries))
 
     def _prepare(self, conn: Conn, stage: str, state: State) -> None:
         conn.prepared = True
@@ -673,6 +681,8 @@ class Engine:
             self._unexpected(ev, conn)
             return
         self.stats["aborted_by_peer"] += 1
+        if ev.body["reason"] in WAIT_REASONS:
+            conn.waits += 1
         self._abort(conn, "peer: " + ev.body["reason"], retry=not ev.body["final"], notify=False)
 
     # -- the swap: server side --------------------------------------------------------------
@@ -693,7 +703,7 @@ class Engine:
         conn.first = Role.SERVER if stage == "freeze" else Role.CLIENT
         if not conn.matched:
             self.stats["prepare_not_ready"] += 1
-            self._send(conn, "swap_abort", attempt=attempt, reason="not ready", final=False)
+            self._send(conn, "swap_abort", attempt=attempt, reason=NOT_READY, final=False)
             return
         assert conn.pid is not None
         if not self.allow(Role.SERVER, conn.pid, conn.tuple):
@@ -703,7 +713,7 @@ class Engine:
             return
         if conn.pid in self.busy_pids:
             self.stats["pid_busy"] += 1
-            self._send(conn, "swap_abort", attempt=attempt, reason="process busy", final=False)
+            self._send(conn, "swap_abort", attempt=attempt, reason=PROCESS_BUSY, final=False)
             return
         self.busy_pids[conn.pid] = conn.cid
         conn.checks = 0

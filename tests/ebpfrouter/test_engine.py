@@ -416,3 +416,20 @@ def test_summary_counts() -> None:
     assert summary["seen"] == 2 and summary["bypassed"] == 2
     assert summary["pending"] == 0 and summary["failed"] == 0
     assert summary["states"] == {"swapped": 2} and summary["frozen_pids"] == []
+
+
+def test_late_accept_waits_without_using_up_attempts() -> None:
+    world = World(max_attempts=2)
+    accept = next(e for e in world.inbox[SERVER] if isinstance(e, AcceptTraced))
+    world.inbox[SERVER].remove(accept)
+    for _ in range(400):  # the server app has not called accept() yet
+        if not world.step_default():
+            break
+        if world.daemons[SERVER].engine.stats["prepare_not_ready"] >= 4:
+            break
+    assert world.daemons[SERVER].engine.stats["prepare_not_ready"] >= 4
+    assert not world.procs[CLIENT].frozen
+    world.inbox[SERVER].append(accept)
+    world.drain()
+    assert world.check_final() == ["swapped"]
+    assert world.daemons[CLIENT].engine.stats["gave_up"] == 0
