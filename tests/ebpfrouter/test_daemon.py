@@ -324,3 +324,16 @@ def test_sigterm_leaves_nothing(bed, routers):
             assert res.returncode != 0, f"BPF program {prog} still loaded"
     for node in ("node1", "node2"):
         assert not Path(routers.socket_of(node)).exists()
+
+
+@pytest.mark.root
+def test_connection_older_than_the_routers_is_bypassed(bed, routers):
+    server, client = bed.pod("n1p1"), bed.pod("n2p1")
+    with stream_server(bed, server.name, PORT + 6):
+        stream = Stream(bed, client.name, server.ip, PORT + 6, 4.0)
+        wait_for(lambda: stream.peer(), 5, "connection")
+        routers.start()  # both ends are found from /proc (Tracer.seed)
+        wait_for(lambda: (p := stream.peer()) and p[0].startswith("192.168.77."), 10, "swap")
+        result = stream.result()
+    assert result["ok"], result
+    assert counters(routers, "node2")["bypassed_client"] == 1
