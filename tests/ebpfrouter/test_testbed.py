@@ -174,21 +174,34 @@ def test_cli_up_exec_down(capsys) -> None:
 
 @pytest.mark.skipif(shutil.which("iperf3") is None, reason="iperf3 not installed")
 def test_iperf3_overlay_vs_underlay(bed: Testbed) -> None:
-    """Measured, printed, not asserted (beyond: it ran)."""
+    """Measured and printed, not asserted beyond: both runs produced a figure."""
     results = {}
     for name, server, client, addr in (("overlay pod-to-pod", "n2p0", "n1p0", "10.244.2.2"),
                                        ("underlay node-to-node", "node2", "node1", "192.168.77.2")):
-        srv = bed.popen(server, ["iperf3", "-s", "-1"], stdout=subprocess.DEVNULL)
+        srv = bed.popen(server, ["iperf3", "-s", "-1"], stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
         try:
             out = None
-            for _ in range(50):
-                out = bed.run(client, ["iperf3", "-c", addr, "-t", "2", "-J"])
-                if out.returncode == 0:
+            for _ in range(50):  # until the server listens
+                out = bed.run(client, ["iperf3", "-c", addr, "-t", "2", "-J"], timeout=30)
+                bps = _iperf_bps(out.stdout) if out.returncode == 0 else None
+                if bps is not None:
+                    results[name] = bps
                     break
-                time.sleep(0.05)
-            assert out is not None and out.returncode == 0, out and out.stdout[-500:]
-            results[name] = json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]
+                time.sleep(0.1)
+            assert name in results, out and (out.stdout[-500:], out.stderr[-500:])
         finally:
-            srv.wait(10)
+            try:
+                srv.wait(10)
+            except subprocess.TimeoutExpired:
+                srv.kill()
+                srv.wait()
     for name, bps in results.items():
         print(f"iperf3 {name}: {bps / 1e9:.2f} Gbit/s")
+
+
+def _iperf_bps(text: str) -> float | None:
+    try:
+        return float(json.loads(text)["end"]["sum_received"]["bits_per_second"])
+    except (ValueError, KeyError, TypeError):
+        return None
