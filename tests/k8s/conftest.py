@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "ebpf-router"
 GET_HELM = ROOT / "charts" / "tools" / "get-helm.py"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # apiserver_standin
 
 
 def _load_get_helm():
@@ -41,3 +43,36 @@ def helm() -> str:
 def chart() -> Path:
     """The chart directory."""
     return CHART
+
+
+@pytest.fixture
+def standin():
+    """A running stand-in API server (tests/k8s/apiserver_standin.py), stopped afterwards."""
+    from apiserver_standin import StandInApiServer
+
+    server = StandInApiServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def core_api(standin):
+    """The real kubernetes client's CoreV1Api, pointed at the stand-in."""
+    from ebpfrouter.k8s.apiclient import api_client_for_host
+    from kubernetes import client
+
+    api_client = api_client_for_host(standin.url)
+    yield client.CoreV1Api(api_client)
+    api_client.close()
+
+
+def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
+    """Poll `predicate` until it is true or `timeout` seconds pass."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return bool(predicate())
+        time.sleep(interval)
+    return True

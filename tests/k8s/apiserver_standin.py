@@ -1,0 +1,366 @@
+"""A STAND-IN for the Kubernetes API server, for tests only.
+
+No API server can run on the test machines, so this small threaded HTTP server on
+127.0.0.1 speaks the part of the real protocol the router uses, for pods and nodes:
+
+- `GET /api/v1/pods`, `/api/v1/namespaces/NS/pods`, `/api/v1/nodes`: JSON lists with
+  `metadata.resourceVersion`, filtered by `fieldSelector` (`a=b`, `a==b`, `a!=b`, comma-joined).
+- `?watch=true`: a chunked stream of `{"type": "ADDED|MODIFIED|DELETED|ERROR", "object": ...}`
+  lines from `resourceVersion` on (without one: the current objects as ADDED first), ended
+  after `timeoutSeconds`; a resourceVersion older than the compaction point gets the real
+  server's answer, an ERROR event carrying a 410 `Status` ("too old resource version").
+- Knobs for tests: `compact()` (expire old resourceVersions), `drop_watches()` (end open
+  streams as an apiserver restart does), `expire_watches()` (send the 410 ERROR event on open
+  streams), `fail_next(n)` (answer the next n requests with a 500 `Status`), and
+  `stop()`/`start()` on the same port (the API becomes unreachable, then comes back).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import socket
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+KINDS = {"pods": "Pod", "nodes": "Node"}
+
+
+def _field(obj: dict[str, Any], dotted: str) -> str:
+    value: Any = obj
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return "" if value is None else str(value)
+
+
+def _selector_matches(selector: str, obj: dict[str, Any]) -> bool:
+    for term in filter(None, selector.split(",")):
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            if _field(obj, key) == value:
+                return False
+        else:
+            key, value = term.replace("==", "=").split("=", 1)
+            if _field(obj, key) != value:
+                return False
+    return True
+
+
+def _status(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": reason, "code": code}
+
+
+class StandInApiServer:
+    """The stand-in server. Use as a context manager; `url` is for the kubernetes client."""
+
+    def __init__(self, port: int = 0) -> None:
+        self._lock = threading.Condition()
+        self._objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {k: {} for k in KINDS}
+        self._events: list[tuple[int, str, str, dict[str, Any]]] = []  # (rv, resource, type, obj)
+        self._rv = 100
+        self._compacted = 0
+        self._generation = 0  # bumped by drop_watches/expire_watches/stop
+        self._expire_generation = 0
+        self._fail_next = 0
+        self._port = port
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.requests: list[str] = []  # request paths with query, for assertions
+        self.open_watches = 0
+        self._connections: set[socket.socket] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._port}"
+
+    def start(self) -> StandInApiServer:
+        """Listen (again) on 127.0.0.1 and the same port as before."""
+        server = ThreadingHTTPServer(("127.0.0.1", self._port), _handler_for(self))
+        server.daemon_threads = False
+        server.block_on_close = True  # stop() joins every handler thread
+        self._port = server.server_address[1]
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="apiserver-standin", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Close the port and every open stream: the API is unreachable until `start()`."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        with self._lock:
+            self._generation += 1
+            self._lock.notify_all()
+        server.shutdown()
+        with self._lock:  # idle keep-alive connections too: a dead server resets them all
+            for conn in list(self._connections):
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def __enter__(self) -> StandInApiServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- objects -----------------------------------------------------------------------------
+    def _record(self, resource: str, kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+        self._rv += 1
+        obj = copy.deepcopy(obj)
+        obj["metadata"]["resourceVersion"] = str(self._rv)
+        self._events.append((self._rv, resource, kind, copy.deepcopy(obj)))
+        self._lock.notify_all()
+        return obj
+
+    def put(self, resource: str, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create or replace an object (ADDED or MODIFIED); returns it with its resourceVersion."""
+        meta = obj["metadata"]
+        meta.setdefault("namespace", "default" if resource == "pods" else None)
+        key = (meta.get("namespace") or "", meta["name"])
+        with self._lock:
+            old = self._objects[resource].get(key)
+            if old is not None:
+                meta.setdefault("uid", old["metadata"]["uid"])
+            meta.setdefault("uid", str(uuid.uuid4()))
+            meta.setdefault("creationTimestamp", "2026-01-01T00:00:00Z")
+            if meta.get("namespace") is None:
+                meta.pop("namespace")
+            stored = self._record(resource, "MODIFIED" if old else "ADDED", obj)
+            self._objects[resource][key] = stored
+            return copy.deepcopy(stored)
+
+    def delete(self, resource: str, name: str, namespace: str = "default") -> None:
+        key = (namespace if resource == "pods" else "", name)
+        with self._lock:
+            obj = self._objects[resource].pop(key)
+            self._record(resource, "DELETED", obj)
+
+    def get(self, resource: str, name: str, namespace: str = "default") -> dict[str, Any]:
+        with self._lock:
+            key = (namespace if resource == "pods" else "", name)
+            return copy.deepcopy(self._objects[resource][key])
+
+    # -- failure knobs -----------------------------------------------------------------------
+    def compact(self) -> int:
+        """Forget history: watches from any resourceVersion before now get 410 Gone."""
+        with self._lock:
+            self._compacted = self._rv
+            self._events = []
+            return self._compacted
+
+    def drop_watches(self) -> None:
+        """End every open watch stream cleanly (clients re-watch from their last version)."""
+        with self._lock:
+            self._generation += 1
+            self._lock.notify_all()
+
+    def expire_watches(self) -> None:
+        """Compact, and tell every open watch with an ERROR event carrying 410 Gone."""
+        with self._lock:
+            self._compacted = self._rv
+            self._events = []
+            self._expire_generation += 1
+            self._lock.notify_all()
+
+    def fail_next(self, count: int) -> None:
+        """Answer the next `count` requests with HTTP 500 and a `Status` body."""
+        with self._lock:
+            self._fail_next = count
+
+    # -- request handling --------------------------------------------------------------------
+    def _take_failure(self) -> bool:
+        with self._lock:
+            if self._fail_next > 0:
+                self._fail_next -= 1
+                return True
+            return False
+
+    def _list(self, resource: str, namespace: str | None, selector: str) -> dict[str, Any]:
+        with self._lock:
+            items = [copy.deepcopy(o) for (ns, _), o in sorted(self._objects[resource].items())
+                     if (namespace is None or ns == namespace) and _selector_matches(selector, o)]
+            for item in items:  # list items carry no kind/apiVersion, as on the real server
+                item.pop("kind", None)
+                item.pop("apiVersion", None)
+            return {"kind": KINDS[resource] + "List", "apiVersion": "v1",
+                    "metadata": {"resourceVersion": str(self._rv)}, "items": items}
+
+    def _watch(self, handler: BaseHTTPRequestHandler, resource: str, namespace: str | None,
+               selector: str, since: str | None, timeout: float) -> None:
+        def send(event: dict[str, Any]) -> None:
+            data = (json.dumps(event) + "\n").encode()
+            handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            handler.wfile.flush()
+
+        def visible(obj: dict[str, Any]) -> bool:
+            ns = obj["metadata"].get("namespace")
+            return (namespace is None or ns == namespace) and _selector_matches(selector, obj)
+
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self.open_watches += 1
+            self._lock.notify_all()
+            generation, expire_gen = self._generation, self._expire_generation
+            if since in (None, "", "0"):
+                pending = [("ADDED", o) for o in self._objects[resource].values() if visible(o)]
+                position = self._rv
+            elif int(since) < self._compacted:
+                pending = [("ERROR", _status(
+                    410, "Expired", f"too old resource version: {since} ({self._compacted})"))]
+                position = None
+            else:
+                position = int(since)
+                pending = []
+        try:
+            while True:
+                for kind, obj in pending:
+                    send({"type": kind, "object": obj})
+                if position is None:
+                    break
+                with self._lock:
+                    while True:
+                        if (self._generation != generation or not self.running
+                                or time.monotonic() >= deadline):
+                            pending = None
+                            break
+                        if self._expire_generation != expire_gen:
+                            pending = [("ERROR", _status(
+                                410, "Expired", f"too old resource version: {position} "
+                                f"({self._compacted})"))]
+                            position = None
+                            break
+                        new = [(k, copy.deepcopy(o)) for rv, r, k, o in self._events
+                               if rv > position and r == resource and visible(o)]
+                        if self._events and self._events[-1][0] > position:
+                            position = self._events[-1][0]
+                        if new:
+                            pending = new
+                            break
+                        self._lock.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+                if pending is None:
+                    break
+            handler.wfile.write(b"0\r\n\r\n")
+            handler.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        finally:
+            with self._lock:
+                self.open_watches -= 1
+                self._lock.notify_all()
+
+    def wait_watching(self, count: int = 1, timeout: float = 5.0) -> bool:
+        """Wait until at least `count` watch streams are open."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self.open_watches >= count, timeout)
+
+    def handle(self, handler: BaseHTTPRequestHandler) -> None:
+        url = urlparse(handler.path)
+        self.requests.append(handler.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        parts = url.path.strip("/").split("/")
+        namespace = None
+        if parts[:3] == ["api", "v1", "namespaces"] and len(parts) == 5:
+            namespace, parts = parts[3], ["api", "v1", parts[4]]
+        if self._take_failure():
+            return _reply(handler, 500, _status(500, "InternalError", "stand-in: injected failure"))
+        if len(parts) != 3 or parts[:2] != ["api", "v1"] or parts[2] not in KINDS:
+            return _reply(handler, 404, _status(404, "NotFound", f"no route {url.path}"))
+        resource = parts[2]
+        selector = query.get("fieldSelector", "")
+        if query.get("watch") in ("true", "1"):
+            timeout = float(query.get("timeoutSeconds", "1800"))
+            return self._watch(handler, resource, namespace, selector,
+                               query.get("resourceVersion"), timeout)
+        return _reply(handler, 200, self._list(resource, namespace, selector))
+
+
+def _reply(handler: BaseHTTPRequestHandler, code: int, body: dict[str, Any]) -> None:
+    data = json.dumps(body).encode()
+    handler.send_response(code)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+def _handler_for(standin: StandInApiServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            super().setup()
+            with standin._lock:
+                standin._connections.add(self.connection)
+
+        def finish(self) -> None:
+            with standin._lock:
+                standin._connections.discard(self.connection)
+            try:
+                super().finish()
+            except OSError:
+                pass
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            standin.handle(self)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+    return Handler
+
+
+def make_pod(name: str, node: str, ip: str, labels: dict[str, str] | None = None,
+             namespace: str = "default", uid: str | None = None,
+             host_network: bool = False, phase: str = "Running",
+             annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    """A Pod as the API returns it (the fields the router reads, and the required ones)."""
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": dict(labels or {})}
+    if uid:
+        meta["uid"] = uid
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return {
+        "kind": "Pod", "apiVersion": "v1", "metadata": meta,
+        "spec": {"nodeName": node, "hostNetwork": host_network,
+                 "containers": [{"name": "main", "image": "registry.example/app:1"}]},
+        "status": {"phase": phase, "podIP": ip, "podIPs": [{"ip": ip}] if ip else []},
+    }
+
+
+def make_node(name: str, internal_ip: str, pod_cidrs: list[str],
+              external_ip: str | None = None) -> dict[str, Any]:
+    """A Node as the API returns it."""
+    addresses = [{"type": "Hostname", "address": name}, {"type": "InternalIP",
+                                                          "address": internal_ip}]
+    if external_ip:
+        addresses.append({"type": "ExternalIP", "address": external_ip})
+    spec: dict[str, Any] = {}
+    if pod_cidrs:
+        spec = {"podCIDR": pod_cidrs[0], "podCIDRs": list(pod_cidrs)}
+    return {"kind": "Node", "apiVersion": "v1", "metadata": {"name": name, "labels": {}},
+            "spec": spec, "status": {"addresses": addresses}}
