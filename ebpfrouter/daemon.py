@@ -247,6 +247,7 @@ class Daemon:
         self.traced_at: dict[tuple[int, int], int] = {}
         self.swapped_seen: set[bytes] = set()
         self._swapped_total = 0
+        self._unreferenced: set[int] = set()
         self.swap_latency_ns: collections.deque[int] = collections.deque(maxlen=1000)
         self._stop: asyncio.Event | None = None
         self._ready = False
@@ -422,6 +423,7 @@ class Daemon:
             assert self.rules is not None
             if self.rules.poll():
                 self.counters["rules_reloads"] += 1
+            self._gc_socks()
             if time.monotonic() - last_peers >= self.options.peer_refresh:
                 last_peers = time.monotonic()
                 assert self.config.overlay_if and self.loop is not None
@@ -742,6 +744,8 @@ class Daemon:
         kind = ev.kind
         if kind == EventKind.EXIT:
             self.addr_cache.pop(ev.pid, None)
+            for key in [k for k in self.traced_at if k[0] == ev.pid]:
+                del self.traced_at[key]
             self.feed(ProcessExited(ev.pid))
             return
         if kind == EventKind.CLOSE:
@@ -767,7 +771,7 @@ class Daemon:
                 return
             self.counters["seen"] += 1
             self.traced_at[(ev.pid, ev.fd)] = ev.ts_ns
-            self.feed(AcceptTraced(ev.pid, ev.fd, ev.sock_ino, conn, sock))
+            self._feed_traced(AcceptTraced(ev.pid, ev.fd, ev.sock_ino, conn, sock))
             return
         if kind == EventKind.CONNECT:
             if raddr is None or not self._local(laddr) and laddr not in (None, "0.0.0.0"):
@@ -786,7 +790,34 @@ class Daemon:
             self.counters["seen"] += 1
             self.traced_at[(ev.pid, ev.fd)] = ev.ts_ns
             conn = FourTuple(str(laddr), lport, raddr, ev.rport)
-            self.feed(ConnectTraced(ev.pid, ev.fd, ev.sock_ino, conn, sock))
+            self._feed_traced(ConnectTraced(ev.pid, ev.fd, ev.sock_ino, conn, sock))
+
+    def _feed_traced(self, event: AcceptTraced | ConnectTraced) -> None:
+        """Feed a traced connection; close our copy at once if the engine did not keep it."""
+        self.feed(event)
+        if event.sock not in self._referenced():
+            self._close_sock(event.sock)
+
+    def _referenced(self) -> set[int]:
+        """Every socket handle the engine holds (the rest of `socks` may be closed)."""
+        assert self.engine is not None
+        eng = self.engine
+        refs = {r for c in eng.conns.values() for r in (c.overlay_sock, c.host_sock)
+                if r is not None}
+        refs.update(lst.sock for lst in eng.listeners.values() if lst.sock is not None)
+        refs.update(w.sock for w in eng.waiting.values())
+        refs.update(a.sock for a in eng.accepts.values())
+        return refs
+
+    def _gc_socks(self) -> None:
+        """Close copies the engine dropped without a `CloseSocket` (seen unreferenced twice)."""
+        if self.engine is None:
+            return
+        unreferenced = set(self.socks) - self._referenced()
+        for ref in unreferenced & self._unreferenced:
+            self.counters["socks_collected"] += 1
+            self._close_sock(ref)
+        self._unreferenced = unreferenced
 
     def _copy(self, ev: SocketEvent) -> int | None:
         try:
@@ -867,6 +898,10 @@ class Daemon:
                            "host": f"{lst.host_addr}:{lst.host_port}", "pid": lst.pid}
                           for lst in self.engine.listeners.values()],
             "tracer_lost": self.tracer.lost if self.tracer is not None else 0,
+            "rules": len(self.rules.rules) if self.rules is not None else 0,
+            "rules_error": str(self.rules.last_error) if self.rules and self.rules.last_error
+            else None,
+            "daemon_socks": len(self.socks),
             "prog_ids": self.tracer.prog_ids if self.tracer is not None else [],
             "frozen_now": self.injector.frozen_pids(),
         }

@@ -337,3 +337,36 @@ def test_connection_older_than_the_routers_is_bypassed(bed, routers):
         result = stream.result()
     assert result["ok"], result
     assert counters(routers, "node2")["bypassed_client"] == 1
+
+
+@pytest.mark.root
+def test_bad_rule_file_named_daemon_serves_and_keeps_no_stray_copies(bed, routers):
+    (routers.workdir / "rules" / "broken").write_text("type=cidr\nfrom=10.244.1.0/99\nto=x\n")
+    routers.start()
+    status = routers.status("node1")
+    assert "broken:2:" in status["rules_error"]
+    assert "broken" in routers.log_of("node1").read_text()
+    # 20 same-node connections: traced, copied, ignored; the copies must not pile up
+    server, client = bed.pod("n1p0"), bed.pod("n1p1")
+    base = routers.status("node1")["daemon_socks"]
+    code = ("import socket,sys,time\n"
+            "c=[socket.create_connection((sys.argv[1],int(sys.argv[2]))) for i in range(20)]\n"
+            "time.sleep(1.5)\n")
+    srv_code = ("import socket,sys\n"
+                "l=socket.socket();l.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+                "l.bind(('0.0.0.0',int(sys.argv[1])));l.listen(64);print('listening',flush=True)\n"
+                "conns=[l.accept()[0] for i in range(20)]\n"
+                "import time;time.sleep(30)\n")
+    srv = bed.popen(server.name, [sys.executable, "-c", srv_code, str(PORT + 7)],
+                    stdout=subprocess.PIPE, text=True)
+    try:
+        _wait_line(srv, "server")
+        cli = bed.popen(client.name, [sys.executable, "-c", code, server.ip, str(PORT + 7)])
+        seen = wait_for(lambda: (c := counters(routers, "node1"))["seen"] >= 40 and c, 10,
+                        "40 traced ends")
+        assert seen["bypassed"] == 0
+        assert routers.status("node1")["daemon_socks"] <= base + 2
+        assert cli.wait(10) == 0
+    finally:
+        srv.kill()
+        srv.wait()
