@@ -17,6 +17,7 @@ No API server can run on the test machines, so this small threaded HTTP server o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import socket
@@ -106,10 +107,8 @@ class StandInApiServer:
         server.shutdown()
         with self._lock:  # idle keep-alive connections too: a dead server resets them all
             for conn in list(self._connections):
-                try:
+                with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
         server.server_close()
         if self._thread is not None:
             self._thread.join(5)
@@ -320,10 +319,8 @@ def _handler_for(standin: StandInApiServer) -> type[BaseHTTPRequestHandler]:
         def finish(self) -> None:
             with standin._lock:
                 standin._connections.discard(self.connection)
-            try:
+            with contextlib.suppress(OSError):
                 super().finish()
-            except OSError:
-                pass
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             standin.handle(self)

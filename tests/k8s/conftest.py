@@ -58,8 +58,9 @@ def standin():
 @pytest.fixture
 def core_api(standin):
     """The real kubernetes client's CoreV1Api, pointed at the stand-in."""
-    from ebpfrouter.k8s.apiclient import api_client_for_host
     from kubernetes import client
+
+    from ebpfrouter.k8s.apiclient import api_client_for_host
 
     api_client = api_client_for_host(standin.url)
     yield client.CoreV1Api(api_client)
