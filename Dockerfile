@@ -37,12 +37,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 # Runs as root, on purpose. The router
 #  - calls bpf(2) and perf_event_open(2) to load and attach its tracepoint programs and read
 #    their buffers (CAP_BPF, CAP_PERFMON; CAP_SYS_ADMIN on kernels before 5.8);
-#  - seizes (ptrace) and injects syscalls into processes of *other* users in other pods, and
-#    copies their sockets with pidfd_getfd(2) (CAP_SYS_PTRACE; a non-root uid cannot pass
-#    the kernel's ptrace access checks against other uids even with the capability in
-#    every case, e.g. dumpable=0 processes);
+#  - seizes (ptrace) processes of other users in other pods, injects syscalls into them and
+#    copies their sockets with pidfd_getfd(2) (CAP_SYS_PTRACE);
 #  - enters pods' network namespaces with setns(2) to create hand-off sockets (CAP_SYS_ADMIN)
-#    and sets socket options on host-network sockets (CAP_NET_ADMIN).
-# The chart drops every other capability and keeps the root filesystem read-only.
+#    and sets options on host-network sockets (CAP_NET_ADMIN).
+# Kubernetes can grant those capabilities only to uid 0: for any other uid, execve() leaves
+# the effective set empty (a pod spec has no ambient capabilities). The chart drops every
+# other capability, and mounts the root filesystem read-only.
 USER 0:0
 ENTRYPOINT ["ebpf-router", "run"]
