@@ -248,6 +248,7 @@ class Daemon:
         self.swapped_seen: set[bytes] = set()
         self._swapped_total = 0
         self._unreferenced: set[int] = set()
+        self._beat = time.monotonic()
         self.swap_latency_ns: collections.deque[int] = collections.deque(maxlen=1000)
         self._stop: asyncio.Event | None = None
         self._ready = False
@@ -331,7 +332,7 @@ class Daemon:
         if self.options.health_port is not None:
             try:
                 self.health = HealthServer(self.options.health_port, self.metrics,
-                                           ready=lambda: self._ready)
+                                           ready=lambda: self._ready, alive=self._alive)
                 self.health.start()
             except OSError as exc:
                 raise DaemonError(f"health port {self.options.health_port}: "
@@ -363,6 +364,10 @@ class Daemon:
             await self._stop.wait()
         finally:
             await self.shutdown()
+
+    def _alive(self) -> bool:
+        """The loop turned recently (the housekeeping task beats every `rules_poll`)."""
+        return time.monotonic() - self._beat < 3 * self.options.rules_poll + 5
 
     def _swaps_in_flight(self) -> bool:
         assert self.engine is not None
@@ -419,7 +424,9 @@ class Daemon:
         """Poll the rules directory and refresh the peer map from the overlay routes."""
         last_peers = time.monotonic()
         while True:
+            self._beat = time.monotonic()
             await asyncio.sleep(self.options.rules_poll)
+            self.status()  # refreshes the metrics
             assert self.rules is not None
             if self.rules.poll():
                 self.counters["rules_reloads"] += 1

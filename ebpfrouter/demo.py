@@ -221,7 +221,7 @@ class Routers:
         """Where `node`'s router logs."""
         return self.workdir / f"{node}.log"
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = 20.0, extra_args: dict[str, list[str]] | None = None) -> None:
         """Start every router; wait until each answers status and sees its peers."""
         self.key_file.write_text(os.urandom(24).hex())
         self.key_file.chmod(0o600)
@@ -232,7 +232,7 @@ class Routers:
                     "--control-socket", self.socket_of(node.name),
                     "--rules-dir", str(self.workdir / "rules"),
                     "--pod-metadata", str(self.bed.metadata_path),
-                    "--loglevel", self.loglevel]
+                    "--loglevel", self.loglevel, *(extra_args or {}).get(node.name, [])]
             with open(self.log_of(node.name), "wb") as log:
                 self.procs[node.name] = self.bed.popen(node.name, argv, stdout=log,
                                                        stderr=subprocess.STDOUT, env=_env(),
@@ -391,6 +391,11 @@ def _print_table(r: dict[str, Any]) -> None:
           f"{'OK' if r['integrity_ok'] else 'FAILED':>7}")
     if bypassed and r.get("bypass_host_ratio"):
         print(f"  {'bypass / node-to-node':<38} {r['bypass_host_ratio']:7.2f}")
+        if r.get("traced_to_swapped_ms_p50"):
+            print(f"  {'connect() to swapped, p50 (ms)':<38} "
+                  f"{r['traced_to_swapped_ms_p50']:7.1f}")
+        if r.get("freeze_ms_p99"):
+            print(f"  {'app frozen, p99 (ms)':<38} {r['freeze_ms_p99']:7.1f}")
     elif not bypassed:
         print("  nothing was bypassed: no speed-up is claimed")
     if "error" in r:

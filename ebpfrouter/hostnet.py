@@ -2,8 +2,9 @@
 
 * `interface_ipv4(name)`: the host address of HOST_IF;
 * `overlay_peers(overlay_if)`: remote pod CIDR -> remote node host address, read the way
-  flannel's VXLAN backend sets things up: a route to the CIDR via a gateway on OVERLAY_IF,
-  the gateway's neighbour entry (VTEP MAC), the FDB entry of that MAC (the remote host);
+  flannel's (or Calico's) VXLAN backend sets things up: a route to the CIDR via a gateway on
+  OVERLAY_IF, the gateway's neighbour entry (VTEP MAC), the FDB entry of that MAC (the
+  remote host); on an IPIP device the route's gateway is the remote host itself;
 * `local_pod_cidrs(overlay_if)`: this node's pod subnets (connected routes that hold the
   overlay interface's own address, on another interface: the pod bridge);
 * `PeerMap`: overlay address -> peer host address, from static entries and discovered ones.
@@ -49,6 +50,9 @@ def overlay_peers(overlay_if: str) -> dict[IPNetwork, str]:
     out: dict[IPNetwork, str] = {}
     with IPRoute() as ipr:
         index = _ifindex(ipr, overlay_if)
+        (link,) = ipr.get_links(index)
+        info = link.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
         macs = {}
         for neigh in ipr.get_neighbours(family=2, ifindex=index):
             dst, mac = neigh.get_attr("NDA_DST"), neigh.get_attr("NDA_LLADDR")
@@ -67,7 +71,10 @@ def overlay_peers(overlay_if: str) -> dict[IPNetwork, str]:
             net = ipaddress.ip_network(f"{route.get_attr('RTA_DST')}/{route['dst_len']}",
                                        strict=False)
             gateway = route.get_attr("RTA_GATEWAY")
-            host = hosts.get(macs.get(str(gateway), "")) if gateway else None
+            if gateway and kind == "ipip":  # IPIP (Calico): the gateway is the remote host
+                host: str | None = str(gateway)
+            else:
+                host = hosts.get(macs.get(str(gateway), "")) if gateway else None
             if host is None:
                 log.debug("overlay route %s on %s: no VTEP/FDB entry", net, overlay_if)
                 continue

@@ -370,3 +370,30 @@ def test_bad_rule_file_named_daemon_serves_and_keeps_no_stray_copies(bed, router
     finally:
         srv.kill()
         srv.wait()
+
+
+HEALTH_CODE = (
+    "import sys,urllib.request,urllib.error\n"
+    "for path in sys.argv[2:]:\n"
+    "    try:\n"
+    "        r=urllib.request.urlopen('http://'+sys.argv[1]+path,timeout=5);c,b=r.status,r.read()\n"
+    "    except urllib.error.HTTPError as e:\n"
+    "        c,b=e.code,e.read()\n"
+    "    print(path,c,b.decode().replace(chr(10),'|'))\n"
+)
+
+
+@pytest.mark.root
+def test_health_and_metrics(bed, routers):
+    routers.start(extra_args={"node1": ["--health-port", "9901"]})
+    server, client = bed.pod("n1p0"), bed.pod("n2p0")
+    with stream_server(bed, server.name, PORT + 8):
+        wait_listener_announced(routers, "node1", PORT + 8)
+        assert Stream(bed, client.name, server.ip, PORT + 8, 1.0).result()["ok"]
+    wait_for(lambda: counters(routers, "node1")["bypassed"] >= 1, 5, "bypass")
+    time.sleep(2.5)  # metrics are refreshed by the housekeeping beat
+    res = bed.run("node1", [sys.executable, "-c", HEALTH_CODE, "127.0.0.1:9901", "/healthz",
+                            "/readyz", "/metrics"])
+    lines = dict(line.split(" ", 1) for line in res.stdout.splitlines())
+    assert lines["/healthz"].startswith("200") and lines["/readyz"].startswith("200")
+    assert "ebpf_router_connections_bypassed 1" in lines["/metrics"]
