@@ -257,3 +257,13 @@ def test_bad_values_are_rejected_by_the_schema(helm: str, chart: Path, args: lis
     proc = run_helm(helm, "template", "rt", str(chart), *args)
     assert proc.returncode != 0, f"accepted: {args}"
     assert "schema" in proc.stderr, proc.stderr
+
+
+def test_notes_tell_how_to_check_status(helm: str, chart: Path) -> None:
+    proc = run_helm(helm, "install", "rt", str(chart), "--namespace", "kube-system",
+                    "--dry-run=client", "-f", str(FULL_VALUES))
+    assert proc.returncode == 0, proc.stderr
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    assert "kubectl -n kube-system exec ds/bypass-router -- ebpf-router status" in notes
+    assert "-l app.kubernetes.io/name=router,app.kubernetes.io/instance=rt" in notes
+    assert "4 rule(s)" in notes and ":9191" in notes
