@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import subprocess
 import sys
@@ -22,8 +23,11 @@ class FdTarget:
         self.pid = self.proc.pid
         self.epfds = [int(x) for x in self.cmd("epfds").split()]
 
-    def readline(self) -> str:
+    def readline(self, timeout: float = 10.0) -> str:
+        """One reply line; the protocol is one line per command, so select() is safe here."""
         assert self.proc.stdout is not None
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            raise TimeoutError(f"fd target pid {self.proc.pid}: no reply within {timeout}s")
         line = self.proc.stdout.readline()
         if not line:
             raise EOFError(f"fd target exited ({self.proc.poll()})")
