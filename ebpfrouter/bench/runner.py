@@ -1,0 +1,183 @@
+"""One bench run: testbed up, every workload in every mode (repeated), routers for the bypass
+mode, counters and CPU time around each measurement, then everything torn down.
+
+Order: the overlay and host runs of every workload first (no router anywhere), then one
+router per node is started and the bypass runs follow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..testbed import Testbed, TestbedError
+from .harness import BenchError, Harness, RouterSet
+from .report import MODES, fmt
+from .sysinfo import machine_info
+from .workloads import WORKLOADS, Outcome, Workload
+
+Progress = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class BenchOptions:
+    """What to run and how often."""
+
+    keys: Sequence[str]
+    quick: bool = False
+    repeat: int = 3
+    modes: Sequence[str] = MODES
+    rule_files: Sequence[Path] = ()
+    command: str = "ebpf-router bench"
+    router_loglevel: str = "WARNING"
+
+
+def make_workloads(opts: BenchOptions) -> list[Workload]:
+    """Instantiate the selected workloads; unknown keys name the known ones."""
+    unknown = [k for k in opts.keys if k not in WORKLOADS]
+    if unknown:
+        raise BenchError(f"unknown workload {', '.join(unknown)} (known: {', '.join(WORKLOADS)})")
+    bad_modes = [m for m in opts.modes if m not in MODES]
+    if bad_modes:
+        raise BenchError(f"unknown mode {', '.join(bad_modes)} (known: {', '.join(MODES)})")
+    workloads = [WORKLOADS[k](opts.quick) for k in dict.fromkeys(opts.keys)]
+    for w in workloads:
+        w.check()
+    return workloads
+
+
+def _delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    counters = {k: after["counters"][k] - before["counters"][k] for k in after["counters"]}
+    return {"seen": counters["seen"], "bypassed": counters["bypassed_client"],
+            "bypassed_either_side": counters["bypassed"], "failed": counters["failed"],
+            "pending_after": after["counters"]["pending"],
+            "status_errors": before["errors"] + after["errors"]}
+
+
+def measure(h: Harness, w: Workload, mode: str, repeat: int,
+            routers: RouterSet | None) -> dict[str, Any]:
+    """One measurement with router counters and CPU time around it; never raises BenchError."""
+    sample: dict[str, Any] = {"workload": w.key, "mode": mode, "repeat": repeat, "values": {},
+                              "errors": 0, "error_text": "", "failure": None, "raw": {},
+                              "router": None, "router_cpu_s": None, "bypass_state": None}
+    before = routers.snapshot() if routers else None
+    start = time.monotonic()
+    try:
+        outcome: Outcome = w.run(h, h.endpoints(mode))
+        sample.update(values=outcome.values, errors=outcome.errors,
+                      error_text=outcome.error_text, raw=outcome.raw)
+        if not outcome.values:
+            sample["failure"] = outcome.error_text or "no numbers in the output"
+    except BenchError as exc:
+        sample["failure"] = str(exc)
+    sample["wall_s"] = time.monotonic() - start
+    if routers and before is not None:
+        after = routers.snapshot()
+        delta = _delta(before, after)
+        sample["router"] = delta
+        sample["router_cpu_s"] = after["cpu_s"] - before["cpu_s"]
+        sample["bypass_state"] = "bypassed" if delta["bypassed"] > 0 else "not bypassed"
+        dead = routers.alive()
+        if dead:
+            sample["failure"] = (sample["failure"] or "") + f" router exited on {', '.join(dead)}"
+    return sample
+
+
+def describe(sample: dict[str, Any], w: Workload) -> str:
+    """A short progress text for one sample."""
+    if sample["failure"]:
+        text = f"FAILED: {sample['failure'][:200]}"
+    else:
+        units = {m.name: m.unit for m in w.metrics()}
+        names = list(sample["values"])
+        if len(names) > 3:
+            names = [names[0], names[-1]]
+        text = ", ".join(f"{n} {fmt(sample['values'][n])} {units.get(n, '')}" for n in names)
+    if sample["errors"]:
+        text += f"; {sample['errors']} client errors"
+    if sample["router"] is not None:
+        r = sample["router"]
+        text += (f"; bypassed {r['bypassed']}" if r["bypassed"] else "; NOT BYPASSED")
+        text += f", router CPU {sample['router_cpu_s']:.2f}s"
+    return f"{text} ({sample['wall_s']:.1f}s)"
+
+
+def _testbed_up(pods: int, attempts: int = 2) -> Testbed:
+    """Testbed.up, once more if a namespace vanished under a concurrent cleanup."""
+    for attempt in range(attempts):
+        try:
+            return Testbed.up(2, pods)
+        except (TestbedError, OSError) as exc:
+            if attempt == attempts - 1:
+                raise BenchError(f"testbed: cannot build: {exc}") from None
+            time.sleep(1)
+    raise AssertionError("unreachable")
+
+
+def run_suite(opts: BenchOptions, progress: Progress) -> dict[str, Any]:
+    """Run everything; returns the result (samples, machine, router statuses). Cleans up
+    the testbed, routers and temporary files on success, failure and KeyboardInterrupt."""
+    workloads = make_workloads(opts)
+    modes = [m for m in ("overlay", "host", "bypass") if m in opts.modes]
+    result: dict[str, Any] = {
+        "bench_format": 1, "command": opts.command, "quick": opts.quick, "repeat": opts.repeat,
+        "modes": modes, "started": datetime.datetime.now(datetime.UTC).isoformat(
+            timespec="seconds"),
+        "machine": machine_info(),
+        "workloads": {w.key: {"title": w.title, "metrics": [dataclasses.asdict(m)
+                                                            for m in w.metrics()]}
+                      for w in workloads},
+        "samples": [], "routers": None, "interrupted": False, "error": None,
+    }
+    workdir = Path(tempfile.mkdtemp(prefix="ebpf-router-bench-"))
+    bed: Testbed | None = None
+    routers: RouterSet | None = None
+    t0 = time.monotonic()
+
+    def step(i: int, n: int, text: str) -> None:
+        elapsed = int(time.monotonic() - t0)
+        progress(f"[bench {i:>2}/{n} +{elapsed // 60}:{elapsed % 60:02d}] {text}")
+
+    try:
+        pods = max(w.pods_per_node for w in workloads)
+        step(0, 0, f"building a 2-node testbed ({pods} pod(s) per node, VXLAN overlay)")
+        bed = _testbed_up(pods)
+        result["testbed"] = {"id": bed.run_id, "nodes": len(bed.nodes), "pods": len(bed.pods)}
+        h = Harness(bed, workdir, opts.quick)
+        for w in workloads:
+            w.prepare(h)
+        plan = [(mode, w, r) for mode in modes for w in workloads for r in range(opts.repeat)]
+        for i, (mode, w, rep) in enumerate(plan, 1):
+            if mode == "bypass" and routers is None:
+                step(i, len(plan), "starting a router in each node's network namespace")
+                routers = RouterSet(bed, workdir, opts.rule_files, opts.router_loglevel)
+                routers.start()
+            sample = measure(h, w, mode, rep, routers if mode == "bypass" else None)
+            result["samples"].append(sample)
+            step(i, len(plan), f"{w.key} {mode} #{rep + 1}: {describe(sample, w)}")
+        if routers is not None:
+            result["routers"] = routers.statuses()
+    except KeyboardInterrupt:
+        result["interrupted"] = True
+        progress("[bench] interrupted: cleaning up")
+    except BenchError as exc:
+        result["error"] = str(exc)
+        progress(f"[bench] error: {exc}")
+    finally:
+        if routers is not None:
+            with contextlib.suppress(Exception):
+                result["router_exit_codes"] = routers.stop()
+        if bed is not None:
+            step(0, 0, "removing the testbed")
+            bed.down()
+        shutil.rmtree(workdir, ignore_errors=True)
+    result["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    result["elapsed_s"] = time.monotonic() - t0
+    return result

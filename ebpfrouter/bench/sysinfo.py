@@ -1,0 +1,54 @@
+"""What the numbers were measured on: CPU, cores, kernel, tool versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+VERSION_COMMANDS: dict[str, list[str]] = {
+    "iperf3": ["iperf3", "--version"],
+    "sockperf": ["sockperf", "--version"],
+    "redis-server": ["redis-server", "--version"],
+    "redis-benchmark": ["redis-benchmark", "--version"],
+    "memcached": ["memcached", "-V"],
+    "memcaslap": ["memcaslap", "-V"],
+    "openmpi": ["mpirun", "--version"],
+    "mpicc": ["mpicc", "--version"],
+}
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (or the machine type)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "cpu model", "hardware")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def tool_version(argv: list[str]) -> str | None:
+    """First non-empty line of a tool's version output; None if it is not installed."""
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return None
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", res.stdout + "\n" + res.stderr)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else None
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, kernel release, Python and tool versions."""
+    return {
+        "cpu_model": cpu_model(),
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "versions": {name: tool_version(argv) for name, argv in VERSION_COMMANDS.items()},
+    }
