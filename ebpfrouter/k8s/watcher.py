@@ -175,6 +175,7 @@ class ListWatcher:
             events = stream_watch.stream(
                 self._list,
                 resource_version=self.resource_version,
+                allow_watch_bookmarks=True,
                 timeout_seconds=self.watch_timeout,
                 _request_timeout=(self.request_timeout, self.watch_timeout + self.request_timeout),
                 **self._kwargs,
@@ -184,6 +185,11 @@ class ListWatcher:
                     break
                 kind, obj = event["type"], event["object"]
                 if kind == "BOOKMARK":
+                    # Progress without a change: resume from here, so quiet watches of a
+                    # busy cluster do not fall behind the compaction point (no 410).
+                    meta = (event.get("raw_object") or {}).get("metadata") or {}
+                    if meta.get("resourceVersion"):
+                        self.resource_version = meta["resourceVersion"]
                     continue
                 version = getattr(getattr(obj, "metadata", None), "resource_version", None)
                 self._on_event(kind, obj)

@@ -7,8 +7,10 @@ No API server can run on the test machines, so this small threaded HTTP server o
   `metadata.resourceVersion`, filtered by `fieldSelector` (`a=b`, `a==b`, `a!=b`, comma-joined).
 - `?watch=true`: a chunked stream of `{"type": "ADDED|MODIFIED|DELETED|ERROR", "object": ...}`
   lines from `resourceVersion` on (without one: the current objects as ADDED first), ended
-  after `timeoutSeconds`; a resourceVersion older than the compaction point gets the real
-  server's answer, an ERROR event carrying a 410 `Status` ("too old resource version").
+  after `timeoutSeconds` (with `allowWatchBookmarks=true`, a BOOKMARK event carrying the
+  version reached comes just before the end); a resourceVersion older than the compaction
+  point gets the real server's answer, an ERROR event carrying a 410 `Status`
+  ("too old resource version").
 - Knobs for tests: `compact()` (expire old resourceVersions), `drop_watches()` (end open
   streams as an apiserver restart does), `expire_watches()` (send the 410 ERROR event on open
   streams), `fail_next(n)` (answer the next n requests with a 500 `Status`), and
@@ -24,6 +26,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -73,6 +76,7 @@ class StandInApiServer:
         self._thread: threading.Thread | None = None
         self.requests: list[str] = []  # request paths with query, for assertions
         self.open_watches = 0
+        self._bookmark_on_drop = True
         self._connections: set[socket.socket] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -168,9 +172,13 @@ class StandInApiServer:
             self._events = []
             return self._compacted
 
-    def drop_watches(self) -> None:
-        """End every open watch stream cleanly (clients re-watch from their last version)."""
+    def drop_watches(self, bookmark: bool = True) -> None:
+        """End every open watch stream (clients re-watch from their last version).
+
+        `bookmark=False` ends them without the final BOOKMARK, as a restarting server does.
+        """
         with self._lock:
+            self._bookmark_on_drop = bookmark
             self._generation += 1
             self._lock.notify_all()
 
@@ -206,7 +214,8 @@ class StandInApiServer:
                     "metadata": {"resourceVersion": str(self._rv)}, "items": items}
 
     def _watch(self, handler: BaseHTTPRequestHandler, resource: str, namespace: str | None,
-               selector: str, since: str | None, timeout: float) -> None:
+               selector: str, since: str | None, timeout: float,
+               bookmarks: bool = False) -> None:
         def send(event: dict[str, Any]) -> None:
             data = (json.dumps(event) + "\n").encode()
             handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -263,6 +272,13 @@ class StandInApiServer:
                         self._lock.wait(min(0.2, max(0.0, deadline - time.monotonic())))
                 if pending is None:
                     break
+            if bookmarks and position is not None and self.running and self._bookmark_on_drop:
+                # As the real server does before it ends a stream: the version reached.
+                with self._lock:
+                    version = str(max(position, self._rv))
+                send({"type": "BOOKMARK", "object": {
+                    "kind": KINDS[resource], "apiVersion": "v1",
+                    "metadata": {"resourceVersion": version}}})
             handler.wfile.write(b"0\r\n\r\n")
             handler.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
@@ -294,7 +310,8 @@ class StandInApiServer:
         if query.get("watch") in ("true", "1"):
             timeout = float(query.get("timeoutSeconds", "1800"))
             return self._watch(handler, resource, namespace, selector,
-                               query.get("resourceVersion"), timeout)
+                               query.get("resourceVersion"), timeout,
+                               query.get("allowWatchBookmarks") == "true")
         return _reply(handler, 200, self._list(resource, namespace, selector))
 
 
@@ -361,3 +378,14 @@ def make_node(name: str, internal_ip: str, pod_cidrs: list[str],
         spec = {"podCIDR": pod_cidrs[0], "podCIDRs": list(pod_cidrs)}
     return {"kind": "Node", "apiVersion": "v1", "metadata": {"name": name, "labels": {}},
             "spec": spec, "status": {"addresses": addresses}}
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 5.0,
+             interval: float = 0.02) -> bool:
+    """Poll `predicate` until it is true or `timeout` seconds pass (test helper)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return bool(predicate())
+        time.sleep(interval)
+    return True

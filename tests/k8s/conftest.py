@@ -66,14 +66,3 @@ def core_api(standin):
     yield client.CoreV1Api(api_client)
     api_client.close()
 
-
-def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
-    """Poll `predicate` until it is true or `timeout` seconds pass."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return bool(predicate())
-        time.sleep(interval)
-    return True

@@ -6,8 +6,7 @@ import ipaddress
 import threading
 
 import pytest
-from apiserver_standin import StandInApiServer, make_node
-from conftest import wait_for
+from apiserver_standin import StandInApiServer, make_node, wait_for
 from kubernetes import client
 
 from ebpfrouter.k8s.nodes import NodePeerMap

@@ -7,8 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
-from apiserver_standin import StandInApiServer, make_pod
-from conftest import wait_for
+from apiserver_standin import StandInApiServer, make_pod, wait_for
 from kubernetes import client
 
 from ebpfrouter.k8s.apiclient import api_client_for_host
@@ -119,7 +118,7 @@ def test_rewatch_from_a_compacted_version_gets_410_then_relists(
     standin.compact()
     standin.put("pods", make_pod("a", NODE, "10.244.1.2", {"v": "3"}))
     standin.compact()  # the change above is gone from history too
-    standin.drop_watches()  # the client re-watches from its version: too old
+    standin.drop_watches(bookmark=False)  # re-watch from the client's version: too old
     assert wait_for(lambda: source.watcher.lists >= 2)
     assert wait_for(lambda: labels_of(source, "10.244.1.2") == {"v": "3"})
 
@@ -135,6 +134,22 @@ def test_stream_end_resumes_without_relist(standin: StandInApiServer,
     standin.put("pods", make_pod("a", NODE, "10.244.1.2", {"v": "2"}))
     assert wait_for(lambda: labels_of(source, "10.244.1.2") == {"v": "2"})
     assert source.watcher.lists == 1
+
+
+def test_bookmarks_keep_a_quiet_watch_resumable(standin: StandInApiServer,
+                                                source: KubePodMetadata) -> None:
+    standin.put("pods", make_pod("a", NODE, "10.244.1.2", {"v": "1"}))
+    source.start()
+    assert source.wait_synced(5) and standin.wait_watching()
+    for i in range(5):  # busy elsewhere: nothing this watch would see
+        standin.put("pods", make_pod("other", "node-b", "10.244.2.2", {"n": str(i)}))
+    standin.compact()
+    standin.drop_watches()  # ends with a BOOKMARK at the current version
+    assert wait_for(lambda: sum("watch=true" in r for r in standin.requests) >= 2)
+    standin.put("pods", make_pod("a", NODE, "10.244.1.2", {"v": "2"}))
+    assert wait_for(lambda: labels_of(source, "10.244.1.2") == {"v": "2"})
+    assert source.watcher.lists == 1  # resumed from the bookmark, no 410, no re-list
+    assert any("allowWatchBookmarks=true" in r for r in standin.requests)
 
 
 def test_api_errors_back_off_and_recover(standin: StandInApiServer,
