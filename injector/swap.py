@@ -188,8 +188,8 @@ def _install(
 ) -> None:
     pid = proc.pid
     new_ino = os.fstat(new_sock.fileno()).st_ino
-    received = send_fd(proc, new_sock, timeout=timeout)
-    with proc.scratch(64) as ev_addr:
+    with proc.scratch(64) as ev_addr:  # mapped first: nothing to undo if this fails
+        received = send_fd(proc, new_sock, timeout=timeout)
         r = _Remote(proc, ev_addr)
         deleted: list[EpollWatch] = []
         try:

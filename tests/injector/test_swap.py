@@ -4,6 +4,7 @@ its connection to a fresh connection it owns, switches its own end, and checks e
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -475,6 +476,58 @@ def test_swap_many_all_or_nothing(target, monkeypatch):
     for o in (*olds.values(), c1, c2):
         o.close()
     assert_running(t.pid)
+
+
+def _socket_in_netns(pid: int) -> socket.socket:
+    """A TCP socket created in `pid`'s network namespace (by a thread that setns'es)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    out: list = []
+
+    def work() -> None:
+        ns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+        try:
+            if libc.setns(ns, 0x40000000) != 0:
+                out.append(OSError(ctypes.get_errno(), "setns"))
+                return
+            out.append(socket.socket())
+        finally:
+            os.close(ns)  # the thread ends here, still in that netns: harmless
+
+    th = threading.Thread(target=work)
+    th.start()
+    th.join()
+    if isinstance(out[0], OSError):
+        raise out[0]
+    return out[0]
+
+
+def test_pod_connection_swapped_for_host_network_socket():
+    """The router's case: the app lives in its own netns (a "pod"); its connection there is
+    replaced by a socket of the host netns, and it keeps talking without noticing."""
+    t = FdTarget(prefix=["unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$@"',
+                         "sh"])  # fmt: skip
+    try:
+        assert os.stat(f"/proc/{t.pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
+        a = _socket_in_netns(t.pid)
+        t.proc.stdin.write("accept\n")
+        t.proc.stdin.flush()
+        a.connect(("127.0.0.1", t.port))  # 127.0.0.1 of the pod's netns
+        fd = int(t.readline())
+        with a:
+            a.sendall(b"overlay")
+            assert bytes.fromhex(t.cmd("recv", fd, 7)) == b"overlay"
+            s2, c2 = fresh_pair()  # host netns
+            with s2:
+                old = replace_fd(t.pid, fd, s2, expected_inode=socket_inode(t.pid, fd))
+            old.close()
+        with c2:
+            c2.sendall(b"host")
+            assert bytes.fromhex(t.cmd("recv", fd, 4)) == b"host"
+            assert t.cmd("send", fd, b"reply".hex()) == "5"
+            assert recv_exact(c2, 5) == b"reply"
+        assert_running(t.pid)
+    finally:
+        t.close()
 
 
 def test_target_killed_while_frozen_is_an_ordinary_error(target):
