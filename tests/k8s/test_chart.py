@@ -27,10 +27,10 @@ def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([helm, *args], capture_output=True, text=True, timeout=60, env=env)
 
 
-def render(helm: str, chart: Path, *args: str) -> list[dict]:
+def render(helm: str, chart: Path, *args: str, kube_version: str = KUBE_VERSION) -> list[dict]:
     """`helm template` the chart; return its documents (fails the test on a helm error)."""
     proc = run_helm(helm, "template", "rt", str(chart), "--namespace", "kube-system",
-                    "--kube-version", KUBE_VERSION, *args)
+                    "--kube-version", kube_version, *args)
     assert proc.returncode == 0, proc.stderr
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
@@ -45,13 +45,13 @@ def one(docs: list[dict], kind: str) -> dict:
     return found[0]
 
 
-def validate_all(docs: list[dict]) -> None:
+def validate_all(docs: list[dict], kube_version: str = KUBE_VERSION) -> None:
     """Validate every document against the strict Kubernetes JSON schemas (offline)."""
     for doc in docs:
         if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
             continue
         try:
-            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+            kubernetes_validate.validate(doc, kube_version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             path = "/".join(str(p) for p in exc.path)
             pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} at {path}: {exc.message}")
@@ -73,12 +73,18 @@ def test_lint_is_clean(helm: str, chart: Path, values: list[str]) -> None:
     assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout
 
 
-def test_default_render_is_valid(helm: str, chart: Path) -> None:
-    docs = render(helm, chart)
+@pytest.mark.parametrize("kube_version", ["1.25.0", KUBE_VERSION, "1.37.0"])
+def test_default_render_is_valid(helm: str, chart: Path, kube_version: str) -> None:
+    docs = render(helm, chart, kube_version=kube_version)
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == sorted(["ServiceAccount", "Secret", "ConfigMap", "ClusterRole",
                             "ClusterRoleBinding", "DaemonSet"])
-    validate_all(docs)
+    validate_all(docs, kube_version)
+
+
+def test_older_kubernetes_is_refused(helm: str, chart: Path) -> None:
+    proc = run_helm(helm, "template", "rt", str(chart), "--kube-version", "1.24.0")
+    assert proc.returncode != 0 and "kubeVersion" in proc.stderr
 
 
 def test_full_render_is_valid(helm: str, chart: Path) -> None:
