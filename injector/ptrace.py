@@ -209,12 +209,11 @@ def wait_stop(
         now = time.monotonic()
         if now >= deadline:
             raise FreezeTimeout(pid if pid is not None else tid, tid, what, timeout)
-        if delay == 0.0:
-            os.sched_yield()
-            delay = 20e-6
+        if polls < 8:
+            os.sched_yield()  # most stops arrive within microseconds
         else:
             time.sleep(min(delay, deadline - now))
-            delay = min(delay * 2, 2e-3)
+            delay = min(delay * 1.5 + 10e-6, 250e-6)
 
 
 def thread_state(pid: int, tid: int) -> str | None:

@@ -25,6 +25,7 @@ import ctypes
 import errno
 import mmap
 import os
+import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -36,6 +37,7 @@ from injector.errors import FreezeTimeout, InjectorError, RemoteSyscallError, Ta
 
 _U64 = (1 << 64) - 1
 MAX_ERRNO = 4095
+AT_SYSINFO_EHDR = 33
 
 
 def to_signed(value: int) -> int:
@@ -255,11 +257,15 @@ class RemoteProcess:
     # -- code and memory ---------------------------------------------------------------
 
     def syscall_insn_addr(self) -> int:
-        """Address of a syscall instruction in an executable mapping ([vdso] preferred)."""
+        """Address of a syscall instruction in an executable mapping ([vdso] preferred).
+
+        Any occurrence of the bytes will do, even inside another instruction: execution
+        starts there and stops right after the syscall, so nothing else is ever run.
+        """
         if self._insn_addr is not None:
             return self._insn_addr
         insn, align = self.arch.syscall_insn, self.arch.insn_align
-        for start, end, _path in self._exec_mappings():
+        for start, end in self._exec_mappings():
             try:
                 data = self.read_memory(start, min(end - start, 1 << 20))
             except InjectorError:
@@ -272,24 +278,55 @@ class RemoteProcess:
                 return self._insn_addr
         raise InjectorError(f"pid {self.pid}: no syscall instruction in any executable mapping")
 
-    def _exec_mappings(self) -> list[tuple[int, int, str]]:
+    def _vdso_text(self) -> tuple[int, int] | None:
+        """The vDSO's executable PT_LOAD segment, from AT_SYSINFO_EHDR and its ELF header
+        (cheaper than reading /proc/PID/maps)."""
+        try:
+            with open(f"/proc/{self.pid}/auxv", "rb") as f:
+                auxv = f.read()
+        except OSError:
+            return None
+        base = 0
+        for key, value in struct.iter_unpack("<QQ", auxv[: len(auxv) // 16 * 16]):
+            if key == AT_SYSINFO_EHDR:
+                base = value
+        if not base:
+            return None
+        try:
+            ehdr = self.read_memory(base, 64)
+            if ehdr[:4] != b"\x7fELF" or ehdr[4] != 2:
+                return None
+            phoff, = struct.unpack_from("<Q", ehdr, 0x20)
+            phentsize, phnum = struct.unpack_from("<HH", ehdr, 0x36)
+            for i in range(min(phnum, 16)):
+                ph = self.read_memory(base + phoff + i * phentsize, 56)
+                p_type, p_flags, _off, vaddr, _paddr, filesz = struct.unpack_from("<IIQQQQ", ph)
+                if p_type == 1 and p_flags & 1:  # PT_LOAD, PF_X
+                    return base + vaddr, base + vaddr + filesz
+        except InjectorError:
+            return None
+        return None
+
+    def _exec_mappings(self) -> Iterator[tuple[int, int]]:
+        """Readable+executable mappings, [vdso] first ([vsyscall] never: not executable)."""
+        vdso = self._vdso_text()
+        if vdso is not None:
+            yield vdso
         try:
             with open(f"/proc/{self.pid}/maps") as f:
-                lines = f.read().splitlines()
+                text = f.read()
         except (FileNotFoundError, ProcessLookupError):
             raise TargetGoneError(self.pid, None, "no /proc entry") from None
-        found = []
+        lines = text.splitlines()
+        lines.sort(key=lambda ln: not ln.endswith("[vdso]"))
         for line in lines:
             parts = line.split(maxsplit=5)
-            if len(parts) < 5 or "x" not in parts[1] or "r" not in parts[1]:
+            if len(parts) < 5 or not parts[1].startswith("r") or parts[1][2] != "x":
                 continue
-            path = parts[5] if len(parts) > 5 else ""
-            if path == "[vsyscall]":
+            if line.endswith("[vsyscall]"):
                 continue
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            found.append((lo, hi, path))
-        found.sort(key=lambda m: m[2] != "[vdso]")
-        return found
+            yield lo, hi
 
     def _mem(self) -> int:
         if self._mem_fd is None:
