@@ -282,7 +282,7 @@ class RemoteProcess:
         """The vDSO's executable PT_LOAD segment, from AT_SYSINFO_EHDR and its ELF header
         (cheaper than reading /proc/PID/maps)."""
         try:
-            with open(f"/proc/{self.pid}/auxv", "rb") as f:
+            with open(f"{self._proc_dir()}/auxv", "rb") as f:
                 auxv = f.read()
         except OSError:
             return None
@@ -313,7 +313,7 @@ class RemoteProcess:
         if vdso is not None:
             yield vdso
         try:
-            with open(f"/proc/{self.pid}/maps") as f:
+            with open(f"{self._proc_dir()}/maps") as f:
                 text = f.read()
         except (FileNotFoundError, ProcessLookupError):
             raise TargetGoneError(self.pid, None, "no /proc entry") from None
@@ -328,10 +328,17 @@ class RemoteProcess:
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
             yield lo, hi
 
+    def _proc_dir(self) -> str:
+        """/proc directory of a live thread (a main thread that called pthread_exit has no
+        mm left, so its /proc/PID/mem and maps are empty)."""
+        for tid in self.tids:
+            return f"/proc/{self.pid}/task/{tid}"
+        return f"/proc/{self.pid}"
+
     def _mem(self) -> int:
         if self._mem_fd is None:
             try:
-                self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+                self._mem_fd = os.open(f"{self._proc_dir()}/mem", os.O_RDWR | os.O_CLOEXEC)
             except (FileNotFoundError, ProcessLookupError):
                 raise TargetGoneError(self.pid, None, "no /proc entry") from None
         return self._mem_fd

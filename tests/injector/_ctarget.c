@@ -117,6 +117,11 @@ int main(int argc, char **argv) {
         say("ready\n");
         r = pthread_join(t, NULL);  /* main thread waits in a futex */
         say("join=%ld errno=0\n", r);
+    } else if (!strcmp(mode, "zombie-leader")) {
+        pthread_t t;
+        pthread_create(&t, NULL, reader, NULL);
+        say("ready\n");
+        pthread_exit(NULL);  /* the main thread is gone; the process lives on */
     } else if (!strcmp(mode, "vfork")) {
         say("ready\n");
         pid_t child = vfork();  /* parent sleeps uninterruptibly until the child exits */

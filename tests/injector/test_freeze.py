@@ -137,6 +137,23 @@ def test_already_stopped_process_stays_stopped(spawn: Callable[..., Target]) -> 
     assert t.proc.poll() is None
 
 
+def test_main_thread_exited_process_lives_on(spawn: Callable[..., Target]) -> None:
+    t = spawn("zombie-leader")
+    t.readline()
+    assert wait_state(t.pid, "Z")
+    (worker,) = set(task_states(t.pid)) - {t.pid}
+    wait_state(t.pid, "S", tid=worker)
+    with freeze(t.pid) as proc:
+        assert proc.tids == [worker]
+        assert proc.syscall("getpid") == t.pid and proc.syscall("gettid") == worker
+        with proc.scratch(64) as addr:
+            proc.write_memory(addr, b"ok")
+            assert proc.read_memory(addr, 2) == b"ok"
+    assert tracers(t.pid)[worker] == 0
+    t.send(b"x")
+    assert parse(t.readline()) == {"read": 1, "errno": 0}
+
+
 def test_target_gone_before_freeze() -> None:
     p = subprocess.Popen(["true"])
     p.wait()
