@@ -143,8 +143,21 @@ def test_memcached_keeps_serving_across_swap():
         conns = mc_stat(a, "curr_connections")
         total = mc_stat(a, "total_connections")
         ep_before = snapshot(mc.pid).epoll
-        c2 = swap_server_end(mc.pid, a)
+        fd, inode = server_fd(mc.pid, a)
+        s2, c2 = fresh_pair()
+        during = os.urandom(900_000)  # sent on the new connection while the swap runs
+        request = f"set during 0 0 {len(during)}\r\n".encode() + during + b"\r\n"
+        sender = threading.Thread(target=c2.sendall, args=(request,))
+        sender.start()
+        old = replace_fd(mc.pid, fd, s2, expected_inode=inode)
+        s2.close()
+        sender.join(10)
+        assert not sender.is_alive()
+        assert recv_exact(c2, 8) == b"STORED\r\n"
+        old.close()
+        a.close()
         with c2:
+            assert mc_get(c2, "during", len(during)) == during
             for k, v in values.items():
                 assert mc_get(c2, k, len(v)) == v
             new = os.urandom(700_000)
