@@ -152,6 +152,7 @@ class _Remote:
     def __init__(self, proc: Any, ev_addr: int) -> None:
         self.proc = proc
         self.ev_addr = ev_addr
+        self.errors: list[BaseException] = []
 
     def epoll_ctl(self, op: int, fd: int, w: EpollWatch) -> None:
         if op == EPOLL_CTL_DEL:
@@ -166,15 +167,15 @@ class _Remote:
     def close(self, fd: int) -> None:
         self.proc.syscall("close", fd)
 
-    def quiet(self, what: str, fn: Any, *args: Any, ok: tuple[int, ...] = ()) -> None:
-        """Run one rollback step; errno in `ok` is success, other errors are logged and re-raised
-        only if the target is gone."""
+    def undo(self, what: str, fn: Any, *args: Any, ok: tuple[int, ...] = ()) -> None:
+        """Run one rollback step, best effort: errno in `ok` counts as done; another error is
+        logged and kept (the first one) while the remaining steps still run."""
         try:
             fn(*args)
         except RemoteSyscallError as e:
             if e.errno not in ok:
                 log.error("pid %d: rollback step %s failed: %s", self.proc.pid, what, e)
-                raise
+                self.errors.append(e)
 
 
 def _install(
@@ -203,7 +204,6 @@ def _install(
             if _inode_at(pid, fd) == new_ino:  # dup3 happened after all (e.g. a timeout)
                 _rollback_after_dup3(r, fd, old, cloexec, [], watchers, received, e, timeout)
             _rollback_before_dup3(r, fd, deleted, received, e)
-            raise
         added: list[EpollWatch] = []
         try:
             for w in watchers:
@@ -222,15 +222,11 @@ def _install(
 def _rollback_before_dup3(
     r: _Remote, fd: int, deleted: list[EpollWatch], received: int, cause: BaseException
 ) -> None:
-    pid = r.proc.pid
-    try:
-        for w in deleted:
-            r.quiet(f"re-add epfd {w.epfd}", r.epoll_ctl, EPOLL_CTL_ADD, fd, w, ok=(_EEXIST,))
-        r.quiet(f"close fd {received}", r.close, received)
-    except TargetGoneError:
-        raise
-    except BaseException as e:
-        raise SwapError(pid, fd, str(cause), rollback_error=e) from cause
+    """The old socket is still at `fd`: put back the epoll registrations already deleted."""
+    for w in deleted:
+        r.undo(f"re-add to epfd {w.epfd}", r.epoll_ctl, EPOLL_CTL_ADD, fd, w, ok=(_EEXIST,))
+    r.undo(f"close fd {received}", r.close, received)
+    _raise_rolled_back(r, fd, cause)
 
 
 def _rollback_after_dup3(
@@ -245,20 +241,26 @@ def _rollback_after_dup3(
     timeout: float,
 ) -> None:
     """The new socket is at `fd`: put the old one back there, with its epoll registrations."""
-    pid = r.proc.pid
+    for w in added:
+        r.undo(f"delete from epfd {w.epfd}", r.epoll_ctl, EPOLL_CTL_DEL, fd, w, ok=(_ENOENT,))
     try:
-        for w in added:
-            r.quiet(f"delete from epfd {w.epfd}", r.epoll_ctl, EPOLL_CTL_DEL, fd, w, ok=(_ENOENT,))
         back = send_fd(r.proc, old, timeout=timeout)
-        try:
-            r.dup3(back, fd, cloexec)
-        finally:
-            r.quiet(f"close fd {back}", r.close, back)
-        for w in watchers:
-            r.quiet(f"re-add epfd {w.epfd}", r.epoll_ctl, EPOLL_CTL_ADD, fd, w, ok=(_EEXIST,))
-        r.quiet(f"close fd {received}", r.close, received)
     except TargetGoneError:
         raise
-    except BaseException as e:
-        raise SwapError(pid, fd, str(cause), rollback_error=e) from cause
-    raise SwapError(pid, fd, f"{cause} (rolled back: old socket restored)") from cause
+    except InjectorError as e:
+        log.error("pid %d fd %d: could not hand the old socket back: %s", r.proc.pid, fd, e)
+        r.errors.append(e)
+    else:
+        r.undo(f"dup3 old socket to fd {fd}", r.dup3, back, fd, cloexec)
+        r.undo(f"close fd {back}", r.close, back)
+    for w in watchers:
+        r.undo(f"re-add to epfd {w.epfd}", r.epoll_ctl, EPOLL_CTL_ADD, fd, w, ok=(_EEXIST,))
+    r.undo(f"close fd {received}", r.close, received)
+    _raise_rolled_back(r, fd, cause)
+
+
+def _raise_rolled_back(r: _Remote, fd: int, cause: BaseException) -> None:
+    if not isinstance(cause, Exception):  # KeyboardInterrupt and friends: rolled back, go on
+        raise cause
+    first = r.errors[0] if r.errors else None
+    raise SwapError(r.proc.pid, fd, f"{cause} (rolled back)", rollback_error=first) from cause

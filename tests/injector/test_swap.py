@@ -454,8 +454,12 @@ def test_failure_mid_swap_rolls_back(target, monkeypatch, fail_at):
     s2, c2 = fresh_pair()
     with s2, c2, pytest.raises(InjectorError) as ei:
         replace_fd(t.pid, fd, s2)
-    if fail_at == "add":
+    if fail_at == "fdpass":
+        assert not isinstance(ei.value, SwapError)  # nothing had been changed yet
+    else:
         assert isinstance(ei.value, SwapError) and ei.value.rollback_error is None
+        assert isinstance(ei.value.__cause__, RemoteSyscallError)
+        assert f"pid {t.pid} fd {fd}" in str(ei.value)
     assert socket_inode(t.pid, fd) == inode  # the old socket is back
     assert fd_flags(t.pid, fd) == flags
     assert snapshot(t.pid) == before  # same fds, maps, epoll events and data
