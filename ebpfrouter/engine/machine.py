@@ -846,12 +846,11 @@ class Engine:
         if conn.state is State.PROBING:
             self._probe_later(conn)
             return
-        if conn.state is State.REPLACING and conn.role is Role.CLIENT and conn.pending_abort:
-            retry, notify = False, conn.pending_abort[2]
-        else:
-            retry, notify = True, True
-        conn.pending_abort = None
-        self._abort(conn, ev.reason, retry=retry, notify=notify)
+        pending, conn.pending_abort = conn.pending_abort, None
+        if pending is None:  # a failed step: undo it, tell the peer, try again later
+            self._abort(conn, ev.reason, retry=True, notify=True)
+        else:  # an abort was already decided while the action ran: it wins
+            self._abort(conn, pending[0], retry=pending[1], notify=pending[2])
 
     def _on_PeerLost(self, ev: PeerLost) -> None:
         for conn in [c for c in self.conns.values() if c.peer == ev.peer]:
