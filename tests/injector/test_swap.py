@@ -558,3 +558,38 @@ def test_target_killed_while_frozen_is_an_ordinary_error(target):
     with contextlib.suppress(ChildProcessError, subprocess.TimeoutExpired):
         t.proc.wait(5)
     assert not os.path.exists(f"/proc/{t.pid}")
+
+
+def test_rollback_failure_is_reported_and_other_undo_steps_still_run(target, monkeypatch):
+    """ADD into the second set fails, then re-adding to the first set fails too (forced errors,
+    real target): the error says so, and every other undo step still ran."""
+    t = target
+    c, fd = t.connect()
+    for n, data in ((0, "0x10"), (1, "0x20")):
+        assert t.cmd("epoll", n, fd, hex(select.EPOLLIN), data) == "ok"
+    inode = socket_inode(t.pid, fd)
+    before = snapshot(t.pid)
+    real_ctl = swap_mod._Remote.epoll_ctl
+    adds = {"n": 0}
+
+    def ctl(self, op, fd_, w):
+        if op == 1:
+            adds["n"] += 1
+            # 1st ADD (set 0) ok, 2nd (set 1) fails; rollback re-adds: set 0 fails, set 1 ok
+            if adds["n"] in (2, 3):
+                raise RemoteSyscallError(12, t.pid, t.pid, "epoll_ctl")
+        return real_ctl(self, op, fd_, w)
+
+    monkeypatch.setattr(swap_mod._Remote, "epoll_ctl", ctl)
+    s2, c2 = fresh_pair()
+    with s2, c2, pytest.raises(SwapError) as ei:
+        replace_fd(t.pid, fd, s2)
+    assert isinstance(ei.value.rollback_error, RemoteSyscallError)
+    assert "ROLLBACK ALSO FAILED" in str(ei.value)
+    assert socket_inode(t.pid, fd) == inode  # the old socket is back anyway
+    after = snapshot(t.pid)
+    assert after.fds == before.fds and after.maps == before.maps
+    assert after.epoll[t.epfds[1]] == before.epoll[t.epfds[1]]
+    assert after.epoll[t.epfds[0]] == []  # the one step that failed
+    assert_running(t.pid)
+    c.close()
