@@ -31,6 +31,7 @@ from ebpfrouter.engine import (  # noqa: E402
     HostAccepted,
     ListenTraced,
     OpenHostListener,
+    PeerLost,
     PeerMessage,
     ReplaceFd,
     SendPeer,
@@ -433,3 +434,16 @@ def test_late_accept_waits_without_using_up_attempts() -> None:
     world.drain()
     assert world.check_final() == ["swapped"]
     assert world.daemons[CLIENT].engine.stats["gave_up"] == 0
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_peer_lost_while_server_freezes_is_not_forgotten(ok: bool) -> None:
+    """Regression: a failing freeze used to turn a decided final abort into a retry."""
+    world = World()
+    while not any(isinstance(a, Freeze) and n == SERVER for n, a in world.pending):
+        assert world.step_default()
+    world.feed(SERVER, PeerLost(CLIENT))
+    index = next(i for i, (n, a) in enumerate(world.pending) if n == SERVER)
+    world.complete(index, ok=ok)
+    engine = world.daemons[SERVER].engine
+    assert not engine.conns and not engine.busy_pids and not world.procs[SERVER].frozen
