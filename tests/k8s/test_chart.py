@@ -118,6 +118,7 @@ def test_daemonset_shape(helm: str, chart: Path) -> None:
     assert sc["capabilities"] == {"drop": ["ALL"], "add": CAPABILITIES}
     assert router["command"] == ["ebpf-router", "run"]
     assert "--health-port=9180" in router["args"]
+    assert "--node-name=$(NODE_NAME)" in router["args"]  # expanded by the kubelet from env
     env = env_of(router)
     assert env["OVERLAY_IF"] == "flannel.1" and env["HOST_IF"] == "eth0"
     assert env["ROUTER_PORT"] == "1234" and env["ROUTER_LOGLEVEL"] == "WARNING"
