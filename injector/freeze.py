@@ -3,10 +3,11 @@
 ``with freeze(pid) as proc:`` seizes each thread (PTRACE_SEIZE with TRACECLONE, so threads
 born meanwhile are traced from their first instruction), interrupts it, and rescans
 /proc/PID/task until no new thread appears. On leaving the block (normally, by exception,
-timeout or KeyboardInterrupt) every thread gets its registers and signal mask back, is
-parked in the kernel's signal path if it ran injections (so interrupted syscalls restart
-the kernel's way), and is detached. A process that was already stopped (SIGSTOP) stays
-stopped: the kernel puts a detached thread of a stopped group back into group-stop.
+timeout or KeyboardInterrupt) every thread gets its original registers and signal mask
+back and is detached; detaching sends it through the kernel's signal path, so a syscall
+our interrupt cut short restarts the kernel's way. A process that was already stopped
+(SIGSTOP) stays stopped: the kernel puts a detached thread of a stopped group back into
+group-stop.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from contextlib import contextmanager, suppress
 from injector import ptrace as pt
 from injector.arch import EINTR_ON_INTERRUPT, ERESTARTNOHAND
 from injector.errors import FreezeTimeout, InjectorError, TargetGoneError
-from injector.remote import RemoteProcess, ThreadState, copy_regs, restart_regs, to_signed
+from injector.remote import RemoteProcess, ThreadState, copy_regs, to_signed
 
 __all__ = ["FrozenProcess", "freeze"]
 
@@ -211,8 +212,9 @@ class FrozenProcess(RemoteProcess):
                 pt.setregs(tid, state.saved_regs)
             if state.saved_mask is not None:
                 pt.setsigmask(tid, state.saved_mask)
-            if state.at_syscall_exit:
-                self._park(state)
+            # Detaching a thread in a ptrace-stop sets TIF_SIGPENDING (__ptrace_unlink), so
+            # on its way out it passes through the kernel's signal path with the original
+            # registers: -ERESTART* is restarted, or becomes EINTR if a handler runs.
             for sig in dict.fromkeys(state.pending_signals):
                 pt.tgkill(self.pid, tid, sig)
             sig = state.stop.sig if state.stop and state.stop.kind is pt.StopKind.SIGNAL else 0
@@ -221,40 +223,6 @@ class FrozenProcess(RemoteProcess):
             if exc.errno != errno.ESRCH:
                 raise
             self._reap(state)
-
-    def _park(self, state: ThreadState) -> None:
-        """Move a thread from a syscall-exit-stop back into the kernel's signal path.
-
-        From a PTRACE_EVENT_STOP the kernel's own restart logic runs on resume: the
-        interrupted syscall is restarted, or fails with EINTR if a handler runs, just as
-        if the tracer had never been there.
-        """
-        tid = state.tid
-        pt.interrupt(tid)
-        pt.cont(tid)
-        for _ in range(8):
-            try:
-                stop = pt.wait_stop(tid, _THAW_WAIT, self.pid, "the thread to park")
-            except FreezeTimeout:
-                break
-            state.stop = stop
-            if stop.kind is pt.StopKind.EXITED:
-                state.gone = True
-                raise OSError(errno.ESRCH, "exited")
-            if stop.kind in (pt.StopKind.EVENT_STOP, pt.StopKind.GROUP_STOP):
-                state.at_syscall_exit = False
-                return
-            if stop.kind is pt.StopKind.SIGNAL:
-                return  # inside get_signal() too: detaching delivers it with kernel restarts
-            pt.cont(tid)
-        # Could not park: rewind by hand (the kernel's no-handler restart) and detach.
-        if pt.thread_state(self.pid, tid) != "t":
-            with suppress(OSError):
-                pt.interrupt(tid)
-                pt.wait_stop(tid, _THAW_WAIT, self.pid, "the thread to stop")
-        assert state.saved_regs is not None
-        pt.setregs(tid, restart_regs(self.arch, state.saved_regs))
-        state.stop = None
 
     def _reap(self, state: ThreadState) -> None:
         """Collect a dead traced thread so it does not linger as a traced zombie."""

@@ -12,11 +12,15 @@ How one injection works (x86_64 shown; aarch64 uses the same steps with its tabl
 3. Set number and arguments, mark "not in a syscall" (orig_rax = -1), resume with
    PTRACE_SYSCALL to the entry stop, again to the exit stop, read the result, and put the
    saved registers back at once.
-4. At thaw (freeze.py) a thread that ran injections is parked back inside the kernel's
-   signal-delivery path (PTRACE_INTERRUPT, then a PTRACE_EVENT_STOP) with its original
-   registers and mask, so an interrupted syscall (-ERESTARTSYS, -ERESTARTNOINTR,
-   -ERESTARTNOHAND, -ERESTART_RESTARTBLOCK) is restarted, or turned into EINTR if a handler
-   runs, by the kernel itself, exactly as if we had never been there.
+4. Restarts are left to the kernel, which is the only way to be exact: the saved
+   registers of a thread stopped inside a syscall hold orig_rax = nr and rax = -ERESTART*
+   with rip after the syscall instruction. At thaw (freeze.py) they are put back and the
+   thread detached; PTRACE_DETACH of a stopped tracee sets TIF_SIGPENDING
+   (__ptrace_unlink), so on its way out it runs arch_do_signal_or_restart(): with no
+   handler to run, ERESTARTSYS/NOINTR/NOHAND rewind ip by 2 and reload rax (restart),
+   ERESTART_RESTARTBLOCK becomes restart_syscall (nanosleep keeps its deadline); if a
+   signal handler runs, ERESTARTNOHAND (and ERESTARTSYS without SA_RESTART) become EINTR,
+   just as without us. Tests show it: a mutation that hides orig_rax leaks the codes.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 from injector import ptrace as pt
-from injector.arch import RESTART_CODES, Arch, current
+from injector.arch import Arch, current
 from injector.errors import FreezeTimeout, InjectorError, RemoteSyscallError, TargetGoneError
 
 _U64 = (1 << 64) - 1
@@ -56,33 +60,12 @@ class ThreadState:
     gone: bool = False
     saved_regs: ctypes.Structure | None = None
     saved_mask: int | None = None
-    at_syscall_exit: bool = False  # left in a syscall-exit-stop by an injection
     pending_signals: list[int] = field(default_factory=list)  # to re-send at thaw
 
 
 def copy_regs(regs: ctypes.Structure) -> ctypes.Structure:
     """An independent copy of a registers structure."""
     return type(regs).from_buffer_copy(regs)
-
-
-def restart_regs(arch: Arch, regs: ctypes.Structure) -> ctypes.Structure:
-    """Registers rewound so an interrupted syscall re-executes (the kernel's no-handler path).
-
-    Used only as a fallback when a thread cannot be parked in the signal path at thaw.
-    """
-    out = copy_regs(regs)
-    if arch.orig_nr_reg is None or arch.restart_rewound_at_stop:
-        return out
-    orig = to_signed(getattr(out, arch.orig_nr_reg))
-    ret = to_signed(getattr(out, arch.ret_reg))
-    if orig >= 0 and -ret in RESTART_CODES:
-        if -ret == 516:  # ERESTART_RESTARTBLOCK
-            setattr(out, arch.nr_reg, arch.nr("restart_syscall"))
-        else:
-            setattr(out, arch.nr_reg, orig)
-        setattr(out, arch.ip_reg, getattr(out, arch.ip_reg) - len(arch.syscall_insn))
-        setattr(out, arch.orig_nr_reg, _U64)
-    return out
 
 
 class RemoteProcess:
@@ -204,7 +187,6 @@ class RemoteProcess:
     def _run_to(self, state: ThreadState, op: int, name: str) -> None:
         """Resume with PTRACE_SYSCALL until the wanted syscall stop (1 entry, 2 exit)."""
         tid = state.tid
-        state.at_syscall_exit = True  # from here on the thread must be parked at thaw
         pt.syscall(tid)
         while True:
             try:

@@ -3,7 +3,6 @@ the kernel alone would have shown it (no spurious EINTR, no leaked restart code)
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -24,10 +23,8 @@ from _ctargets import (
 )
 
 from injector import ptrace as pt
-from injector.arch import X86_64
 from injector.errors import FreezeTimeout, RemoteSyscallError
 from injector.freeze import FrozenProcess, freeze
-from injector.remote import restart_regs
 
 root = pytest.mark.root
 
@@ -109,16 +106,17 @@ def test_nanosleep_restarts_with_remaining_time(spawn: Callable[..., Target]) ->
     t.readline()
     start = time.monotonic()
     wait_blocked(t.pid)
-    time.sleep(0.05)
+    time.sleep(0.1)
     with freeze(t.pid) as proc:
         for _ in range(20):
             _exercise(proc)
         time.sleep(0.05)
+    thawed_ms = (time.monotonic() - start) * 1000
     result = parse(t.readline())
     assert result["nanosleep"] == 0 and result["errno"] == 0, result
-    # restart_syscall resumes the same deadline: not early, not 400 ms again.
-    assert 395 <= result["elapsed_ms"] < 600, result
-    assert time.monotonic() - start < 0.8
+    # restart_syscall keeps the original deadline: not early, and not a fresh 400 ms
+    # counted from the thaw (which would end at least thawed_ms + 400 after the start).
+    assert 395 <= result["elapsed_ms"] < 400 + thawed_ms - 50, (result, thawed_ms)
 
 
 @root
@@ -138,11 +136,15 @@ def test_pause_gets_eintr_only_if_a_handler_ran(spawn: Callable[..., Target]) ->
 
 
 @root
-def test_signals_during_injections_are_all_delivered(spawn: Callable[..., Target]) -> None:
-    """SIGALRM every ms (POSIX timer, SA_RESTART) and 200 queued SIGRTMIN across ~150
-    freezes: each timer expiry is accounted for (runs + overruns), every RT signal is
-    handled once, and read() with SA_RESTART never sees EINTR."""
-    t = spawn("signals")
+@pytest.mark.parametrize("timer", ["posix", "setitimer"])
+def test_signals_during_injections_are_all_delivered(
+    spawn: Callable[..., Target], timer: str
+) -> None:
+    """SIGALRM every ms (SA_RESTART) and 200 queued SIGRTMIN across 150 freezes: every RT
+    signal is handled exactly once, read() with SA_RESTART never sees EINTR, and with a
+    POSIX timer each expiry is accounted for (handler runs + si_overrun == expiries).
+    setitimer() signals coalesce while pending, so there only "keeps firing" is checked."""
+    t = spawn("signals", timer)
     t.readline()
     sent = 0
     for i in range(150):
@@ -164,7 +166,10 @@ def test_signals_during_injections_are_all_delivered(spawn: Callable[..., Target
     r = parse(t.readline())
     assert r["eintr"] == 0 and r["other"] == 0, r
     assert r["rt"] == sent, r
-    assert abs(r["alrm"] + r["overruns"] - r["elapsed_ms"]) <= 3, r
+    if timer == "posix":
+        assert abs(r["alrm"] + r["overruns"] - r["elapsed_ms"]) <= 3, r
+    else:
+        assert r["elapsed_ms"] / 4 < r["alrm"] <= r["elapsed_ms"] + 1, r
 
 
 @root
@@ -201,32 +206,6 @@ def test_syscall_insn_is_real_and_code_untouched(spawn: Callable[..., Target]) -
         assert proc.read_memory(ip - 16, 32) == code_before
         after = pt.getregs(t.pid)
         assert bytes(after) == bytes(regs)  # registers put back after every call
-
-
-def _regs(**values: int) -> ctypes.Structure:
-    from ptrace.binding import ptrace_registers_t
-
-    regs = ptrace_registers_t()
-    for k, v in values.items():
-        setattr(regs, k, v & ((1 << 64) - 1))
-    return regs
-
-
-@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86_64 register names")
-@pytest.mark.parametrize(
-    ("rax", "orig", "want_rax", "want_rip"),
-    [
-        (-512, 0, 0, 0x1000 - 2),  # ERESTARTSYS: read again
-        (-513, 42, 42, 0x1000 - 2),  # ERESTARTNOINTR
-        (-514, 34, 34, 0x1000 - 2),  # ERESTARTNOHAND, no handler: restart
-        (-516, 35, 219, 0x1000 - 2),  # ERESTART_RESTARTBLOCK: restart_syscall
-        (-4, 0, -4, 0x1000),  # EINTR is a real result
-        (-512, -1, -512, 0x1000),  # not in a syscall: leave alone
-    ],
-)
-def test_restart_rewind_fallback(rax: int, orig: int, want_rax: int, want_rip: int) -> None:
-    out = restart_regs(X86_64, _regs(rax=rax, orig_rax=orig, rip=0x1000))
-    assert ctypes.c_long(out.rax).value == want_rax and out.rip == want_rip
 
 
 @root
