@@ -274,3 +274,29 @@ def test_notes_tell_how_to_check_status(helm: str, chart: Path) -> None:
     assert "kubectl -n kube-system exec ds/bypass-router -- ebpf-router status" in notes
     assert "-l app.kubernetes.io/name=router,app.kubernetes.io/instance=rt" in notes
     assert "4 rule(s)" in notes and ":9191" in notes
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(FULL_VALUES)]], ids=["default", "full"])
+def test_rendered_command_and_env_are_what_the_router_accepts(
+        helm: str, chart: Path, values: list[str], tmp_path: Path) -> None:
+    from ebpfrouter.cli import build_parser
+    from ebpfrouter.config import RouterConfig
+
+    docs = render(helm, chart, *values)
+    router = router_container(docs)
+    argv = [a.replace("$(NODE_NAME)", "node-a") for a in router["command"][1:] + router["args"]]
+    args = build_parser().parse_args(argv)
+    assert args.command == "run" and args.node_name == "node-a"
+    ports = {p["name"]: p["containerPort"] for p in router["ports"]}
+    assert args.health_port == ports["http"]  # where the probes and /metrics are asked
+    secret = one(docs, "Secret")
+    key_file = tmp_path / "peer-key"
+    key_file.write_bytes(base64.b64decode(secret["data"]["peer-key"]))
+    env = {k: v for k, v in env_of(router).items() if isinstance(v, str)}
+    env["ROUTER_KEY_FILE"] = str(key_file)
+    cfg = RouterConfig.from_env(env, args).validate(check_interfaces=False)
+    assert cfg.router_port == ports["peer"]
+    assert cfg.overlay_if == env["OVERLAY_IF"] and cfg.loglevel == env["ROUTER_LOGLEVEL"]
+    assert cfg.rules_dir == "/etc/rules"
+    assert cfg.control_socket.startswith(
+        next(m["mountPath"] for m in router["volumeMounts"] if m["name"] == "run"))
