@@ -75,7 +75,9 @@ def run_bench(args: argparse.Namespace) -> int:
         return 2
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or Path("bench/out") / stamp
-    given = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]
+    given = getattr(args, "argv", None)
+    if given is None:
+        given = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]
     command = shlex.join(["ebpf-router", "bench", *given])
     opts = BenchOptions(keys=keys, quick=args.quick, repeat=repeat,
                         modes=[m.strip() for m in args.modes.split(",") if m.strip()],
@@ -107,4 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     """Entry for `python3 -m ebpfrouter.bench`."""
     parser = argparse.ArgumentParser(prog="python3 -m ebpfrouter.bench", description=__doc__)
     _fill(parser)
-    return run_bench(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return run_bench(args)

@@ -61,6 +61,14 @@ def _delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
             "status_errors": before["errors"] + after["errors"]}
 
 
+def classify(delta: dict[str, Any]) -> str:
+    """`not bypassed` (nothing swapped), `partly bypassed` (some connections were left on
+    the overlay), or `bypassed`."""
+    if delta["bypassed"] <= 0:
+        return "not bypassed"
+    return "partly bypassed" if delta["failed"] > 0 else "bypassed"
+
+
 def measure(h: Harness, w: Workload, mode: str, repeat: int,
             routers: RouterSet | None) -> dict[str, Any]:
     """One measurement with router counters and CPU time around it; never raises BenchError."""
@@ -83,7 +91,7 @@ def measure(h: Harness, w: Workload, mode: str, repeat: int,
         delta = _delta(before, after)
         sample["router"] = delta
         sample["router_cpu_s"] = after["cpu_s"] - before["cpu_s"]
-        sample["bypass_state"] = "bypassed" if delta["bypassed"] > 0 else "not bypassed"
+        sample["bypass_state"] = classify(delta)
         dead = routers.alive()
         if dead:
             sample["failure"] = (sample["failure"] or "") + f" router exited on {', '.join(dead)}"
@@ -105,6 +113,7 @@ def describe(sample: dict[str, Any], w: Workload) -> str:
     if sample["router"] is not None:
         r = sample["router"]
         text += (f"; bypassed {r['bypassed']}" if r["bypassed"] else "; NOT BYPASSED")
+        text += f", left on overlay {r['failed']}" if r["failed"] else ""
         text += f", router CPU {sample['router_cpu_s']:.2f}s"
     return f"{text} ({sample['wall_s']:.1f}s)"
 
@@ -119,6 +128,16 @@ def _testbed_up(pods: int, attempts: int = 2) -> Testbed:
                 raise BenchError(f"testbed: cannot build: {exc}") from None
             time.sleep(1)
     raise AssertionError("unreachable")
+
+
+def _log_tails(workdir: Path, limit: int = 4000) -> dict[str, str]:
+    """The end of every router and server log (kept in the JSON; the workdir is removed)."""
+    tails = {}
+    for path in sorted(workdir.glob("*.log")):
+        with contextlib.suppress(OSError):
+            text = path.read_text(errors="replace")
+            tails[path.name] = text[-limit:]
+    return tails
 
 
 def run_suite(opts: BenchOptions, progress: Progress) -> dict[str, Any]:
@@ -174,6 +193,7 @@ def run_suite(opts: BenchOptions, progress: Progress) -> dict[str, Any]:
         if routers is not None:
             with contextlib.suppress(Exception):
                 result["router_exit_codes"] = routers.stop()
+        result["logs"] = _log_tails(workdir)
         if bed is not None:
             step(0, 0, "removing the testbed")
             bed.down()

@@ -54,6 +54,14 @@ def _tail(text: str, limit: int = 20000) -> str:
     return text if len(text) <= limit else "...\n" + text[-limit:]
 
 
+def _raw(name: str, res: subprocess.CompletedProcess[str]) -> dict[str, str]:
+    """A client's stdout (and stderr, if any) for the JSON."""
+    raw = {name: _tail(res.stdout)}
+    if res.stderr.strip():
+        raw[f"{name} stderr"] = _tail(res.stderr)
+    return raw
+
+
 def _error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines()
             if any(w in line.lower() for w in ("error", "fail", "refused", "reset"))]
@@ -174,7 +182,7 @@ class Memcached(Workload):
                                            f"{ep.server.address}:{self.PORT}", "-t",
                                            f"{seconds}s", "-S", f"{seconds}s", "-T", "2",
                                            "-c", "32"], seconds + 60, "memcaslap")
-        out = Outcome({}, raw={"memcaslap": _tail(res.stdout + res.stderr)})
+        out = Outcome({}, raw=_raw("memcaslap", res))
         try:
             parsed = parsers.parse_memaslap(res.stdout)
         except parsers.ParseError as exc:
@@ -209,7 +217,7 @@ class Redis(Workload):
             res = h.run(ep.client.target, ["redis-benchmark", "-h", ep.server.address, "-p",
                                            str(self.PORT), "-c", "50", "-n", str(requests),
                                            "-t", "set,get", "--csv"], 300, "redis-benchmark")
-        out = Outcome({}, raw={"redis-benchmark": _tail(res.stdout + res.stderr)})
+        out = Outcome({}, raw=_raw("redis-benchmark", res))
         try:
             parsed = parsers.parse_redis_benchmark(res.stdout)
             out.values = {"SET": parsed["SET"]["rps"] / 1e3, "GET": parsed["GET"]["rps"] / 1e3,

@@ -1,0 +1,201 @@
+"""The bench harness: quick runs on a real testbed (parsers checked against the tools' real
+output captured in the run), the "not bypassed" labelling, reports, and the CLI wiring.
+Timings are never asserted: only that numbers exist, are positive and carry their units."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ebpfrouter.bench import add_bench_parser, parsers, report, run_bench
+from ebpfrouter.bench.cli import main as bench_main
+from ebpfrouter.bench.harness import BenchError
+from ebpfrouter.bench.runner import BenchOptions, classify, make_workloads
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(tmp_path: Path, *argv: str) -> tuple[int, dict[str, Any]]:
+    out = tmp_path / "out"
+    code = bench_main([*argv, "--quick", "--out", str(out)])
+    return code, json.loads((out / "results.json").read_text())
+
+
+def _samples(result: dict[str, Any], workload: str, mode: str) -> list[dict[str, Any]]:
+    return [s for s in result["samples"] if s["workload"] == workload and s["mode"] == mode]
+
+
+def _need(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)}")
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_quick_overlay_and_host_iperf3_sockperf(tmp_path: Path) -> None:
+    _need("iperf3", "sockperf")
+    code, result = _run(tmp_path, "iperf3", "sockperf", "--modes", "overlay,host")
+    assert code == 0, [s["failure"] for s in result["samples"]]
+    assert result["machine"]["cores"] >= 1 and result["machine"]["kernel"]
+    assert result["machine"]["versions"]["iperf3"].startswith("iperf 3")
+    units = {m["name"]: m["unit"] for m in result["workloads"]["iperf3"]["metrics"]}
+    assert units == {"1 stream": "Gbit/s", "4 streams": "Gbit/s"}
+    for mode in ("overlay", "host"):
+        (ip,) = _samples(result, "iperf3", mode)
+        (sp,) = _samples(result, "sockperf", mode)
+        assert ip["errors"] == 0 and sp["errors"] == 0
+        assert ip["router"] is None and ip["bypass_state"] is None  # no router in these modes
+        # the parsers, on the real output of this very run, give the reported numbers
+        for name, streams in (("1 stream", 1), ("4 streams", 4)):
+            parsed = parsers.parse_iperf3(ip["raw"][name])
+            assert parsed["streams"] == streams
+            assert ip["values"][name] == pytest.approx(parsed["bits_per_second"] / 1e9)
+            assert 0.01 < ip["values"][name] < 1000  # Gbit/s, not bit/s
+        parsed = parsers.parse_sockperf(sp["raw"]["sockperf pp"])
+        assert parsed["observations"] > 0
+        assert 0 < sp["values"]["latency p50"] <= sp["values"]["latency p99"]
+        assert sp["values"]["latency p50"] < 100_000  # µs, a ping-pong on one machine
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| iperf3 | 1 stream (Gbit/s, ↑) |" in md
+    assert "| sockperf | latency p99 (µs, ↓) |" in md
+    assert (tmp_path / "out" / "bars.png").read_bytes().startswith(PNG_MAGIC)
+    row = next(r for r in result["summary"] if r["metric"] == "1 stream")
+    assert row["overlay"]["median"] > 0 and row["host"]["median"] > 0
+    assert row["bypass"] is None and row["bypass_host"] is None
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_quick_host_mode_mpi_memcached_redis_connect(tmp_path: Path) -> None:
+    _need("mpirun", "mpicc", "memcached", "memcaslap", "redis-server", "redis-benchmark")
+    code, result = _run(tmp_path, "mpilat", "memcached", "redis", "connect", "--modes", "host")
+    assert code == 0, [s["failure"] for s in result["samples"]]
+    (mpi,) = _samples(result, "mpilat", "host")
+    unit, series = parsers.parse_mpi(mpi["raw"]["mpirun"], "mpilat")
+    assert unit == "us" and min(series) == 1 and max(series) == 1 << 16
+    assert all(v > 0 for v in series.values())
+    assert mpi["values"]["64 KiB"] == series[65536]
+    (mc,) = _samples(result, "memcached", "host")
+    parsed = parsers.parse_memaslap(mc["raw"]["memcaslap"])
+    assert mc["values"]["throughput"] == pytest.approx(parsed["ops_per_second"] / 1e3)
+    assert mc["values"]["throughput"] > 0
+    assert parsed["avg_us"] > 0 and parsed["get_misses"] >= 0
+    (rd,) = _samples(result, "redis", "host")
+    parsed_redis = parsers.parse_redis_benchmark(rd["raw"]["redis-benchmark"])
+    assert set(parsed_redis) >= {"SET", "GET"} and rd["values"]["GET"] > 0
+    (cn,) = _samples(result, "connect", "host")
+    parsed_conn = parsers.parse_connrate(cn["raw"]["connrate"])
+    assert parsed_conn["connections"] > 0 and parsed_conn["errors"] == 0
+    assert cn["values"]["latency p50"] > 0
+    assert (tmp_path / "out" / "mpilat.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_bypass_mode_counts_swaps_and_router_cpu(tmp_path: Path) -> None:
+    _need("sockperf")
+    code, result = _run(tmp_path, "sockperf", "--modes", "bypass,host")
+    assert code == 0, [s["failure"] for s in result["samples"]]
+    (sample,) = _samples(result, "sockperf", "bypass")
+    assert sample["router"]["bypassed"] >= 1, sample["router"]
+    assert sample["bypass_state"] in ("bypassed", "partly bypassed")
+    assert sample["router_cpu_s"] > 0
+    assert set(result["routers"]) == {"node1", "node2"}
+    row = next(r for r in result["summary"] if r["metric"] == "latency p50")
+    assert row["bypass_host"] is not None
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_routers_that_bypass_nothing_are_reported_as_not_bypassed(tmp_path: Path) -> None:
+    _need("sockperf")
+    rule = tmp_path / "nothing"
+    rule.write_text("type=cidr\nfrom=192.0.2.0/24\nto=192.0.2.0/24\n")  # matches no pod
+    out = tmp_path / "out"
+    code = bench_main(["sockperf", "--quick", "--modes", "overlay,bypass", "--out", str(out),
+                       "--rule", str(rule), "--require-bypass"])
+    result = json.loads((out / "results.json").read_text())
+    (sample,) = _samples(result, "sockperf", "bypass")
+    assert sample["router"]["bypassed"] == 0 and sample["bypass_state"] == "not bypassed"
+    assert sample["values"]["latency p50"] > 0  # measured, but not claimed as a bypass
+    assert code == 1  # --require-bypass
+    row = next(r for r in result["summary"] if r["metric"] == "latency p50")
+    assert row["bypass_overlay"] is None and row["bypass_state"] == "not bypassed"
+    md = (out / "results.md").read_text()
+    assert "**not bypassed**" in md and "n/a (not bypassed)" in md
+    assert "0 (not bypassed)" in md
+
+
+# -- without root --------------------------------------------------------------------------
+
+
+def _sample(mode: str, value: float, bypassed: int | None = None,
+            failed: int = 0) -> dict[str, Any]:
+    router = None if bypassed is None else {"bypassed": bypassed, "seen": 2 * bypassed,
+                                            "bypassed_either_side": 2 * bypassed,
+                                            "failed": failed}
+    return {"workload": "w", "mode": mode, "repeat": 0, "values": {"m": value}, "errors": 0,
+            "failure": None, "router": router, "router_cpu_s": 0.1 if router else None,
+            "wall_s": 1.0, "bypass_state": classify(router) if router else None}
+
+
+WORKLOADS = {"w": {"title": "W", "metrics": [{"name": "m", "unit": "Gbit/s", "size": None,
+                                              "higher_is_better": True, "in_table": True}]}}
+
+
+def test_summary_ratios_only_when_bypassed() -> None:
+    samples = [_sample("overlay", 5.0), _sample("host", 10.0), _sample("bypass", 9.0, 3),
+               _sample("bypass", 9.5, 2)]
+    (row,) = report.summarize(WORKLOADS, samples)
+    assert row["bypass"]["median"] == pytest.approx(9.25) and row["bypass"]["n"] == 2
+    assert row["bypass_host"] == pytest.approx(0.925)
+    assert row["bypass_overlay"] == pytest.approx(1.85)
+    samples[-2:] = [_sample("bypass", 9.0, 0), _sample("bypass", 9.5, 0)]
+    (row,) = report.summarize(WORKLOADS, samples)
+    assert row["bypass_state"] == "not bypassed" and row["bypass_host"] is None
+
+
+def test_partly_bypassed_is_marked() -> None:
+    assert classify({"bypassed": 0, "failed": 0}) == "not bypassed"
+    assert classify({"bypassed": 2, "failed": 1}) == "partly bypassed"
+    assert classify({"bypassed": 2, "failed": 0}) == "bypassed"
+    samples = [_sample("host", 10.0), _sample("bypass", 9.0, 2, failed=1)]
+    result = {"workloads": WORKLOADS, "samples": samples, "command": "x", "quick": True,
+              "repeat": 1, "started": "now", "machine": {"cpu_model": "c", "cores": 1,
+                                                         "kernel": "k", "python": "3"}}
+    result["summary"] = report.summarize(WORKLOADS, samples)
+    assert "| 0.90* |" in report.markdown(result)
+
+
+def test_parsers_reject_garbage_naming_the_tool() -> None:
+    for func, name in ((parsers.parse_iperf3, "iperf3"), (parsers.parse_sockperf, "sockperf"),
+                       (parsers.parse_redis_benchmark, "redis-benchmark"),
+                       (parsers.parse_memaslap, "memcaslap"), (parsers.parse_connrate, "connrate")):
+        with pytest.raises(parsers.ParseError, match=name):
+            func("connection refused\n")
+    with pytest.raises(parsers.ParseError, match="mpibw"):
+        parsers.parse_mpi("mpirun: error\n", "mpibw")
+    with pytest.raises(parsers.ParseError, match="iperf3: unable to connect"):
+        parsers.parse_iperf3(json.dumps({"error": "unable to connect"}))
+
+
+def test_unknown_workload_and_mode_are_named() -> None:
+    with pytest.raises(BenchError, match="unknown workload nope"):
+        make_workloads(BenchOptions(keys=["nope"]))
+    with pytest.raises(BenchError, match="unknown mode warp"):
+        make_workloads(BenchOptions(keys=["connect"], modes=["warp"]))
+
+
+def test_cli_wiring() -> None:
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "iperf3", "mpilat", "--quick", "--repeat", "2",
+                              "--out", "/tmp/x"])
+    assert args.keys == ["iperf3", "mpilat"] and args.quick and args.repeat == 2
+    assert args.func is run_bench and args.out == Path("/tmp/x")
