@@ -36,12 +36,13 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 from injector import ptrace as pt
-from injector.arch import Arch, current
+from injector.arch import RESTART_CODES, Arch, current
 from injector.errors import FreezeTimeout, InjectorError, RemoteSyscallError, TargetGoneError
 
 _U64 = (1 << 64) - 1
 MAX_ERRNO = 4095
 AT_SYSINFO_EHDR = 33
+_MAX_RESTARTS = 8
 
 
 def to_signed(value: int) -> int:
@@ -165,11 +166,21 @@ class RemoteProcess:
             setattr(regs, arch.orig_nr_reg, _U64)
         for reg, value in zip(arch.arg_regs, args, strict=False):
             setattr(regs, reg, value & _U64)
-        pt.setregs(state.tid, regs)
         try:
-            self._run_to(state, pt.PTRACE_SYSCALL_INFO_ENTRY, name)
-            self._run_to(state, pt.PTRACE_SYSCALL_INFO_EXIT, name)
-            ret = to_signed(getattr(pt.getregs(state.tid), arch.ret_reg))
+            for _attempt in range(_MAX_RESTARTS):
+                pt.setregs(state.tid, regs)
+                self._run_to(state, pt.PTRACE_SYSCALL_INFO_ENTRY, name)
+                self._run_to(state, pt.PTRACE_SYSCALL_INFO_EXIT, name)
+                ret = to_signed(getattr(pt.getregs(state.tid), arch.ret_reg))
+                if -ret not in RESTART_CODES:
+                    break
+                # Cut short by an unblockable signal (SIGSTOP): run it again; the signal
+                # is taken (and held back until thaw) on the way, so this makes progress.
+            else:
+                raise InjectorError(
+                    f"pid {self.pid} tid {state.tid}: {name}() interrupted"
+                    f" {_MAX_RESTARTS} times in a row"
+                )
         finally:
             if not state.gone:
                 try:
@@ -179,9 +190,9 @@ class RemoteProcess:
                         state.gone = True
                         raise TargetGoneError(self.pid, state.tid, f"during {name}()") from exc
                     raise InjectorError(
-                            f"pid {self.pid} tid {state.tid}: cannot restore registers"
-                            f" after {name}(): {exc}"
-                        ) from exc
+                        f"pid {self.pid} tid {state.tid}: cannot restore registers"
+                        f" after {name}(): {exc}"
+                    ) from exc
         return ret
 
     def _run_to(self, state: ThreadState, op: int, name: str) -> None:

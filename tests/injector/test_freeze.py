@@ -154,6 +154,29 @@ def test_main_thread_exited_process_lives_on(spawn: Callable[..., Target]) -> No
     assert parse(t.readline()) == {"read": 1, "errno": 0}
 
 
+def test_sigstop_during_injection_is_kept_for_after(spawn: Callable[..., Target]) -> None:
+    """SIGSTOP cannot be blocked: it cuts an injected ppoll() short. The injector restarts
+    its own call, holds the SIGSTOP back, and the process stops only after thaw."""
+    t = spawn("read")
+    t.readline()
+    wait_blocked(t.pid)
+    stopper = threading.Timer(0.1, os.kill, (t.pid, signal.SIGSTOP))
+    with freeze(t.pid) as proc, proc.scratch(16) as ts:
+        proc.write_memory(ts, (0).to_bytes(8, "little") + (300_000_000).to_bytes(8, "little"))
+        stopper.start()
+        began = time.monotonic()
+        assert proc.syscall("ppoll", 0, 0, ts, 0) == 0  # timed out normally, no -ERESTART*
+        assert time.monotonic() - began >= 0.3
+        assert proc.syscall("getpid") == t.pid
+    stopper.join()
+    assert wait_state(t.pid, "T")  # the SIGSTOP took effect after thaw
+    assert set(tracers(t.pid).values()) == {0}
+    os.kill(t.pid, signal.SIGCONT)
+    assert wait_state(t.pid, "S")
+    t.send(b"x")
+    assert parse(t.readline()) == {"read": 1, "errno": 0}
+
+
 def test_target_gone_before_freeze() -> None:
     p = subprocess.Popen(["true"])
     p.wait()
