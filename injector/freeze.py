@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -45,6 +46,8 @@ class FrozenProcess(RemoteProcess):
     # -- freezing ----------------------------------------------------------------------
 
     def _freeze(self) -> None:
+        if self.pid == os.getpid():
+            raise InjectorError(f"pid {self.pid}: a process cannot freeze itself")
         deadline = time.monotonic() + self.timeout
         while True:
             new = [t for t in pt.list_tids(self.pid) if t not in self._threads]

@@ -177,6 +177,29 @@ def test_sigstop_during_injection_is_kept_for_after(spawn: Callable[..., Target]
     assert parse(t.readline()) == {"read": 1, "errno": 0}
 
 
+def test_refuses_self_and_already_traced(spawn: Callable[..., Target]) -> None:
+    with pytest.raises(InjectorError, match="itself"), freeze(os.getpid()):
+        pass
+    t = spawn("read")
+    t.readline()
+    other = subprocess.Popen(  # another tracer holds the target
+        [sys.executable, "-c",
+         "import sys; from injector import ptrace as pt; pt.seize(int(sys.argv[1]));"
+         " print('seized', flush=True); sys.stdin.read()", str(t.pid)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+    )
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "seized"
+        with pytest.raises(InjectorError, match="already traced"), freeze(t.pid):
+            pass
+    finally:
+        other.kill()
+        other.wait()
+    with freeze(t.pid) as proc:  # free again once the other tracer is gone
+        assert proc.syscall("getpid") == t.pid
+
+
 def test_target_gone_before_freeze() -> None:
     p = subprocess.Popen(["true"])
     p.wait()
