@@ -16,6 +16,7 @@ import errno
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -25,7 +26,7 @@ from injector.arch import EINTR_ON_INTERRUPT, ERESTARTNOHAND
 from injector.errors import FreezeTimeout, InjectorError, TargetGoneError
 from injector.remote import RemoteProcess, ThreadState, copy_regs, to_signed
 
-__all__ = ["FrozenProcess", "freeze"]
+__all__ = ["FrozenProcess", "freeze", "release_orphans"]
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,7 @@ class FrozenProcess(RemoteProcess):
             self._collect(deadline)
             if not new:
                 break
-        leader = self._threads.get(self.pid)
-        if not self.tids or (leader is not None and leader.gone and not self.tids):
+        if not self.tids:
             raise TargetGoneError(self.pid, None, "exited while freezing")
 
     def _seize(self, tid: int) -> None:
@@ -192,7 +192,8 @@ class FrozenProcess(RemoteProcess):
             pt.interrupt(state.tid)
         for _ in range(8):
             try:
-                stop = pt.wait_stop(state.tid, _THAW_WAIT, self.pid, "a stop to detach")
+                wait = max(_THAW_WAIT, self.timeout)
+                stop = pt.wait_stop(state.tid, wait, self.pid, "a stop to detach")
             except FreezeTimeout:
                 return pt.thread_state(self.pid, state.tid) == "t"
             state.stop = stop
@@ -208,7 +209,7 @@ class FrozenProcess(RemoteProcess):
     def _release(self, state: ThreadState) -> None:
         tid = state.tid
         if not self._ensure_stopped(state):
-            self._reap(state)
+            self._reap(state, 0.1)  # already waited in _ensure_stopped
             return
         try:
             if state.saved_regs is not None:
@@ -225,23 +226,52 @@ class FrozenProcess(RemoteProcess):
         except OSError as exc:
             if exc.errno != errno.ESRCH:
                 raise
-            self._reap(state)
+            self._reap(state, max(_THAW_WAIT, self.timeout))
 
-    def _reap(self, state: ThreadState) -> None:
-        """Collect a dead traced thread so it does not linger as a traced zombie."""
+    def _reap(self, state: ThreadState, wait: float) -> None:
+        """Collect a dead traced thread so it does not linger as a traced zombie; a live
+        one that never stopped (uninterruptible sleep) is left to ``release_orphans``."""
         state.gone = True
-        deadline = time.monotonic() + _THAW_WAIT
+        deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            stop = pt.poll_stop(state.tid)
-            if stop is not None and stop.kind is pt.StopKind.EXITED:
-                return
-            if stop is None and pt.thread_state(self.pid, state.tid) is None:
-                return
-            if stop is not None:
-                with suppress(OSError):
-                    pt.detach(state.tid)
+            if _release_one(self.pid, state.tid):
                 return
             time.sleep(0.001)
+        _orphans().add((self.pid, state.tid))
+        log.error(
+            "pid %d tid %d: could not be stopped to detach; it stays traced until it stops"
+            " and release_orphans() runs (next freeze) or this process exits",
+            self.pid, state.tid,
+        )
+
+
+_ORPHANS: dict[int, set[tuple[int, int]]] = {}  # tracer thread -> threads left traced
+
+
+def _orphans() -> set[tuple[int, int]]:
+    return _ORPHANS.setdefault(threading.get_native_id(), set())
+
+
+def _release_one(pid: int, tid: int) -> bool:
+    """Reap or detach one traced thread if it can be now; True when it is done with."""
+    stop = pt.poll_stop(tid)
+    if stop is not None and stop.kind is pt.StopKind.EXITED:
+        return True
+    if stop is None:
+        return pt.thread_state(pid, tid) is None
+    with suppress(OSError):
+        pt.detach(tid, stop.sig if stop.kind is pt.StopKind.SIGNAL else 0)
+    return True
+
+
+def release_orphans() -> int:
+    """Detach threads an earlier thaw could not stop (ptrace lets only the thread that
+    traced them do it; called by every ``freeze``). Returns how many are still traced."""
+    left = _orphans()
+    for pid, tid in list(left):
+        if _release_one(pid, tid):
+            left.discard((pid, tid))
+    return len(left)
 
 
 @contextmanager
@@ -251,6 +281,7 @@ def freeze(pid: int, timeout: float = 5.0) -> Iterator[FrozenProcess]:
     ``timeout`` bounds each wait: freezing, each injected syscall. Raises
     ``FreezeTimeout`` or ``TargetGoneError``; the process is always released.
     """
+    release_orphans()
     proc = FrozenProcess(pid, timeout)
     try:
         proc._freeze()

@@ -25,7 +25,7 @@ from _ctargets import (
 )
 
 from injector.errors import FreezeTimeout, InjectorError, TargetGoneError
-from injector.freeze import FrozenProcess, freeze
+from injector.freeze import FrozenProcess, freeze, release_orphans
 
 pytestmark = pytest.mark.root
 
@@ -247,6 +247,26 @@ def test_freeze_times_out_and_releases(spawn: Callable[..., Target]) -> None:
     assert t.readline() == "vfork done"
     assert time.monotonic() - began < 5
     time.sleep(0.05)
+    _released(t.pid)
+    t.send(b"x")
+    assert t.proc.wait(timeout=5) == 0
+
+
+def test_thread_that_cannot_stop_is_released_later(spawn: Callable[..., Target]) -> None:
+    """Stuck longer than the thaw waits: it is left traced, logged, and released by the
+    next freeze (or release_orphans) once it finally stops."""
+    t = spawn("vfork", "1500")
+    t.readline()
+    time.sleep(0.1)
+    with pytest.raises(FreezeTimeout), freeze(t.pid, timeout=0.2):
+        pass
+    assert release_orphans() == 1
+    assert tracers(t.pid)[t.pid] == os.getpid()
+    deadline = time.monotonic() + 5
+    while release_orphans() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert release_orphans() == 0
+    assert t.readline() == "vfork done"
     _released(t.pid)
     t.send(b"x")
     assert t.proc.wait(timeout=5) == 0
