@@ -11,6 +11,8 @@ No API server can run on the test machines, so this small threaded HTTP server o
   version reached comes just before the end); a resourceVersion older than the compaction
   point gets the real server's answer, an ERROR event carrying a 410 `Status`
   ("too old resource version").
+- `GET` of one object (`/api/v1/namespaces/NS/secrets/NAME`) and the discovery documents
+  (`/version`, `/api`, `/apis`, `/api/v1`, ...) that helm needs for `lookup`.
 - Knobs for tests: `compact()` (expire old resourceVersions), `drop_watches()` (end open
   streams as an apiserver restart does), `expire_watches()` (send the 410 ERROR event on open
   streams), `fail_next(n)` (answer the next n requests with a 500 `Status`), and
@@ -31,7 +33,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-KINDS = {"pods": "Pod", "nodes": "Node"}
+KINDS = {"pods": "Pod", "nodes": "Node", "secrets": "Secret"}
+NAMESPACED = {"pods", "secrets"}
+# Discovery answers, so that helm (`--dry-run=server`, `lookup`) can map kinds to resources.
+DISCOVERY: dict[str, list[tuple[str, str, bool]]] = {
+    "v1": [("pods", "Pod", True), ("nodes", "Node", False), ("secrets", "Secret", True),
+           ("configmaps", "ConfigMap", True), ("serviceaccounts", "ServiceAccount", True),
+           ("services", "Service", True)],
+    "apps/v1": [("daemonsets", "DaemonSet", True)],
+    "rbac.authorization.k8s.io/v1": [("clusterroles", "ClusterRole", False),
+                                     ("clusterrolebindings", "ClusterRoleBinding", False)],
+}
 
 
 def _field(obj: dict[str, Any], dotted: str) -> str:
@@ -139,7 +151,7 @@ class StandInApiServer:
     def put(self, resource: str, obj: dict[str, Any]) -> dict[str, Any]:
         """Create or replace an object (ADDED or MODIFIED); returns it with its resourceVersion."""
         meta = obj["metadata"]
-        meta.setdefault("namespace", "default" if resource == "pods" else None)
+        meta.setdefault("namespace", "default" if resource in NAMESPACED else None)
         key = (meta.get("namespace") or "", meta["name"])
         with self._lock:
             old = self._objects[resource].get(key)
@@ -154,14 +166,14 @@ class StandInApiServer:
             return copy.deepcopy(stored)
 
     def delete(self, resource: str, name: str, namespace: str = "default") -> None:
-        key = (namespace if resource == "pods" else "", name)
+        key = (namespace if resource in NAMESPACED else "", name)
         with self._lock:
             obj = self._objects[resource].pop(key)
             self._record(resource, "DELETED", obj)
 
     def get(self, resource: str, name: str, namespace: str = "default") -> dict[str, Any]:
         with self._lock:
-            key = (namespace if resource == "pods" else "", name)
+            key = (namespace if resource in NAMESPACED else "", name)
             return copy.deepcopy(self._objects[resource][key])
 
     # -- failure knobs -----------------------------------------------------------------------
@@ -293,16 +305,50 @@ class StandInApiServer:
         with self._lock:
             return self._lock.wait_for(lambda: self.open_watches >= count, timeout)
 
+    def _discovery(self, path: str) -> dict[str, Any] | None:
+        if path == "/version":
+            return {"major": "1", "minor": "33", "gitVersion": "v1.33.0",
+                    "platform": "linux/amd64"}
+        if path == "/api":
+            return {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
+                {"clientCIDR": "0.0.0.0/0", "serverAddress": f"127.0.0.1:{self._port}"}]}
+        if path == "/apis":
+            groups = []
+            for gv in DISCOVERY:
+                if "/" in gv:
+                    group, version = gv.split("/")
+                    entry = {"groupVersion": gv, "version": version}
+                    groups.append({"name": group, "versions": [entry],
+                                   "preferredVersion": entry})
+            return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
+        gv = path.removeprefix("/api/").removeprefix("/apis/")
+        if path.startswith(("/api/", "/apis/")) and gv in DISCOVERY:
+            return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv,
+                    "resources": [{"name": n, "singularName": k.lower(), "namespaced": ns,
+                                   "kind": k, "verbs": ["get", "list", "watch"]}
+                                  for n, k, ns in DISCOVERY[gv]]}
+        return None
+
     def handle(self, handler: BaseHTTPRequestHandler) -> None:
         url = urlparse(handler.path)
         self.requests.append(handler.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         parts = url.path.strip("/").split("/")
         namespace = None
-        if parts[:3] == ["api", "v1", "namespaces"] and len(parts) == 5:
-            namespace, parts = parts[3], ["api", "v1", parts[4]]
+        if parts[:3] == ["api", "v1", "namespaces"] and len(parts) in (5, 6):
+            namespace, parts = parts[3], ["api", "v1", *parts[4:]]
         if self._take_failure():
             return _reply(handler, 500, _status(500, "InternalError", "stand-in: injected failure"))
+        discovery = self._discovery(url.path.rstrip("/"))
+        if discovery is not None:
+            return _reply(handler, 200, discovery)
+        if len(parts) == 4 and parts[:2] == ["api", "v1"] and parts[2] in KINDS:
+            try:
+                return _reply(handler, 200, {"kind": KINDS[parts[2]], "apiVersion": "v1",
+                                             **self.get(parts[2], parts[3], namespace or "")})
+            except KeyError:
+                return _reply(handler, 404, _status(404, "NotFound",
+                                                    f'{parts[2]} "{parts[3]}" not found'))
         if len(parts) != 3 or parts[:2] != ["api", "v1"] or parts[2] not in KINDS:
             return _reply(handler, 404, _status(404, "NotFound", f"no route {url.path}"))
         resource = parts[2]

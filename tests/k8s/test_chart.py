@@ -226,14 +226,6 @@ def test_existing_secret_is_used_not_created(helm: str, chart: Path) -> None:
     assert next(v for v in volumes if v["name"] == "peer-key")["secret"]["secretName"] == "my-key"
 
 
-def test_peer_key_template_keeps_the_previous_key() -> None:
-    # `lookup` only answers against a live cluster; check that the template asks for it.
-    text = (Path(__file__).parents[2] / "charts/ebpf-router/templates/secret-peer-key.yaml")
-    source = text.read_text()
-    assert 'lookup "v1" "Secret" .Release.Namespace $secretName' in source
-    assert "randAlphaNum" in source
-
-
 BAD_VALUES = {
     "router-port-zero": ["--set", "router.port=0"],
     "router-port-too-big": ["--set", "router.port=70000"],
@@ -300,3 +292,35 @@ def test_rendered_command_and_env_are_what_the_router_accepts(
     assert cfg.rules_dir == "/etc/rules"
     assert cfg.control_socket.startswith(
         next(m["mountPath"] for m in router["volumeMounts"] if m["name"] == "run"))
+
+
+def test_peer_key_is_kept_across_upgrades(helm: str, chart: Path, standin,
+                                          tmp_path: Path) -> None:
+    """`lookup` against the API server stand-in: an existing key is reused, else a new one."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "standin",
+        "clusters": [{"name": "standin", "cluster": {"server": standin.url}}],
+        "users": [{"name": "nobody", "user": {}}],
+        "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "nobody"}}],
+    }))
+    args = ["--dry-run=server", "--disable-openapi-validation", "--kubeconfig", str(kubeconfig)]
+
+    def rendered_key() -> str:
+        secret = one(render(helm, chart, *args), "Secret")
+        return base64.b64decode(secret["data"]["peer-key"]).decode()
+
+    first = rendered_key()  # first install: nothing to look up, a new key
+    assert len(first) == 48 and first.isalnum()
+    assert any("/secrets/rt-ebpf-router-peer-key" in r for r in standin.requests)
+    standin.put("secrets", {"kind": "Secret", "apiVersion": "v1", "type": "Opaque",
+                            # as the first install left it, owned by release rt
+                            "metadata": {"name": "rt-ebpf-router-peer-key",
+                                         "namespace": "kube-system",
+                                         "labels": {"app.kubernetes.io/managed-by": "Helm"},
+                                         "annotations": {
+                                             "meta.helm.sh/release-name": "rt",
+                                             "meta.helm.sh/release-namespace": "kube-system"}},
+                            "data": {"peer-key": base64.b64encode(first.encode()).decode()}})
+    assert rendered_key() == first  # upgrade: the installed key is kept
+    assert rendered_key() == first
