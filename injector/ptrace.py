@@ -19,6 +19,7 @@ import ptrace.binding as _binding
 from ptrace.binding import func as _func
 from ptrace.error import PtraceError
 
+from injector.arch import current as current_arch
 from injector.errors import FreezeTimeout, TargetGoneError
 
 PTRACE_CONT = 7
@@ -131,8 +132,7 @@ def syscall_stop_op(tid: int) -> int:
 
 def tgkill(pid: int, tid: int, sig: int) -> None:
     """Send ``sig`` to one thread."""
-    nr = {"x86_64": 234, "aarch64": 131}[os.uname().machine]
-    if _libc.syscall(nr, pid, tid, sig) < 0:
+    if _libc.syscall(current_arch().nr("tgkill"), pid, tid, sig) < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"tgkill({pid}, {tid}, {sig}): {os.strerror(err)}")
 

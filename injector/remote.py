@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from injector import ptrace as pt
 from injector.arch import RESTART_CODES, Arch, current
-from injector.errors import FreezeTimeout, InjectorError, RemoteSyscallError, TargetGoneError
+from injector.errors import InjectorError, RemoteSyscallError, TargetGoneError
 
 _U64 = (1 << 64) - 1
 MAX_ERRNO = 4095
@@ -202,7 +202,7 @@ class RemoteProcess:
         while True:
             try:
                 stop = pt.wait_stop(tid, self.timeout, self.pid, f"{name}() to return")
-            except FreezeTimeout:
+            except BaseException:  # timeout, KeyboardInterrupt...: get it stopped, re-raise
                 self._abort_blocked(state, name)
                 raise
             state.stop = stop

@@ -286,6 +286,27 @@ def test_exception_in_block_releases(spawn: Callable[..., Target], exc: type) ->
     assert parse(t.readline()) == {"read": 1, "errno": 0}
 
 
+def test_keyboard_interrupt_during_blocking_injection(spawn: Callable[..., Target]) -> None:
+    t = spawn("read")
+    t.readline()
+    wait_blocked(t.pid)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt), freeze(t.pid) as proc:
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            proc.syscall("ppoll", 0, 0, 0, 0)  # blocks until our "Ctrl-C"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    _released(t.pid)
+    t.send(b"x")
+    assert parse(t.readline()) == {"read": 1, "errno": 0}
+
+
 def _snapshot(pid: int) -> tuple[str, list[str]]:
     with open(f"/proc/{pid}/maps") as f:
         maps = f.read()
