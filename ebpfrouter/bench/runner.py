@@ -169,6 +169,8 @@ def run_suite(opts: BenchOptions, progress: Progress) -> dict[str, Any]:
         step(0, 0, f"building a 2-node testbed ({pods} pod(s) per node, VXLAN overlay)")
         bed = _testbed_up(pods)
         result["testbed"] = {"id": bed.run_id, "nodes": len(bed.nodes), "pods": len(bed.pods)}
+        step(0, 0, f"testbed {bed.run_id} up: " + ", ".join(
+            f"{p.name} {p.ip} on {p.node}" for p in bed.pods))
         h = Harness(bed, workdir, opts.quick)
         for w in workloads:
             w.prepare(h)

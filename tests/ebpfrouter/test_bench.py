@@ -199,3 +199,42 @@ def test_cli_wiring() -> None:
                               "--out", "/tmp/x"])
     assert args.keys == ["iperf3", "mpilat"] and args.quick and args.repeat == 2
     assert args.func is run_bench and args.out == Path("/tmp/x")
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
+    _need("sockperf")
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    proc = subprocess.Popen([sys.executable, "-m", "ebpfrouter.bench", "sockperf", "--quick",
+                             "--out", str(tmp_path / "out")], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, env=env, cwd=str(root))
+    assert proc.stderr is not None
+    run_id = None
+    try:
+        for line in proc.stderr:  # wait until the testbed is up, then interrupt
+            found = re.search(r"testbed (ebtb[0-9a-f]{6}) up", line)
+            if found:
+                run_id = found.group(1)
+                time.sleep(1.5)  # a sockperf server is running in a pod by now
+                proc.send_signal(signal.SIGINT)
+                break
+        assert proc.wait(60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert run_id is not None
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert run_id not in netns
+    assert not Path(f"/run/ebpf-router/testbed-{run_id}.json").exists()
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["interrupted"] is True
