@@ -1,5 +1,7 @@
 """Kubernetes integration: pod and node metadata from the API, cgroups and the runtime.
 
-Modules: `cgroup` (pid → pod UID and container ID), `pods` (watched pod metadata source),
-`nodes` (podCIDR → node address for peers), `containers` (container labels via the CRI).
+Modules: `cgroup` (pid → pod UID and container ID), `watcher` (list+watch with re-list on
+410 and backoff), `pods` (this node's pods: a `PodMetadataSource`), `nodes` (podCIDR → node
+InternalIP for peers), `containers` (container labels via crictl), `apiclient` (in-cluster or
+kubeconfig), `cluster` (builds all of it for the daemon).
 """

@@ -49,3 +49,30 @@ def test_in_cluster_detection(tmp_path: Path) -> None:
     assert not in_cluster({}, str(token))
     assert in_cluster(dict(os.environ)) is False or os.path.exists(
         "/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+def test_api_client_from_a_kubeconfig(standin: StandInApiServer, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+    from kubernetes import client
+
+    from ebpfrouter.k8s.apiclient import api_client_from_environment
+
+    standin.put("nodes", make_node("node-a", "192.168.10.1", ["10.244.0.0/24"]))
+    path = tmp_path / "config"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "s", "cluster": {"server": standin.url}}],
+        "users": [{"name": "u", "user": {"token": "not-checked-by-the-stand-in"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "s", "user": "u"}}],
+    }))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not in a pod
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    api_client = api_client_from_environment()
+    try:
+        assert api_client.configuration.host == standin.url
+        nodes = client.CoreV1Api(api_client).list_node()
+        assert [n.metadata.name for n in nodes.items] == ["node-a"]
+    finally:
+        api_client.close()
+    assert client.Configuration.get_default_copy().host != standin.url  # global untouched
