@@ -141,10 +141,16 @@ class ListWatcher:
                     continue
                 self._failed(f"Kubernetes API {self.host}: error {exc.status} {exc.reason}".strip())
                 need_list = True
-            except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
                 if self._stop.is_set():
                     break
                 self._failed(f"Kubernetes API {self.host} unreachable: {exc}")
+                need_list = True
+            except Exception as exc:  # a bad object or a callback bug: never kill the thread
+                if self._stop.is_set():
+                    break
+                log.exception("%s: unexpected error", self.name)
+                self._failed(f"{type(exc).__name__}: {exc}")
                 need_list = True
 
     def _failed(self, message: str) -> None:
