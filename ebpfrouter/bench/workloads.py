@@ -325,7 +325,7 @@ class Mpi(Workload):
                 "--mca", "btl_tcp_if_include", "eth0", "--mca", "oob_tcp_if_include", "eth0",
                 "--mca", "mpi_yield_when_idle", "1",
                 str(self.bindir / self.program), str(self.max_bytes), str(self.iterations), "1"]
-        res = h.run(places[0].target, argv, 600, f"mpirun {self.program}")
+        res = h.run(places[0].target, argv, 180 if self.quick else 900, f"mpirun {self.program}")
         out = Outcome({}, raw={"mpirun": _tail(res.stdout + res.stderr)})
         try:
             _, series = parsers.parse_mpi(res.stdout, self.program)

@@ -238,3 +238,20 @@ def test_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
     assert not Path(f"/run/ebpf-router/testbed-{run_id}.json").exists()
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     assert result["interrupted"] is True
+
+
+def test_mpi_agent_maps_addresses_to_namespaces() -> None:
+    from ebpfrouter.bench.mpiagent import main as agent_main
+    from ebpfrouter.bench.mpiagent import netns_for_host
+    from ebpfrouter.testbed import Node, Pod, Testbed, TestbedError
+
+    node = Node(1, "node1", "ebtb000001-n1", "192.168.77.1", "10.244.1.0/24", "10.244.1.1",
+                "02:eb:7b:00:01:01")
+    pod = Pod("n1p0", "node1", "ebtb000001-n1p0", "10.244.1.2", {})
+    bed = Testbed("ebtb000001", [node], [pod])
+    assert netns_for_host(bed, "10.244.1.2") == "ebtb000001-n1p0"
+    assert netns_for_host(bed, "192.168.77.1") == "ebtb000001-n1"
+    with pytest.raises(TestbedError, match="10.9.9.9"):
+        netns_for_host(bed, "10.9.9.9")
+    assert agent_main(["hostname-only"]) == 255
+    assert agent_main(["--id", "ebtb000001", "10.244.1.2"]) == 255  # no command
