@@ -150,7 +150,11 @@ class RemoteProcess:
 
     def _prepare(self, state: ThreadState) -> None:
         if state.saved_regs is None:
-            state.saved_regs = copy_regs(pt.getregs(state.tid))
+            regs = copy_regs(pt.getregs(state.tid))
+            if self.arch.name == "x86_64" and getattr(regs, "cs", 0x33) == 0x23:
+                raise InjectorError(f"pid {self.pid} tid {state.tid}: 32-bit (ia32) code,"
+                                    " not supported")
+            state.saved_regs = regs
         if state.saved_mask is None:
             state.saved_mask = pt.getsigmask(state.tid)
             pt.setsigmask(state.tid, pt.ALL_SIGNALS_MASK)

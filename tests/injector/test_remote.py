@@ -208,6 +208,33 @@ def test_syscall_insn_is_real_and_code_untouched(spawn: Callable[..., Target]) -
         assert bytes(after) == bytes(regs)  # registers put back after every call
 
 
+def _exec_ranges(pid: int) -> list[tuple[int, int]]:
+    out = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            addr, perms = line.split()[:2]
+            if perms[2] == "x":
+                lo, hi = (int(x, 16) for x in addr.split("-"))
+                out.append((lo, hi))
+    return out
+
+
+@root
+@pytest.mark.parametrize("via", ["auxv", "maps"])
+def test_syscall_insn_found_in_executable_memory(
+    spawn: Callable[..., Target], monkeypatch: pytest.MonkeyPatch, via: str
+) -> None:
+    if via == "maps":  # as if there were no AT_SYSINFO_EHDR: scan /proc/PID/maps
+        monkeypatch.setattr(FrozenProcess, "_vdso_text", lambda self: None)
+    t = spawn("read")
+    t.readline()
+    wait_blocked(t.pid)
+    with freeze(t.pid) as proc:
+        addr = proc.syscall_insn_addr()
+        assert any(lo <= addr < hi - 1 for lo, hi in _exec_ranges(t.pid))
+        assert proc.syscall("getpid") == t.pid
+
+
 @root
 def test_many_threads_inject_in_each(spawn: Callable[..., Target]) -> None:
     """ptrace obeys only the tracing thread: a call from another Python thread is refused
