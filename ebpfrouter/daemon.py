@@ -345,8 +345,11 @@ class Daemon:
         self.loop.add_reader(self.tracer.fileno(), self._on_tracer_readable)
         for host in sorted(self.peer_map.hosts()):
             self._ensure_client(host)
-        for ev in self.tracer.seed():
+        seeded = self.tracer.seed()
+        for ev in seeded:
             self._on_socket_event(ev)
+        log.info("seeded %d existing sockets (pod netns %s)", len(seeded),
+                 sorted(self.local_netns) if self.local_netns is not None else "any")
         self._spawn(self._housekeeping())
         self._ready = True
         log.warning("ebpf-router on %s: host %s, pod CIDRs %s, peers %s, port %d", self.node,

@@ -77,14 +77,16 @@ def stream_serve(port: int, bind: str = "0.0.0.0", once: bool = True) -> None:
                 return
 
 
-def stream_send(host: str, port: int, seconds: float) -> dict[str, Any]:
-    """Send numbered chunks for `seconds`, half-close, read the server's count and digest."""
+def stream_send(host: str, port: int, seconds: float,
+                stop_file: str | None = None) -> dict[str, Any]:
+    """Send numbered chunks for `seconds` (or until `stop_file` exists), half-close, read the
+    server's count and digest."""
     block = _block()
     digest, total, n = hashlib.sha256(), 0, 0
     with socket.create_connection((host, port), timeout=30) as sock:
         start = time.monotonic()
         deadline = start + seconds
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (stop_file and os.path.exists(stop_file)):
             for _ in range(16):
                 chunk = n.to_bytes(8, "little") + block
                 sock.sendall(chunk)
@@ -412,11 +414,12 @@ def main(argv: list[str] | None = None) -> int:
     send.add_argument("host")
     send.add_argument("port", type=int)
     send.add_argument("seconds", type=float)
+    send.add_argument("--stop-file", help="stop sending early once this file exists")
     args = parser.parse_args(argv)
     if args.cmd == "serve":
         stream_serve(args.port)
         return 0
-    result = stream_send(args.host, args.port, args.seconds)
+    result = stream_send(args.host, args.port, args.seconds, args.stop_file)
     print(json.dumps(result))
     return 0 if result["ok"] else 1
 

@@ -86,6 +86,11 @@ def routers(bed):
         try:
             yield r
         finally:
+            for node in bed.nodes:  # shown by pytest when the test failed
+                with contextlib.suppress(Exception):
+                    status = r.status(node.name)
+                    print(f"--- status {node.name}: {status['counters']} "
+                          f"{status['engine']['stats']} {status['daemon']}")
             r.stop()
             for node in bed.nodes:  # shown by pytest when the test failed
                 with contextlib.suppress(OSError):
@@ -95,9 +100,12 @@ def routers(bed):
 class Stream:
     """`python -m ebpfrouter.demo send` in a pod, inspected from outside while it runs."""
 
-    def __init__(self, bed: Testbed, pod: str, host: str, port: int, seconds: float) -> None:
+    def __init__(self, bed: Testbed, pod: str, host: str, port: int,
+                 seconds: float = 60.0) -> None:
+        self.dir = tempfile.TemporaryDirectory(prefix="er-stream-")
+        self.stop_file = Path(self.dir.name) / "stop"
         self.proc = bed.popen(pod, [sys.executable, "-m", "ebpfrouter.demo", "send", host,
-                                    str(port), str(seconds)],
+                                    str(port), str(seconds), "--stop-file", str(self.stop_file)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=_env(), cwd=str(PACKAGE_ROOT))
 
@@ -112,7 +120,15 @@ class Stream:
         return None
 
     def result(self) -> dict:
-        out, err = self.proc.communicate(timeout=60)
+        """Stop sending (the sender runs until told, so slow machines do not race the test)."""
+        self.stop_file.touch()
+        try:
+            out, err = self.proc.communicate(timeout=60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.dir.cleanup()
         assert self.proc.returncode == 0, err
         return json.loads(out)
 
@@ -164,7 +180,7 @@ def test_cross_node_bypassed_every_byte_arrives(bed, routers):
     with stream_server(bed, server.name):  # listens after the routers started
         wait_listener_announced(routers, "node1", PORT)
         before = counters(routers, "node2")["bypassed_client"]
-        stream = Stream(bed, client.name, server.ip, PORT, 3.0)
+        stream = Stream(bed, client.name, server.ip, PORT)
         # the app's own fd now points at a socket on the underlay addresses
         peer = wait_for(lambda: (p := stream.peer()) and p[0].startswith("192.168.77.") and p,
                         10, "swapped socket")
@@ -191,8 +207,9 @@ def test_listener_before_router_start_is_seeded(bed, routers):
     with stream_server(bed, server.name, PORT + 1):  # listens before the routers exist
         routers.start()
         wait_listener_announced(routers, "node1", PORT + 1)
-        stream = Stream(bed, client.name, server.ip, PORT + 1, 1.5)
+        stream = Stream(bed, client.name, server.ip, PORT + 1)
         wait_for(lambda: (p := stream.peer()) and p[0].startswith("192.168.77."), 10, "swap")
+        time.sleep(0.3)
         result = stream.result()
     assert result["ok"], result
     assert counters(routers, "node2")["bypassed_client"] >= 1
@@ -204,7 +221,7 @@ def test_same_node_pair_left_alone(bed, routers):
     routers.start()
     with stream_server(bed, server.name, PORT + 2):
         wait_listener_announced(routers, "node1", PORT + 2)
-        stream = Stream(bed, client.name, server.ip, PORT + 2, 1.5)
+        stream = Stream(bed, client.name, server.ip, PORT + 2)
         wait_for(lambda: stream.peer(), 5, "connection")
         time.sleep(0.7)
         assert stream.peer() == (server.ip, PORT + 2)
@@ -223,7 +240,7 @@ def test_cidr_rule_keeps_traffic_on_overlay(bed, routers):
     with stream_server(bed, server.name, PORT + 3):
         wait_listener_announced(routers, "node1", PORT + 3)
         vx0 = bed.link_stats("node2", "flannel.1")["tx_bytes"]
-        stream = Stream(bed, client.name, server.ip, PORT + 3, 1.5)
+        stream = Stream(bed, client.name, server.ip, PORT + 3)
         wait_for(lambda: stream.peer(), 5, "connection")
         time.sleep(0.7)
         assert stream.peer() == (server.ip, PORT + 3)
@@ -268,8 +285,9 @@ def test_peer_garbage_rejected_daemon_keeps_working(bed, routers):
     server, client = bed.pod("n1p0"), bed.pod("n2p0")
     with stream_server(bed, server.name, PORT + 4):
         wait_listener_announced(routers, "node1", PORT + 4)
-        stream = Stream(bed, client.name, server.ip, PORT + 4, 1.5)
+        stream = Stream(bed, client.name, server.ip, PORT + 4)
         wait_for(lambda: (p := stream.peer()) and p[0].startswith("192.168.77."), 10, "swap")
+        time.sleep(0.3)
         assert stream.result()["ok"]
 
 
@@ -309,7 +327,7 @@ def test_sigterm_leaves_nothing(bed, routers):
     server, client = bed.pod("n1p0"), bed.pod("n2p0")
     with stream_server(bed, server.name, PORT + 5) as srv:
         wait_listener_announced(routers, "node1", PORT + 5)
-        stream = Stream(bed, client.name, server.ip, PORT + 5, 2.0)
+        stream = Stream(bed, client.name, server.ip, PORT + 5)
         wait_for(lambda: stream.peer(), 5, "connection")
         codes = routers.stop()  # SIGTERM, possibly mid-swap
         assert codes == {"node1": 0, "node2": 0}
@@ -330,10 +348,11 @@ def test_sigterm_leaves_nothing(bed, routers):
 def test_connection_older_than_the_routers_is_bypassed(bed, routers):
     server, client = bed.pod("n1p1"), bed.pod("n2p1")
     with stream_server(bed, server.name, PORT + 6):
-        stream = Stream(bed, client.name, server.ip, PORT + 6, 4.0)
+        stream = Stream(bed, client.name, server.ip, PORT + 6)
         wait_for(lambda: stream.peer(), 5, "connection")
         routers.start()  # both ends are found from /proc (Tracer.seed)
         wait_for(lambda: (p := stream.peer()) and p[0].startswith("192.168.77."), 10, "swap")
+        time.sleep(0.5)  # and some bytes after the swap
         result = stream.result()
     assert result["ok"], result
     assert counters(routers, "node2")["bypassed_client"] == 1
@@ -389,7 +408,9 @@ def test_health_and_metrics(bed, routers):
     server, client = bed.pod("n1p0"), bed.pod("n2p0")
     with stream_server(bed, server.name, PORT + 8):
         wait_listener_announced(routers, "node1", PORT + 8)
-        assert Stream(bed, client.name, server.ip, PORT + 8, 1.0).result()["ok"]
+        stream = Stream(bed, client.name, server.ip, PORT + 8)
+        wait_for(lambda: (p := stream.peer()) and p[0].startswith("192.168.77."), 10, "swap")
+        assert stream.result()["ok"]
     wait_for(lambda: counters(routers, "node1")["bypassed"] >= 1, 5, "bypass")
     time.sleep(2.5)  # metrics are refreshed by the housekeeping beat
     res = bed.run("node1", [sys.executable, "-c", HEALTH_CODE, "127.0.0.1:9901", "/healthz",
