@@ -19,6 +19,7 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 # -- crictl, for containerLabel rules (talks to the node's CRI socket) ------------------------
 FROM ${PYTHON_IMAGE} AS crictl
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ARG CRICTL_VERSION=v1.31.1
 ARG TARGETARCH=amd64
 ADD https://github.com/kubernetes-sigs/cri-tools/releases/download/${CRICTL_VERSION}/crictl-${CRICTL_VERSION}-linux-${TARGETARCH}.tar.gz /tmp/crictl.tar.gz
@@ -30,7 +31,7 @@ RUN echo "$(cut -d' ' -f1 /tmp/crictl.tar.gz.sha256)  /tmp/crictl.tar.gz" | sha2
 # -- the runtime image --------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels ebpf-router
+    pip install --no-cache-dir --no-index --find-links=/wheels /wheels/ebpf_router-*.whl
 COPY --from=crictl /usr/local/bin/crictl /usr/local/bin/crictl
 # The chart mounts the root filesystem read-only: nothing may write bytecode caches at run time.
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
@@ -44,5 +45,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 # Kubernetes can grant those capabilities only to uid 0: for any other uid, execve() leaves
 # the effective set empty (a pod spec has no ambient capabilities). The chart drops every
 # other capability, and mounts the root filesystem read-only.
+# hadolint ignore=DL3002
 USER 0:0
 ENTRYPOINT ["ebpf-router", "run"]
