@@ -123,6 +123,8 @@ class EngineConfig:
     probe_interval: float = 0.5
     probe_limit: int = 20
     max_waiting: int = 10000  # traced connects waiting for a listener announcement
+    listener_wait: float = 60.0  # how long a traced connect waits for that announcement
+    bind_wait: float = 10.0  # how long a traced accept waits for the client's bind
     max_connections: int = 100000
 
 
@@ -319,6 +321,7 @@ class Engine:
             if old is not None:
                 self._emit(CloseSocket(old.sock))
             self.waiting[(ev.pid, ev.fd)] = ev
+            self._emit(StartTimer(("waiting", ev.pid, ev.fd, ev.inode), self.config.listener_wait))
             while len(self.waiting) > self.config.max_waiting:
                 _, evicted = self.waiting.popitem(last=False)
                 self._emit(CloseSocket(evicted.sock))
@@ -365,6 +368,7 @@ class Engine:
         if old is not None:
             self._emit(CloseSocket(old.sock))
         self.accepts[ev.conn] = ev
+        self._emit(StartTimer(("accept", ev.pid, ev.fd, ev.inode), self.config.bind_wait))
         if len(self.accepts) > self.config.max_waiting:
             evicted = self.accepts.pop(next(iter(self.accepts)))
             self._emit(CloseSocket(evicted.sock))
@@ -796,6 +800,9 @@ class Engine:
 
     def _on_TimerFired(self, ev: TimerFired) -> None:
         key = ev.key
+        if len(key) == 4 and key[0] in ("waiting", "accept"):
+            self._unmatched_expired(key)
+            return
         if len(key) != 3 or key[0] != "conn":
             self.stats["stale_timer"] += 1
             return
@@ -813,6 +820,25 @@ class Engine:
             self._probe(conn)
         else:
             self.stats["stale_timer"] += 1
+
+    def _unmatched_expired(self, key: tuple[Any, ...]) -> None:
+        """A traced connect never saw its listener announced, or an accept its bind: let go."""
+        kind, pid, fd, inode = key
+        if kind == "waiting":
+            waiting = self.waiting.get((pid, fd))
+            if waiting is not None and waiting.inode == inode:
+                del self.waiting[(pid, fd)]
+                self._emit(CloseSocket(waiting.sock))
+                self.stats["waiting_expired"] += 1
+                return
+        else:
+            for tup, acc in list(self.accepts.items()):
+                if (acc.pid, acc.fd, acc.inode) == (pid, fd, inode):
+                    del self.accepts[tup]
+                    self._emit(CloseSocket(acc.sock))
+                    self.stats["accepts_expired"] += 1
+                    return
+        self.stats["stale_timer"] += 1
 
     def _on_ActionFailed(self, ev: ActionFailed) -> None:
         entry = self._refs.get(ev.ref)

@@ -35,6 +35,7 @@ from ebpfrouter.engine import (  # noqa: E402
     PeerMessage,
     ReplaceFd,
     SendPeer,
+    StartTimer,
     State,
     TimerFired,
 )
@@ -222,7 +223,8 @@ def test_rules_and_scoping() -> None:
     assert engine.handle(ConnectTraced(666, 6, 3, TUP, 3)) == [CloseSocket(3)]
     assert engine.stats["connect_not_remote"] == 2 and engine.stats["connect_ruled_out"] == 1
     # allowed, but no listener announced yet: waits; the announcement starts it
-    assert engine.handle(ConnectTraced(100, 7, 4, TUP, 4)) == []
+    assert engine.handle(ConnectTraced(100, 7, 4, TUP, 4)) == [
+        StartTimer(("waiting", 100, 7, 4), engine.config.listener_wait)]
     acts = engine.handle(PeerMessage(SERVER, "listener_add", {
         "overlay_addr": "10.244.2.2", "overlay_port": 5201, "host_addr": "192.168.77.2",
         "host_port": 41000}))
@@ -447,3 +449,23 @@ def test_peer_lost_while_server_freezes_is_not_forgotten(ok: bool) -> None:
     world.complete(index, ok=ok)
     engine = world.daemons[SERVER].engine
     assert not engine.conns and not engine.busy_pids and not world.procs[SERVER].frozen
+
+
+def test_unmatched_connects_and_accepts_expire() -> None:
+    def peer(ip: str) -> str | None:
+        return CLIENT if ip.startswith("10.244.1.") else SERVER if ip.startswith("10.244.2.") \
+            else None
+
+    client = Engine(EngineConfig(CLIENT), peer)
+    (timer,) = client.handle(ConnectTraced(100, 7, 4, TUP, 40))
+    assert client.handle(TimerFired(timer.key)) == [CloseSocket(40)]
+    assert not client.waiting and client.stats["waiting_expired"] == 1
+    assert client.handle(TimerFired(timer.key)) == []  # once only
+    # a reused fd number with another socket is not expired by the old timer
+    client.handle(ConnectTraced(100, 7, 5, TUP, 41))
+    assert client.handle(TimerFired(timer.key)) == [] and len(client.waiting) == 1
+    server = _server_engine()
+    (acc,) = server.accepts.values()
+    assert server.handle(TimerFired(("accept", acc.pid, acc.fd, acc.inode))) == [
+        CloseSocket(acc.sock)]
+    assert not server.accepts and server.stats["accepts_expired"] == 1
