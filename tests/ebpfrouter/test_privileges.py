@@ -262,3 +262,40 @@ def test_unknown_capability_is_named() -> None:
     with pytest.raises(ValueError, match="CAP_FLY"):
         drop_privileges({"CAP_FLY"})
 
+
+
+def test_open_tracer_keeps_working_without_bpf_and_perfmon() -> None:
+    """daemon_required(tracer_open=True) has neither CAP_BPF nor CAP_PERFMON: the tracer
+    opened before the drop still reports connections, tracks fds and detaches cleanly."""
+    from ebpfrouter.tracer import EventKind, Tracer
+
+    keep = privileges.daemon_required(tracer_open=True)
+    assert not keep & {"CAP_BPF", "CAP_PERFMON"}
+
+    def prepare() -> Tracer:
+        tracer = Tracer(host_netns_inode=0, max_tracked=1024)  # trace our own namespace too
+        tracer.open()
+        return tracer
+
+    def act(tracer: Tracer) -> list[str]:
+        with socket.socket() as srv:
+            srv.bind(("127.0.0.1", 0))
+            srv.listen()
+            with socket.socket() as cli:
+                cli.connect(srv.getsockname())
+                conn, _ = srv.accept()
+                conn.close()
+        kinds: set[EventKind] = set()
+        deadline = time.monotonic() + 5
+        while not {EventKind.CONNECT, EventKind.ACCEPT, EventKind.CLOSE} <= kinds:
+            assert time.monotonic() < deadline, kinds
+            kinds |= {e.kind for e in tracer.read(timeout=0.1) if e.pid == os.getpid()}
+        with socket.socket() as extra:
+            tracer.track(os.getpid(), extra.fileno())
+            assert (os.getpid(), extra.fileno()) in tracer.tracked()
+        tracer.close()
+        return sorted(k.name for k in kinds)
+
+    status, kinds = in_child(prepare, keep, act)
+    assert status == "ok", kinds
+    assert {"CONNECT", "ACCEPT", "CLOSE"} <= set(kinds)
