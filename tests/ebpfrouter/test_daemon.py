@@ -78,12 +78,14 @@ def bed():
         testbed.down()
 
 
-@pytest.fixture
-def routers(bed):
+@contextlib.contextmanager
+def _routers(bed, start: bool = False):
     with tempfile.TemporaryDirectory(prefix="er-test-") as tmp:
         r = Routers(bed, Path(tmp), loglevel="INFO")
         (Path(tmp) / "rules").mkdir()
         try:
+            if start:
+                r.start()
             yield r
         finally:
             for node in bed.nodes:  # shown by pytest when the test failed
@@ -95,6 +97,28 @@ def routers(bed):
             for node in bed.nodes:  # shown by pytest when the test failed
                 with contextlib.suppress(OSError):
                     print(f"--- router log {node.name}\n{r.log_of(node.name).read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def _shared_holder(bed):
+    with _routers(bed) as r:
+        yield r
+
+
+@pytest.fixture
+def routers(bed, _shared_holder):
+    """Fresh routers, started by the test (the shared ones are stopped first: one per node)."""
+    _shared_holder.stop()
+    with _routers(bed) as r:
+        yield r
+
+
+@pytest.fixture
+def shared(_shared_holder):
+    """Routers already running, shared by tests that do not care when they started."""
+    if not _shared_holder.procs:
+        _shared_holder.start()
+    return _shared_holder
 
 
 class Stream:
@@ -174,9 +198,9 @@ def assert_not_stopped(pid: int) -> None:
 
 
 @pytest.mark.root
-def test_cross_node_bypassed_every_byte_arrives(bed, routers):
+def test_cross_node_bypassed_every_byte_arrives(bed, shared):
+    routers = shared
     server, client = bed.pod("n1p0"), bed.pod("n2p0")
-    routers.start()
     with stream_server(bed, server.name):  # listens after the routers started
         wait_listener_announced(routers, "node1", PORT)
         before = counters(routers, "node2")["bypassed_client"]
@@ -202,6 +226,59 @@ def test_cross_node_bypassed_every_byte_arrives(bed, routers):
 
 
 @pytest.mark.root
+def test_same_node_pair_left_alone(bed, shared):
+    routers = shared
+    server, client = bed.pod("n1p0"), bed.pod("n1p1")
+    before = {node: counters(routers, node)["bypassed"] for node in ("node1", "node2")}
+    with stream_server(bed, server.name, PORT + 2):
+        wait_listener_announced(routers, "node1", PORT + 2)
+        stream = Stream(bed, client.name, server.ip, PORT + 2)
+        wait_for(lambda: stream.peer(), 5, "connection")
+        time.sleep(0.7)
+        assert stream.peer() == (server.ip, PORT + 2)
+        result = stream.result()
+    assert result["ok"], result
+    for node in ("node1", "node2"):
+        assert counters(routers, node)["bypassed"] == before[node]
+
+
+@pytest.mark.root
+def test_peer_garbage_rejected_daemon_keeps_working(bed, shared):
+    routers = shared
+    node1 = bed.node("node1")
+    before = counters(routers, "node1")["peer_rejected"]
+    _garbage_and_wrong_key(bed, node1.underlay_ip, 1234)
+    status = wait_for(lambda: (s := routers.status("node1"))["counters"]["peer_rejected"]
+                      >= before + 2 and s, 5, "rejections counted")
+    assert status["peer_rejected"].get("bad_auth", 0) >= 1
+    log = routers.log_of("node1").read_text()
+    assert "AuthError" in log
+    # ... and still bypasses
+    server, client = bed.pod("n1p0"), bed.pod("n2p0")
+    with stream_server(bed, server.name, PORT + 4):
+        wait_listener_announced(routers, "node1", PORT + 4)
+        stream = Stream(bed, client.name, server.ip, PORT + 4)
+        wait_for(lambda: (p := stream.peer()) and p[0].startswith("192.168.77."), 10, "swap")
+        time.sleep(0.3)
+        assert stream.result()["ok"]
+
+
+@pytest.mark.root
+def test_port_in_use_is_one_clear_message(bed, shared):
+    routers = shared
+    res = bed.run("node1", [sys.executable, "-m", "ebpfrouter.cli", "run", "--overlay-if",
+                            "flannel.1", "--host-if", "eth0", "--key-file",
+                            str(routers.key_file), "--control-socket",
+                            str(routers.workdir / "second.sock")],
+                  env=_env(), cwd=str(PACKAGE_ROOT), timeout=30)
+    assert res.returncode == 1
+    assert "ROUTER_PORT" in res.stdout + res.stderr and "1234" in res.stdout + res.stderr
+    assert "Traceback" not in res.stdout + res.stderr
+    assert not (routers.workdir / "second.sock").exists()
+    assert routers.status("node1")["counters"] is not None  # the first one is unharmed
+
+
+@pytest.mark.root
 def test_listener_before_router_start_is_seeded(bed, routers):
     server, client = bed.pod("n1p1"), bed.pod("n2p1")
     with stream_server(bed, server.name, PORT + 1):  # listens before the routers exist
@@ -213,22 +290,6 @@ def test_listener_before_router_start_is_seeded(bed, routers):
         result = stream.result()
     assert result["ok"], result
     assert counters(routers, "node2")["bypassed_client"] >= 1
-
-
-@pytest.mark.root
-def test_same_node_pair_left_alone(bed, routers):
-    server, client = bed.pod("n1p0"), bed.pod("n1p1")
-    routers.start()
-    with stream_server(bed, server.name, PORT + 2):
-        wait_listener_announced(routers, "node1", PORT + 2)
-        stream = Stream(bed, client.name, server.ip, PORT + 2)
-        wait_for(lambda: stream.peer(), 5, "connection")
-        time.sleep(0.7)
-        assert stream.peer() == (server.ip, PORT + 2)
-        result = stream.result()
-    assert result["ok"], result
-    for node in ("node1", "node2"):
-        assert counters(routers, node)["bypassed"] == 0
 
 
 @pytest.mark.root
@@ -268,42 +329,6 @@ def _garbage_and_wrong_key(bed: Testbed, host: str, port: int) -> None:
     junk = b"\x00\x00\x00\x40" + b"GET / HTTP/1.1\r\n" * 4
     res = bed.run("node2", [sys.executable, "-c", code, host, str(port), junk.hex(), wrong.hex()])
     assert res.returncode == 0, res.stderr
-
-
-@pytest.mark.root
-def test_peer_garbage_rejected_daemon_keeps_working(bed, routers):
-    routers.start()
-    node1 = bed.node("node1")
-    before = counters(routers, "node1")["peer_rejected"]
-    _garbage_and_wrong_key(bed, node1.underlay_ip, 1234)
-    status = wait_for(lambda: (s := routers.status("node1"))["counters"]["peer_rejected"]
-                      >= before + 2 and s, 5, "rejections counted")
-    assert status["peer_rejected"].get("bad_auth", 0) >= 1
-    log = routers.log_of("node1").read_text()
-    assert "AuthError" in log
-    # ... and still bypasses
-    server, client = bed.pod("n1p0"), bed.pod("n2p0")
-    with stream_server(bed, server.name, PORT + 4):
-        wait_listener_announced(routers, "node1", PORT + 4)
-        stream = Stream(bed, client.name, server.ip, PORT + 4)
-        wait_for(lambda: (p := stream.peer()) and p[0].startswith("192.168.77."), 10, "swap")
-        time.sleep(0.3)
-        assert stream.result()["ok"]
-
-
-@pytest.mark.root
-def test_port_in_use_is_one_clear_message(bed, routers):
-    routers.start()
-    res = bed.run("node1", [sys.executable, "-m", "ebpfrouter.cli", "run", "--overlay-if",
-                            "flannel.1", "--host-if", "eth0", "--key-file",
-                            str(routers.key_file), "--control-socket",
-                            str(routers.workdir / "second.sock")],
-                  env=_env(), cwd=str(PACKAGE_ROOT), timeout=30)
-    assert res.returncode == 1
-    assert "ROUTER_PORT" in res.stdout + res.stderr and "1234" in res.stdout + res.stderr
-    assert "Traceback" not in res.stdout + res.stderr
-    assert not (routers.workdir / "second.sock").exists()
-    assert routers.status("node1")["counters"] is not None  # the first one is unharmed
 
 
 @pytest.mark.root
