@@ -303,3 +303,50 @@ def test_transport_counts_stale_version_schema_and_silent_peers() -> None:
         await server.close()
 
     asyncio.run(main())
+
+
+def test_transport_survives_generated_hostile_streams() -> None:
+    """600 generated inputs, each on its own TCP connection to a real PeerServer (half of them
+    after a valid hello): no handler raises, every connection is closed by the server or ends
+    at EOF, and a good peer is served afterwards."""
+    import random
+
+    async def main() -> None:
+        errors: list[object] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
+        got: list[str] = []
+        codec = Codec(KEY, clock=time.time)
+        server = PeerServer(codec, lambda peer, msg: got.append(msg.type), host="127.0.0.1",
+                            port=0, handshake_timeout=0.3)
+        await server.start()
+        rng = random.Random(5)
+        gen = fuzz.Generator(rng, time.time, [CID])
+        sender = Codec(KEY)
+        for i in range(600):
+            kind = fuzz.KINDS[i % len(fuzz.KINDS)]
+            data = gen.make(kind)
+            if i % 2:
+                data = sender.encode("hello", fuzz.SAMPLES["hello"]) + data
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            try:
+                writer.write(data)
+                writer.write_eof()
+                await asyncio.wait_for(reader.read(), 5)  # the server closes: EOF...
+            except ConnectionResetError:
+                pass  # ...or a reset, when it closed with our bytes unread
+            writer.close()
+        before = len(got)
+        good = PeerClient(Codec(KEY), "127.0.0.1", server.port, fuzz.SAMPLES["hello"])
+        good.start()
+        good.send("conn_closed", {"cid": CID})
+        deadline = time.monotonic() + 5
+        while len(got) < before + 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await good.close()
+        await server.close()
+        assert errors == []
+        assert got[before:] == ["hello", "conn_closed"]
+        assert server.stats["connections"] >= 600
+        assert sum(server.rejected.values()) > 300
+
+    asyncio.run(main())
