@@ -49,6 +49,7 @@ import msgpack  # noqa: E402
 from ebpfrouter.engine import (  # noqa: E402
     CheckQueues,
     Freeze,
+    HostAccepted,
     PeerMessage,
     ReplaceFd,
     Thaw,
@@ -263,6 +264,7 @@ class Report:
     corruptions: int = 0
     uncounted: int = 0
     engine_messages: int = 0
+    host_binds: int = 0
     worlds: int = 0
     rejected: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     by_kind: dict[str, collections.Counter[str]] = dataclasses.field(
@@ -277,6 +279,7 @@ class Report:
                 "escapes": self.escapes, "corruptions": self.corruptions,
                 "uncounted_rejections": self.uncounted,
                 "engine_messages": self.engine_messages, "engine_worlds": self.worlds,
+                "host_binds": self.host_binds,
                 "rejected": dict(sorted(self.rejected.items())),
                 "outcomes_by_kind": {k: dict(v) for k, v in sorted(self.by_kind.items())},
                 "examples": self.examples[:10]}
@@ -354,10 +357,33 @@ class EngineHarness:
             unknown = [c for c in daemon.engine.conns if c not in self.made_cids()]
             if unknown:
                 self.corrupt(f"{daemon.node}: connections from a peer message: {unknown}")
+        if msg.type == "bind":
+            self.host_bind(msg.body)
         self.report.engine_messages += 1
         self.fed += 1
         if self.fed >= 200:
             self.new_world()
+
+    def host_bind(self, bind: dict[str, Any]) -> None:
+        """The same bind arriving on the server's host listener from a third node: refused,
+        its socket released, no connection created."""
+        from enginesim import Sock
+
+        world = self.world
+        daemon = world.daemons[self.server]
+        listener = next((r for r, k in daemon.handles.items() if k.kind == "listener"), -1)
+        sock = Sock("host", self.server, next(world.inodes), -1)
+        ref = world._hold(self.server, sock)
+        before = set(daemon.engine.conns)
+        try:
+            world.feed(self.server, HostAccepted(listener, ref, sock.inode, "node3", dict(bind)))
+        except AssertionError as exc:
+            self.corrupt(f"bind from node3: {exc}")
+        if set(daemon.engine.conns) != before:
+            self.corrupt(f"bind from node3 created a connection: {bind}")
+        if ref in daemon.handles:
+            self.corrupt("bind from node3: its host socket was kept")
+        self.report.host_binds += 1
 
     def made_cids(self) -> set[bytes]:
         """Connection ids the client engine generated (the world's id sequence)."""
@@ -513,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"inputs {out['inputs']:,}  frames {out['frames']:,}  accepted {out['accepted']:,}"
               f"  in {out['seconds']}s = {out['inputs_per_s']:,} inputs/s")
         print(f"engine: {out['engine_messages']:,} messages into {out['engine_worlds']:,} "
-              f"simulated worlds")
+              f"simulated worlds, {out['host_binds']:,} binds on host listeners")
         print("rejected by reason:")
         for reason, n in out["rejected"].items():
             print(f"  {reason:<14} {n:>10,}")

@@ -64,6 +64,7 @@ def test_harness_run_has_no_escape_no_corruption_every_rejection_counted(report)
     assert report.corruptions == 0, report.examples
     assert report.uncounted == 0
     assert report.engine_messages == report.accepted > RUN // 10  # engines really got fed
+    assert report.host_binds > 50  # and host listeners got binds from a third node
     assert sum(report.rejected.values()) + report.accepted <= report.frames + RUN
 
 
