@@ -162,7 +162,10 @@ class _Injector:
             self.frozen[pid] = (ctx, proc, holds + 1)
             return
         ctx = freeze(pid, timeout=self.freeze_timeout)
+        t0 = time.monotonic()
         proc = ctx.__enter__()
+        if time.monotonic() - t0 > 0.2:
+            log.warning("pid %d: freezing took %.0f ms", pid, (time.monotonic() - t0) * 1000)
         self.frozen[pid] = (ctx, proc, 1)
         self._since[pid] = time.monotonic_ns()
 
@@ -181,7 +184,10 @@ class _Injector:
             log.warning("pid %d: thaw: %s", pid, exc)
         started = self._since.pop(pid, None)
         if started is not None:
-            self.freeze_ns.append(time.monotonic_ns() - started)
+            held = time.monotonic_ns() - started
+            self.freeze_ns.append(held)
+            if held > 500_000_000:
+                log.warning("pid %d was frozen for %.0f ms", pid, held / 1e6)
 
     def replace(self, pid: int, fd: int, sock: socket.socket, expected_inode: int) -> None:
         from injector.swap import replace_fd
@@ -429,6 +435,11 @@ class Daemon:
         while True:
             self._beat = time.monotonic()
             await asyncio.sleep(self.options.rules_poll)
+            lag = time.monotonic() - self._beat - self.options.rules_poll
+            if lag > 0.2:
+                log.warning("event loop stalled for %.0f ms", lag * 1000)
+            self.counters["loop_lag_max_ms"] = max(self.counters["loop_lag_max_ms"],
+                                                   int(lag * 1000))
             self.status()  # refreshes the metrics
             assert self.rules is not None
             if self.rules.poll():
@@ -759,6 +770,8 @@ class Daemon:
             self.feed(ProcessExited(ev.pid))
             return
         if kind == EventKind.CLOSE:
+            if self.local_netns is not None and ev.netns not in self.local_netns:
+                return
             self.traced_at.pop((ev.pid, ev.fd), None)
             self.feed(CloseTraced(ev.pid, ev.fd))
             return
