@@ -8,6 +8,7 @@ CLONE_NEWNET is per-thread); the socket keeps that namespace after the thread is
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import secrets
@@ -131,12 +132,19 @@ def _close_remote(proc: Frozen, fd: int) -> None:
         pass
 
 
-def send_fd(proc: Frozen, sock: socket.socket | int, timeout: float = 5.0) -> int:
+SCRATCH_SIZE = 320  # bytes of target memory send_fd uses: sockaddr, msghdr, iovec, cmsg
+assert 128 + _MSGHDR.size + _IOVEC.size + 8 + CMSG_SPACE_1FD <= SCRATCH_SIZE
+
+
+def send_fd(
+    proc: Frozen, sock: socket.socket | int, timeout: float = 5.0, buffer: int | None = None
+) -> int:
     """Give the frozen target its own fd for `sock` (close-on-exec); return its number there.
 
     Checks that nothing was truncated and that the received fd is the same file (inode and
     device) as `sock`. Every temporary (unix sockets here and in the target) is closed,
-    also on failure. The caller keeps `sock` open and owns it.
+    also on failure. The caller keeps `sock` open and owns it. `buffer`: the address of
+    `SCRATCH_SIZE` writable bytes in the target to use (else a page is mapped for the call).
     """
     pid = proc.pid
     fileno = sock if isinstance(sock, int) else sock.fileno()
@@ -149,7 +157,10 @@ def send_fd(proc: Frozen, sock: socket.socket | int, timeout: float = 5.0) -> in
     received = -1
     try:
         listener.settimeout(timeout)
-        with proc.scratch(4096) as base:
+        scratch = (
+            contextlib.nullcontext(buffer) if buffer is not None else proc.scratch(SCRATCH_SIZE)
+        )
+        with scratch as base:
             a_addr = base
             a_msg = base + 128
             a_iov = a_msg + _MSGHDR.size

@@ -31,7 +31,7 @@ from injector.epoll import (
     pack_epoll_event,
 )
 from injector.errors import InjectorError, RemoteSyscallError, TargetGoneError
-from injector.fdpass import send_fd
+from injector.fdpass import SCRATCH_SIZE, send_fd
 from injector.inspect import apply_options, copy_socket, fd_flags, socket_options
 
 __all__ = ["SwapError", "replace_fd", "swap_many"]
@@ -149,9 +149,10 @@ def _inode_at(pid: int, fd: int) -> int | None:
 class _Remote:
     """epoll_ctl/dup3/close in the target, with one scratch buffer for epoll_event."""
 
-    def __init__(self, proc: Any, ev_addr: int) -> None:
+    def __init__(self, proc: Any, ev_addr: int, handoff_buffer: int | None = None) -> None:
         self.proc = proc
         self.ev_addr = ev_addr
+        self.handoff_buffer = handoff_buffer
         self.errors: list[BaseException] = []
 
     def epoll_ctl(self, op: int, fd: int, w: EpollWatch) -> None:
@@ -189,9 +190,11 @@ def _install(
 ) -> None:
     pid = proc.pid
     new_ino = os.fstat(new_sock.fileno()).st_ino
-    with proc.scratch(64) as ev_addr:  # mapped first: nothing to undo if this fails
-        received = send_fd(proc, new_sock, timeout=timeout)
-        r = _Remote(proc, ev_addr)
+    # One scratch area for the whole swap, mapped first (nothing to undo if that fails):
+    # [0, SCRATCH_SIZE) for the fd handoffs, then a struct epoll_event.
+    with proc.scratch(SCRATCH_SIZE + 64) as base:
+        received = send_fd(proc, new_sock, timeout=timeout, buffer=base)
+        r = _Remote(proc, base + SCRATCH_SIZE, handoff_buffer=base)
         deleted: list[EpollWatch] = []
         try:
             for w in watchers:
@@ -244,7 +247,7 @@ def _rollback_after_dup3(
     for w in added:
         r.undo(f"delete from epfd {w.epfd}", r.epoll_ctl, EPOLL_CTL_DEL, fd, w, ok=(_ENOENT,))
     try:
-        back = send_fd(r.proc, old, timeout=timeout)
+        back = send_fd(r.proc, old, timeout=timeout, buffer=r.handoff_buffer)
     except TargetGoneError:
         raise
     except InjectorError as e:

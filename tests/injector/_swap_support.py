@@ -103,13 +103,18 @@ def diag_inode(local: tuple[str, int], remote: tuple[str, int]) -> int:
     """Socket inode of the TCP socket with this 4-tuple (local end), via sock_diag."""
     with DiagSocket() as ds:
         ds.bind()
-        for m in ds.get_sock_stats(family=socket.AF_INET):
-            if (
-                (m["idiag_src"], m["idiag_sport"]) == local
-                and (m["idiag_dst"], m["idiag_dport"]) == remote
-            ):
-                return int(m["idiag_inode"])
-    raise LookupError(f"no TCP socket {local} -> {remote} in sock_diag")
+        found = [
+            m
+            # only ESTABLISHED: a dump of thousands of TIME_WAIT sockets is slow to parse
+            for m in ds.get_sock_stats(family=socket.AF_INET, states=1 << 1)
+            if (m["idiag_src"], m["idiag_sport"]) == local
+            and (m["idiag_dst"], m["idiag_dport"]) == remote
+            and m["idiag_inode"]
+        ]
+    if len(found) != 1:
+        states = [(m["idiag_state"], m["idiag_inode"]) for m in found]
+        raise LookupError(f"{len(found)} TCP sockets {local} -> {remote} in sock_diag: {states}")
+    return int(found[0]["idiag_inode"])
 
 
 def fd_of_inode(pid: int, inode: int) -> int:
@@ -122,16 +127,46 @@ def fd_of_inode(pid: int, inode: int) -> int:
     raise LookupError(f"pid {pid} has no fd for socket inode {inode}")
 
 
+def diag_state(local: tuple[str, int], remote: tuple[str, int]) -> list[tuple[int, int]]:
+    """(state, inode) of every TCP socket with this 4-tuple (for error messages)."""
+    with DiagSocket() as ds:
+        ds.bind()
+        return [
+            (m["idiag_state"], m["idiag_inode"])
+            for m in ds.get_sock_stats(family=socket.AF_INET)
+            if (m["idiag_src"], m["idiag_sport"]) == local
+            and (m["idiag_dst"], m["idiag_dport"]) == remote
+        ]
+
+
+def holders(inode: int) -> list[tuple[int, str, int]]:
+    """(pid, command, fd) of every process holding socket `inode` (for error messages)."""
+    want = f"socket:[{inode}]"
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            for name in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{name}") == want:
+                        with open(f"/proc/{pid}/comm") as f:
+                            out.append((int(pid), f.read().strip(), int(name)))
+    return out
+
+
 def server_fd(pid: int, client: socket.socket, timeout: float = 5.0) -> tuple[int, int]:
     """(fd, inode) in server `pid` of the server end of `client`'s connection."""
-    inode = diag_inode(client.getpeername(), client.getsockname())
+    local, remote = client.getpeername(), client.getsockname()
+    inode = diag_inode(local, remote)
     deadline = time.monotonic() + timeout
     while True:  # the server may not have accepted yet
         try:
             return fd_of_inode(pid, inode), inode
         except LookupError:
             if time.monotonic() > deadline:
-                raise
+                raise LookupError(
+                    f"pid {pid} has no fd for socket inode {inode} after {timeout}s; "
+                    f"held by: {holders(inode)}; now {diag_state(local, remote)}"
+                ) from None
             time.sleep(0.01)
 
 

@@ -312,15 +312,24 @@ def test_iperf3_transfer_survives_two_phase_swap(tmp_path):
     ) as srv:
         wait_listen(port, srv)  # no probe connection: iperf3 -1 would take it for the test
         cli = subprocess.Popen(
-            ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "4", "-J"],
+            ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "5", "-J"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         try:
-            time.sleep(1.5)
-            cfd, ccopy = _data_connection(cli.pid, port)
+            time.sleep(1.0)
+            deadline = time.monotonic() + 3
+            while True:  # the transfer must be well under way (slow on a loaded machine)
+                try:
+                    cfd, ccopy = _data_connection(cli.pid, port)
+                    break
+                except AssertionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
             sfd, sinode = server_fd(srv.pid, ccopy)
             scopy = copy_socket(srv.pid, sfd, sinode)
             s2, c2 = fresh_pair()
+            assert cli.poll() is None, "iperf3 finished before the swap: machine too slow?"
             with freeze(cli.pid) as pc:  # the writer first
                 _wait(lambda: queue_sizes(ccopy)[1] == 0 and queue_sizes(scopy)[0] == 0)
                 with freeze(srv.pid) as ps:  # then the reader, now drained
@@ -343,7 +352,7 @@ def test_iperf3_transfer_survives_two_phase_swap(tmp_path):
     assert sent > 100_000_000
     assert 0 <= sent - received < 64 * 1024 * 1024  # only what was in flight at the very end
     intervals = [iv["sum"]["bytes"] for iv in report["intervals"]]
-    assert len(intervals) >= 4 and all(b > 0 for b in intervals), intervals
+    assert len(intervals) >= 5 and all(b > 0 for b in intervals), intervals
 
 
 # --- option, flag and epoll carry-over on a driven target ---------------------------------------
@@ -443,10 +452,10 @@ def test_failure_mid_swap_rolls_back(target, monkeypatch, fail_at):
             raise RemoteSyscallError(24, t.pid, t.pid, "dup3")
         return real_dup3(self, src, dst, cloexec)
 
-    def send(proc, sock, timeout=5.0):
+    def send(proc, sock, timeout=5.0, buffer=None):
         if fail_at == "fdpass":
             raise InjectorError("forced handoff failure")
-        return real_send(proc, sock, timeout=timeout)
+        return real_send(proc, sock, timeout=timeout, buffer=buffer)
 
     monkeypatch.setattr(swap_mod._Remote, "epoll_ctl", ctl)
     monkeypatch.setattr(swap_mod._Remote, "dup3", dup3)
