@@ -15,6 +15,9 @@ from typing import NamedTuple
 from injector.errors import InjectorError
 
 __all__ = [
+    "AsyncOwner",
+    "async_owner",
+    "set_async_owner",
     "FdAccessError",
     "FdFlags",
     "NotASocketError",
@@ -162,6 +165,11 @@ class FdFlags(NamedTuple):
         return bool(self.flags & os.O_NONBLOCK)
 
     @property
+    def async_io(self) -> bool:
+        """O_ASYNC (signal-driven I/O) is set on the open file."""
+        return bool(self.flags & os.O_ASYNC)
+
+    @property
     def cloexec(self) -> bool:
         """FD_CLOEXEC is set on the fd (shown by the kernel as the O_CLOEXEC bit)."""
         return bool(self.flags & os.O_CLOEXEC)
@@ -185,6 +193,36 @@ def fd_flags(pid: int, fd: int) -> FdFlags:
         if line.startswith("flags:"):
             return FdFlags(int(line.split(":", 1)[1].strip(), 8))
     raise FdAccessError(_errno.EINVAL, pid, fd, "no 'flags:' line in fdinfo")
+
+
+# --- signal-driven I/O (O_ASYNC) -------------------------------------------------------------
+
+F_SETSIG = 10
+F_GETSIG = 11
+F_SETOWN_EX = 15
+F_GETOWN_EX = 16
+
+
+class AsyncOwner(NamedTuple):
+    """Who gets SIGIO for an O_ASYNC file: ``F_GETOWN_EX`` (type, pid) and ``F_GETSIG``."""
+
+    owner_type: int  # F_OWNER_TID 0, F_OWNER_PID 1, F_OWNER_PGRP 2
+    owner: int
+    signal: int  # 0: SIGIO
+
+
+def async_owner(sock: socket.socket) -> AsyncOwner:
+    """The SIGIO owner and signal of the open file behind `sock`."""
+    raw = fcntl.fcntl(sock.fileno(), F_GETOWN_EX, b"\0" * 8)
+    kind, pid = struct.unpack("@ii", raw)
+    return AsyncOwner(kind, pid, fcntl.fcntl(sock.fileno(), F_GETSIG))
+
+
+def set_async_owner(sock: socket.socket, owner: AsyncOwner) -> None:
+    """Set the SIGIO owner and signal of `sock` (O_ASYNC itself is set by whoever owns the fd,
+    as the kernel records the fd number for ``si_fd``)."""
+    fcntl.fcntl(sock.fileno(), F_SETOWN_EX, struct.pack("@ii", owner.owner_type, owner.owner))
+    fcntl.fcntl(sock.fileno(), F_SETSIG, owner.signal)
 
 
 # --- queues and TCP_INFO ------------------------------------------------------------------

@@ -17,6 +17,7 @@ after step 4 the old socket is handed back in the same way and put back at the f
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import socket
@@ -32,7 +33,15 @@ from injector.epoll import (
 )
 from injector.errors import InjectorError, RemoteSyscallError, TargetGoneError
 from injector.fdpass import SCRATCH_SIZE, send_fd
-from injector.inspect import apply_options, copy_socket, fd_flags, socket_options
+from injector.inspect import (
+    FdFlags,
+    apply_options,
+    async_owner,
+    copy_socket,
+    fd_flags,
+    set_async_owner,
+    socket_options,
+)
 
 __all__ = ["SwapError", "replace_fd", "swap_many"]
 
@@ -132,7 +141,9 @@ def _replace(
         watchers = find_watchers(pid, fd, st.st_ino, st.st_dev)
         apply_options(socket_options(old), new_sock)
         new_sock.setblocking(not flags.nonblock)  # O_NONBLOCK lives on the open file
-        _install(proc, fd, new_sock, old, flags.cloexec, watchers, timeout)
+        if flags.async_io:  # SIGIO owner and signal live on the file too; O_ASYNC set later
+            set_async_owner(new_sock, async_owner(old))
+        _install(proc, fd, new_sock, old, flags, watchers, timeout)
     except BaseException:
         old.close()
         raise
@@ -165,6 +176,10 @@ class _Remote:
     def dup3(self, src: int, dst: int, cloexec: bool) -> None:
         self.proc.syscall("dup3", src, dst, os.O_CLOEXEC if cloexec else 0)
 
+    def set_status_flags(self, fd: int, flags: int) -> None:
+        status = flags & ~(os.O_CLOEXEC | os.O_ACCMODE)  # F_SETFL ignores the rest
+        self.proc.syscall("fcntl", fd, fcntl.F_SETFL, status)
+
     def close(self, fd: int) -> None:
         self.proc.syscall("close", fd)
 
@@ -184,11 +199,12 @@ def _install(
     fd: int,
     new_sock: socket.socket,
     old: socket.socket,
-    cloexec: bool,
+    flags: FdFlags,
     watchers: list[EpollWatch],
     timeout: float,
 ) -> None:
     pid = proc.pid
+    cloexec = flags.cloexec
     new_ino = os.fstat(new_sock.fileno()).st_ino
     # One scratch area for the whole swap, mapped first (nothing to undo if that fails):
     # [0, SCRATCH_SIZE) for the fd handoffs, then a struct epoll_event.
@@ -209,6 +225,8 @@ def _install(
             _rollback_before_dup3(r, fd, deleted, received, e)
         added: list[EpollWatch] = []
         try:
+            if flags.async_io:  # in the target, so that si_fd names its fd
+                r.set_status_flags(fd, flags.flags)
             for w in watchers:
                 r.epoll_ctl(EPOLL_CTL_ADD, fd, w)
                 added.append(w)

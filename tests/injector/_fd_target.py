@@ -12,16 +12,25 @@ It listens on argv[1] and answers each command with one line on stdout:
   send FD HEX               -> bytes written
   close FD                  -> ok
   dupto FD NEWFD            -> ok   (dup2)
+  async FD                  -> ok   (O_ASYNC, SIGIO to this process, counted)
+  sigio                     -> SIGIO count so far
 """
 
 import ctypes
 import errno
+import fcntl
 import os
+import signal
 import socket
 import struct
 import sys
 
 libc = ctypes.CDLL(None, use_errno=True)
+SIGIO_COUNT = [0]
+
+
+def on_sigio(signum, frame) -> None:
+    SIGIO_COUNT[0] += 1
 EVENT = struct.Struct("<IQ") if os.uname().machine == "x86_64" else struct.Struct("=I4xQ")
 
 
@@ -79,6 +88,14 @@ def run(cmd, a, lst, eps, conns) -> str:
         else:
             os.close(fd)
         return "ok"
+    if cmd == "async":
+        fd = int(a[0])
+        signal.signal(signal.SIGIO, on_sigio)
+        fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
+        return "ok"
+    if cmd == "sigio":
+        return str(SIGIO_COUNT[0])
     if cmd == "dupto":
         os.dup2(int(a[0]), int(a[1]), inheritable=False)
         return "ok"

@@ -34,7 +34,14 @@ from _targets import FdTarget
 from injector import swap as swap_mod
 from injector.errors import InjectorError, RemoteSyscallError
 from injector.freeze import freeze
-from injector.inspect import StaleFdError, copy_socket, fd_flags, queue_sizes, socket_inode
+from injector.inspect import (
+    StaleFdError,
+    async_owner,
+    copy_socket,
+    fd_flags,
+    queue_sizes,
+    socket_inode,
+)
 from injector.swap import SwapError, replace_fd, swap_many
 
 pytestmark = pytest.mark.root
@@ -402,6 +409,29 @@ def test_rcvtimeo_nonblock_cloexec_and_epoll_carried(target):
         assert bytes.fromhex(t.cmd("recv", fd, 10)) == b"pong"
         assert t.cmd("send", fd, b"back".hex()) == "4"
         assert recv_exact(c3, 4) == b"back"
+    assert_running(t.pid)
+
+
+def test_signal_driven_io_carried(target):
+    """O_ASYNC: the new socket still raises SIGIO in the app (owner, signal and flag carried)."""
+    t = target
+    c, fd = t.connect()
+    assert t.cmd("async", fd) == "ok"
+    c.sendall(b"1")
+    _wait(lambda: int(t.cmd("sigio")) >= 1)
+    assert bytes.fromhex(t.cmd("recv", fd, 1)) == b"1"
+    flags = fd_flags(t.pid, fd)
+    assert flags.async_io
+    c2 = swap_server_end(t.pid, c)
+    with c2:
+        assert fd_flags(t.pid, fd) == flags
+        with copy_socket(t.pid, fd) as cp:
+            owner = async_owner(cp)
+        assert (owner.owner_type, owner.owner) == (1, t.pid)  # F_OWNER_PID
+        n = int(t.cmd("sigio"))
+        c2.sendall(b"2")
+        _wait(lambda: int(t.cmd("sigio")) > n)
+        assert bytes.fromhex(t.cmd("recv", fd, 1)) == b"2"
     assert_running(t.pid)
 
 
