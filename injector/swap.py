@@ -12,6 +12,11 @@ Order inside the frozen target (the old file stays at the fd until `dup3`):
 
 On failure before step 4 the deleted registrations are added back and the temporary closed;
 after step 4 the old socket is handed back in the same way and put back at the fd.
+
+Carried: socket options (`inspect.SocketOptions`), O_NONBLOCK, FD_CLOEXEC, O_ASYNC with its
+SIGIO owner and signal, epoll events and data. Not carried: bytes still queued on the old
+socket (swap only quiet connections: `inspect.queue_sizes`), other fds of the process that
+share the old file (a `dup`), io_uring registered files, epoll sets of other processes.
 """
 
 from __future__ import annotations
