@@ -92,7 +92,8 @@ def _routers(bed, start: bool = False):
                 with contextlib.suppress(Exception):
                     status = r.status(node.name)
                     print(f"--- status {node.name}: {status['counters']} "
-                          f"{status['engine']['stats']} {status['daemon']}")
+                          f"{status['engine']['stats']} {status['daemon']} "
+                          f"lost={status['tracer_lost']}")
             r.stop()
             for node in bed.nodes:  # shown by pytest when the test failed
                 with contextlib.suppress(OSError):
@@ -276,6 +277,36 @@ def test_port_in_use_is_one_clear_message(bed, shared):
     assert "Traceback" not in res.stdout + res.stderr
     assert not (routers.workdir / "second.sock").exists()
     assert routers.status("node1")["counters"] is not None  # the first one is unharmed
+
+
+@pytest.mark.root
+def test_redis_benchmark_many_connections_zero_errors(bed, shared):
+    """Busy request/response connections: whatever is bypassed or left alone, no client error,
+    no process left frozen, and every traced connection is accounted for."""
+    routers = shared
+    server, client = bed.pod("n1p1"), bed.pod("n2p1")
+    before = counters(routers, "node2")
+    redis = bed.popen(server.name, ["redis-server", "--port", "6390", "--bind", server.ip,
+                                    "--save", "", "--appendonly", "no", "--protected-mode", "no"],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_listener_announced(routers, "node1", 6390)
+        res = bed.run(client.name, ["redis-benchmark", "-h", server.ip, "-p", "6390", "-c", "20",
+                                    "-n", "20000", "-t", "set,get", "-q"], timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert "error" not in (res.stdout + res.stderr).lower()
+        assert res.stdout.count("requests per second") == 2
+        after = wait_for(lambda: (c := counters(routers, "node2"))["pending"] == 0 and c, 15,
+                         "every connection settled")
+        assert after["seen"] - before["seen"] >= 20
+        assert after["bypassed_client"] + after["failed"] - before["bypassed_client"] \
+            - before["failed"] == after["seen"] - before["seen"]
+        assert_not_stopped(redis.pid)
+        for node in ("node1", "node2"):
+            assert routers.status(node)["frozen_now"] == []
+    finally:
+        redis.kill()
+        redis.wait()
 
 
 @pytest.mark.root
