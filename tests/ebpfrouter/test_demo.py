@@ -35,6 +35,9 @@ def check(result: dict) -> None:
     assert integrity["sent_bytes"] == integrity["received_bytes"] > 0
     assert integrity["sent_sha256"] == integrity["received_sha256"]
     assert integrity["bypassed"] == 1
+    assert result["bypass_effective"] is True
+    assert result["bypass_run"]["bypassed_connections"] >= 1
+    assert 0 <= result["bypass_run"]["overlay_fraction"] < 0.5
     assert result["bypass_host_ratio"] == pytest.approx(result["bypass_bps"] / result["host_bps"])
     assert result["router_exit_codes"] == {"node1": 0, "node2": 0}
 
