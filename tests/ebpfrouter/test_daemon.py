@@ -474,3 +474,31 @@ def test_health_and_metrics(bed, routers):
     lines = dict(line.split(" ", 1) for line in res.stdout.splitlines())
     assert lines["/healthz"].startswith("200") and lines["/readyz"].startswith("200")
     assert "ebpf_router_connections_bypassed 1" in lines["/metrics"]
+
+
+@pytest.mark.root
+def test_pod_label_filter_uses_pod_metadata(bed, routers):
+    (routers.workdir / "rules" / "app1-only").write_text("type=podLabel\nname=app\nvalue=app1\n")
+    routers.start()
+    results = {}
+    for port, (srv, cli) in ((PORT + 9, ("n1p0", "n2p0")), (PORT + 10, ("n1p1", "n2p1"))):
+        server, client = bed.pod(srv), bed.pod(cli)
+        with stream_server(bed, server.name, port):
+            wait_listener_announced(routers, "node1", port)
+            stream = Stream(bed, client.name, server.ip, port)
+            wait_for(lambda s=stream: s.peer(), 5, "connection")
+            if server.labels["app"] == "app1":
+                wait_for(lambda s=stream: (p := s.peer()) and p[0].startswith("192.168.77."),
+                         10, "swap")
+            else:
+                time.sleep(1.0)
+            results[srv] = stream.peer()
+            assert stream.result()["ok"]
+    assert results["n1p0"] == (bed.pod("n1p0").ip, PORT + 9)  # app0: filtered out
+    assert results["n1p1"][0] == bed.node("node1").underlay_ip  # app1: bypassed
+    c2 = counters(routers, "node2")
+    assert c2["bypassed_client"] == 1 and c2["ruled_out"] >= 1
+    text = subprocess.run([sys.executable, "-m", "ebpfrouter.cli", "status", "--control-socket",
+                           routers.socket_of("node2")], capture_output=True, text=True,
+                          env=_env(), cwd=str(PACKAGE_ROOT), timeout=30)
+    assert text.returncode == 0 and "bypassed 1" in text.stdout, text.stdout + text.stderr
