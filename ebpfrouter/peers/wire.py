@@ -115,9 +115,9 @@ class Codec:
     def frame_length(self, header: bytes) -> int:
         """Payload length announced by a 4-byte header; `ProtocolError` if out of bounds."""
         try:
-            if len(header) != HEADER.size:
-                raise Truncated(f"frame header of {len(header)} bytes")
-            (length,) = HEADER.unpack(header)
+            if not isinstance(header, bytes | bytearray) or len(header) != HEADER.size:
+                raise Truncated(f"frame header is not {HEADER.size} bytes")
+            (length,) = HEADER.unpack(bytes(header))
             if length > self.max_frame:
                 raise FrameTooLarge(f"frame of {length} bytes exceeds {self.max_frame}")
             if length <= TAG_BYTES:
@@ -139,6 +139,10 @@ class Codec:
 
     def decode_frame(self, frame: bytes) -> Message:
         """Decode one complete frame, header included; trailing or missing bytes are errors."""
+        if not isinstance(frame, bytes | bytearray | memoryview):
+            self.rejected[MalformedError.counter] += 1
+            raise MalformedError(f"frame is {type(frame).__name__}, not bytes")
+        frame = bytes(frame)
         length = self.frame_length(frame[: HEADER.size])
         payload = frame[HEADER.size :]
         if len(payload) != length:

@@ -124,6 +124,15 @@ def test_wrong_key_version_type_envelope() -> None:
     assert codec.rejected == {"bad_auth": 1, "bad_version": 2, "bad_schema": 1, "malformed": 3}
 
 
+@pytest.mark.parametrize("junk", [None, 7, "text", [1, 2], b""])
+def test_decoder_rejects_non_bytes(junk: object) -> None:
+    codec = Codec(KEY)
+    with pytest.raises(ProtocolError):
+        codec.decode_frame(junk)  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError):
+        codec.decode_payload(junk)  # type: ignore[arg-type]
+
+
 def test_sizes() -> None:
     codec = Codec(KEY, max_frame=256)
     with pytest.raises(FrameTooLarge):
