@@ -294,12 +294,15 @@ class Tracer:
 
     @property
     def lost(self) -> int:
-        """Records dropped: counted by the programs (buffer full) and by the perf reader."""
-        dropped = 0
+        """Records dropped because the buffer was full, as counted by the programs.
+
+        Every failed `bpf_{perf_event,ringbuf}_output` bumps the programs' counter. The perf
+        reader's PERF_RECORD_LOST count describes the same records again, so it is not added.
+        """
         cfg = self.maps.get("config")
-        if cfg is not None:
-            dropped = CONFIG_VALUE.unpack(cfg[b"\0\0\0\0"])[1]
-        return dropped + int(getattr(self.reader, "lost", 0) or 0)
+        if cfg is None:
+            return int(getattr(self.reader, "lost", 0) or 0)
+        return CONFIG_VALUE.unpack(cfg[b"\0\0\0\0"])[1]
 
     @property
     def prog_ids(self) -> list[int]:

@@ -214,9 +214,7 @@ def test_full_event_buffer_counts_drops_and_recovers(netns_name: str, buffer: st
 
 @pytest.mark.parametrize("buffer", [
     "ringbuf",
-    pytest.param("perf", marks=pytest.mark.xfail(strict=True, reason=(
-        "tracer.py: Tracer.lost adds the programs' drop counter and the perf reader's "
-        "PERF_RECORD_LOST count, but both count the same records: drops are reported twice"))),
+    "perf",
 ])
 def test_tracer_lost_counts_each_dropped_record_once(netns_name: str, buffer: str) -> None:
     n = 300
