@@ -94,6 +94,7 @@ class DaemonOptions:
     pod_metadata: str | None = None
     node_name: str | None = None
     freeze_timeout: float = 2.0
+    drain_wait: float = 0.05
     bind_timeout: float = 5.0
     rules_poll: float = 2.0
     peer_refresh: float = 10.0
@@ -510,8 +511,7 @@ class Daemon:
         elif isinstance(action, CloseSocket):
             self._close_sock(action.sock)
         elif isinstance(action, CheckQueues):
-            recv, send = queue_sizes(self.socks[action.sock])
-            self._later(QueuesChecked(action.ref, send, recv))
+            self._spawn(self._check_queues(action))
         elif isinstance(action, ProbeConn):
             self._later(ConnProbed(action.ref, _peer_closed(self.socks[action.overlay_sock]),
                                    _peer_closed(self.socks[action.host_sock])))
@@ -576,6 +576,29 @@ class Daemon:
                 self.feed(ActionFailed(action.ref, str(exc)))
 
         wrapped.add_done_callback(finished)
+
+    async def _check_queues(self, action: CheckQueues) -> None:
+        """Queue sizes of the overlay socket, giving in-flight data a moment to drain.
+
+        Bytes we sent that the other end has not acknowledged yet (its app may still be
+        reading: it is not frozen before us in that order) usually drain within a few round
+        trips; bytes waiting in our own receive queue never will (our app is frozen), so
+        that case is answered at once.
+        """
+        sock = self.socks.get(action.sock)
+        if sock is None:
+            self.feed(ActionFailed(action.ref, f"socket {action.sock} is gone"))
+            return
+        deadline = time.monotonic() + self.options.drain_wait
+        try:
+            recv, send = queue_sizes(sock)
+            while send and not recv and time.monotonic() < deadline:
+                await asyncio.sleep(0.001)
+                recv, send = queue_sizes(sock)
+        except OSError as exc:
+            self.feed(ActionFailed(action.ref, f"queue sizes: {exc}"))
+            return
+        self.feed(QueuesChecked(action.ref, send, recv))
 
     def _add_sock(self, sock: socket.socket) -> int:
         ref = sock.fileno()
