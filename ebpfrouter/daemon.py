@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -997,7 +998,6 @@ def run_daemon(options: DaemonOptions) -> int:
     try:
         asyncio.run(daemon.run())
     except DaemonError as exc:
-        log.error("%s", exc)
-        print(f"ebpf-router: {exc}", flush=True)
+        print(f"ebpf-router: {exc}", file=sys.stderr, flush=True)
         return 1
     return 0
