@@ -405,8 +405,8 @@ def _print_table(r: dict[str, Any]) -> None:
     for label, value in rows:
         print(f"  {label:<38} {value}")
     print(f"  {'connections bypassed':<38} {bypassed:>7}")
-    print(f"  {'stream integrity (sha256, every byte)':<38} "
-          f"{'OK' if r['integrity_ok'] else 'FAILED':>7}")
+    verdict = "not run" if "integrity" not in r else "OK" if r["integrity_ok"] else "FAILED"
+    print(f"  {'stream integrity (sha256, every byte)':<38} {verdict:>7}")
     if effective and r.get("bypass_host_ratio"):
         print(f"  {'bypass / node-to-node':<38} {r['bypass_host_ratio']:7.2f}")
         if r.get("traced_to_swapped_ms_p50"):
