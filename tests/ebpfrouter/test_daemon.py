@@ -280,6 +280,22 @@ def test_port_in_use_is_one_clear_message(bed, shared):
 
 
 @pytest.mark.root
+def test_client_racing_the_listener_announcement(bed, shared):
+    """No wait for `listener_add`: the connect may be traced before the peer announced the
+    listener; the client side keeps it waiting and bypasses it when the announcement lands."""
+    routers = shared
+    server, client = bed.pod("n1p1"), bed.pod("n2p1")
+    before = counters(routers, "node2")["bypassed_client"]
+    with stream_server(bed, server.name, PORT + 11):
+        stream = Stream(bed, client.name, server.ip, PORT + 11)
+        wait_for(lambda: (p := stream.peer()) and p[0].startswith("192.168.77."), 10, "swap")
+        time.sleep(0.3)
+        result = stream.result()
+    assert result["ok"], result
+    assert counters(routers, "node2")["bypassed_client"] == before + 1
+
+
+@pytest.mark.root
 def test_redis_benchmark_many_connections_zero_errors(bed, shared):
     """Busy request/response connections: whatever is bypassed or left alone, no client error,
     no process left frozen, and every traced connection is accounted for."""
