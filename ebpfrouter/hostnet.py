@@ -1,10 +1,8 @@
 """What the daemon learns from the node's network configuration (pyroute2, no `ip`).
 
 * `interface_ipv4(name)`: the host address of HOST_IF;
-* `overlay_peers(overlay_if)`: remote pod CIDR -> remote node host address, read the way
-  flannel's (or Calico's) VXLAN backend sets things up: a route to the CIDR via a gateway on
-  OVERLAY_IF, the gateway's neighbour entry (VTEP MAC), the FDB entry of that MAC (the
-  remote host); on an IPIP device the route's gateway is the remote host itself;
+* `overlay_peers(overlay_if)`: remote pod CIDR -> remote node host address, from the overlay
+  routes, neighbours and FDB (`peers.discovery` reads them);
 * `local_pod_cidrs(overlay_if)`: this node's pod subnets (connected routes that hold the
   overlay interface's own address, on another interface: the pod bridge);
 * `PeerMap`: overlay address -> peer host address, from static entries and discovered ones.
@@ -46,40 +44,13 @@ def interface_ipv4(name: str) -> str:
 
 
 def overlay_peers(overlay_if: str) -> dict[IPNetwork, str]:
-    """Remote pod CIDR -> host address of the node behind it, from routes, neighbours, FDB."""
-    out: dict[IPNetwork, str] = {}
-    with IPRoute() as ipr:
-        index = _ifindex(ipr, overlay_if)
-        (link,) = ipr.get_links(index)
-        info = link.get_attr("IFLA_LINKINFO")
-        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
-        macs = {}
-        for neigh in ipr.get_neighbours(family=2, ifindex=index):
-            dst, mac = neigh.get_attr("NDA_DST"), neigh.get_attr("NDA_LLADDR")
-            if dst and mac:
-                macs[str(dst)] = str(mac).lower()
-        hosts = {}
-        for entry in ipr.fdb("dump", ifindex=index):
-            if entry.get("ifindex") not in (None, index):
-                continue
-            dst, mac = entry.get_attr("NDA_DST"), entry.get_attr("NDA_LLADDR")
-            if dst and mac:
-                hosts.setdefault(str(mac).lower(), str(dst))
-        for route in ipr.get_routes(family=2, table=254):
-            if route.get_attr("RTA_OIF") != index or not route.get_attr("RTA_DST"):
-                continue
-            net = ipaddress.ip_network(f"{route.get_attr('RTA_DST')}/{route['dst_len']}",
-                                       strict=False)
-            gateway = route.get_attr("RTA_GATEWAY")
-            if gateway and kind == "ipip":  # IPIP (Calico): the gateway is the remote host
-                host: str | None = str(gateway)
-            else:
-                host = hosts.get(macs.get(str(gateway), "")) if gateway else None
-            if host is None:
-                log.debug("overlay route %s on %s: no VTEP/FDB entry", net, overlay_if)
-                continue
-            out[net] = host
-    return out
+    """Remote pod CIDR -> host address of the node behind it (see `peers.discovery`)."""
+    from .peers.discovery import DiscoveryError, overlay_routes
+
+    try:
+        return {route.subnet: route.peer for route in overlay_routes(overlay_if)}
+    except DiscoveryError as exc:
+        raise HostNetError(str(exc)) from None
 
 
 def local_pod_cidrs(overlay_if: str) -> list[IPNetwork]:
