@@ -23,6 +23,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--pod-metadata", metavar="FILE",
                      help="pod labels for label rules (StaticPodMetadata JSON)")
     run.add_argument("--node-name", help="this node's name in peer messages (default: host addr)")
+    run.add_argument("--keep-privileges", action="store_true",
+                     help="do not drop capabilities once the BPF programs are attached")
 
 
 def _add_status(sub: argparse._SubParsersAction) -> None:
@@ -69,7 +71,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=cfg.log_level_number,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = DaemonOptions(cfg, pod_cidrs=pod_cidrs, peers=peers, health_port=args.health_port,
-                            pod_metadata=args.pod_metadata, node_name=args.node_name)
+                            pod_metadata=args.pod_metadata, node_name=args.node_name,
+                            drop_privileges=not args.keep_privileges)
     return run_daemon(options)
 
 

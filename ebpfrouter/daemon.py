@@ -96,6 +96,7 @@ class DaemonOptions:
     node_name: str | None = None
     freeze_timeout: float = 2.0
     drain_wait: float = 0.05
+    drop_privileges: bool = True
     bind_timeout: float = 5.0
     rules_poll: float = 2.0
     peer_refresh: float = 10.0
@@ -260,6 +261,7 @@ class Daemon:
         self.swap_latency_ns: collections.deque[int] = collections.deque(maxlen=1000)
         self._stop: asyncio.Event | None = None
         self._ready = False
+        self.privileges: list[str] | None = None  # capabilities kept after the drop
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -306,7 +308,7 @@ class Daemon:
             cfg.validate()
         except ConfigError as exc:
             raise DaemonError(str(exc)) from None
-        await self.loop.run_in_executor(None, self._discover)  # pyroute2 wants no running loop
+        _in_thread(self._discover)  # pyroute2 wants no running loop; no thread may outlive it
         try:
             self.rules = RuleWatcher(cfg.rules_dir, strict=False)
         except RuleError as exc:  # pragma: no cover - strict=False logs instead
@@ -331,6 +333,13 @@ class Daemon:
             await self.server.start()
         except OSError as exc:
             raise DaemonError(f"ROUTER_PORT: {exc.strerror or exc}") from None
+        try:
+            self.tracer = Tracer()
+            self.tracer.open()
+        except (TracerError, OSError) as exc:
+            raise DaemonError(f"tracer: {exc}") from None
+        if self.options.drop_privileges:
+            self._drop_privileges()  # before any thread exists: capabilities are per thread
         self._declare_metrics()
         try:
             self.control = ControlServer(cfg.control_socket, self._status_threadsafe)
@@ -345,11 +354,6 @@ class Daemon:
             except OSError as exc:
                 raise DaemonError(f"health port {self.options.health_port}: "
                                   f"{exc.strerror or exc}") from None
-        try:
-            self.tracer = Tracer()
-            self.tracer.open()
-        except (TracerError, OSError) as exc:
-            raise DaemonError(f"tracer: {exc}") from None
         self.loop.add_reader(self.tracer.fileno(), self._on_tracer_readable)
         for host in sorted(self.peer_map.hosts()):
             self._ensure_client(host)
@@ -363,6 +367,22 @@ class Daemon:
         log.warning("ebpf-router on %s: host %s, pod CIDRs %s, peers %s, port %d", self.node,
                     self.host_addr, ", ".join(map(str, self.pod_cidrs)),
                     ", ".join(sorted(self.peer_map.hosts())) or "none", self.server.port)
+
+    def _drop_privileges(self) -> None:
+        """Keep only what the daemon still uses once its BPF programs are attached."""
+        from .privileges import PrivilegeError, daemon_required, drop_privileges
+
+        try:
+            report = drop_privileges(daemon_required(tracer_open=True))
+        except (PrivilegeError, OSError) as exc:
+            log.warning("cannot drop capabilities (running with all of them): %s", exc)
+            self.counters["privileges_kept"] = 1
+            return
+        self.privileges = list(report.kept)
+        if report.other_threads:
+            log.warning("threads %s still hold more capabilities than %s", report.other_threads,
+                        ", ".join(report.kept))
+        log.info("capabilities kept: %s", ", ".join(report.kept))
 
     async def run(self) -> None:
         """Start, serve until stopped, then shut down cleanly."""
@@ -950,6 +970,7 @@ class Daemon:
             else None,
             "daemon_socks": len(self.socks),
             "prog_ids": self.tracer.prog_ids if self.tracer is not None else [],
+            "capabilities": self.privileges,
             "frozen_now": self.injector.frozen_pids(),
         }
 
@@ -962,6 +983,23 @@ class Daemon:
             return self.status()
 
         return asyncio.run_coroutine_threadsafe(get(), loop).result(timeout=5)
+
+
+def _in_thread(fn: Any) -> None:
+    """Run `fn` in a short-lived thread and wait (re-raising its exception)."""
+    error: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            error.append(exc)
+
+    thread = threading.Thread(target=work, name="discover")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
 
 
 def _pct(values: list[int], q: float) -> float | None:

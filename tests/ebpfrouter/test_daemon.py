@@ -223,6 +223,14 @@ def test_cross_node_bypassed_every_byte_arrives(bed, shared):
     assert counters(routers, "node2")["bypassed_client"] == before + 1
     status1 = routers.status("node1")
     assert status1["counters"]["bypassed_server"] >= 1
+    # all of that with only the capabilities the daemon still needs, in every thread
+    assert status1["capabilities"] == ["CAP_NET_BIND_SERVICE", "CAP_SYS_PTRACE", "CAP_SYS_ADMIN"]
+    wanted = (1 << 10) | (1 << 19) | (1 << 21)
+    pid = routers.procs["node1"].pid
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        caps = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        eff = int(next(x for x in caps.splitlines() if x.startswith("CapEff:")).split()[1], 16)
+        assert eff == wanted, (tid, hex(eff))
     assert status1["frozen_now"] == [] and routers.status("node2")["frozen_now"] == []
 
 
