@@ -536,6 +536,8 @@ class Daemon:
         elif isinstance(action, ProbeConn):
             self._later(ConnProbed(action.ref, _peer_closed(self.socks[action.overlay_sock]),
                                    _peer_closed(self.socks[action.host_sock])))
+        elif isinstance(action, Freeze) and self.draining:
+            self._later(ActionFailed(action.ref, "the router is shutting down"))
         elif isinstance(action, Freeze):
             self._injector_call(action.ref, FreezeDone(action.ref), self.injector.freeze,
                                 action.pid)
