@@ -126,6 +126,7 @@ class EngineConfig:
     listener_wait: float = 60.0  # how long a traced connect waits for that announcement
     bind_wait: float = 10.0  # how long a traced accept waits for the client's bind
     max_connections: int = 100000
+    max_remote_listeners: int = 10000  # peers' announced listeners kept; new ones refused past it
 
 
 @dataclasses.dataclass
@@ -479,6 +480,12 @@ class Engine:
         key = (ev.body["overlay_addr"], ev.body["overlay_port"])
         if self.peer_of(key[0]) != ev.peer or ev.peer == self.node:
             self.stats["foreign_listener_rejected"] += 1
+            return
+        if (key not in self.remote_listeners
+                and len(self.remote_listeners) >= self.config.max_remote_listeners):
+            # An authenticated peer can still flood announcements: keep what we have, refuse
+            # the new one (its connections simply stay on the overlay) and count it.
+            self.stats["remote_listeners_full"] += 1
             return
         self.remote_listeners[key] = (ev.peer, ev.body["host_addr"], ev.body["host_port"])
         for fd_key, waiting in list(self.waiting.items()):  # clients that connected early

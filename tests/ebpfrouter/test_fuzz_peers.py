@@ -240,17 +240,21 @@ def test_third_key_holder_cannot_steer_a_swap(data: st.DataObject) -> None:
     assert world.check_final() == ["swapped"] * world.n
 
 
-@pytest.mark.xfail(strict=True, reason="engine: remote_listeners has no bound; an authenticated "
-                   "peer's listener_add flood grows it without limit (issue 7 resource bounds)")
 def test_listener_announcements_from_a_peer_are_bounded() -> None:
     engine = Engine(EngineConfig(CLIENT), lambda ip: SERVER if ip.startswith("10.244.2.")
                     else CLIENT)
-    limit = engine.config.max_waiting
+    limit = engine.config.max_remote_listeners
     for i in range(limit + 500):
         engine.handle(PeerMessage(SERVER, "listener_add", {
             "overlay_addr": f"10.244.2.{i % 250 + 1}", "overlay_port": i // 250 + 1,
             "host_addr": "192.168.77.2", "host_port": 41000}))
-    assert len(engine.remote_listeners) <= limit
+    assert len(engine.remote_listeners) == limit
+    assert engine.stats["remote_listeners_full"] == 500
+    # A refresh of a known listener still goes through when full.
+    engine.handle(PeerMessage(SERVER, "listener_add", {
+        "overlay_addr": "10.244.2.1", "overlay_port": 1, "host_addr": "192.168.77.2",
+        "host_port": 42000}))
+    assert engine.remote_listeners[("10.244.2.1", 1)][2] == 42000
 
 
 # -- transport: each rejection closes that connection only and is counted ----------------------
