@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,26 +56,34 @@ def _block() -> bytes:
     return bytes(out[: CHUNK - 8])
 
 
-def stream_serve(port: int, bind: str = "0.0.0.0", once: bool = True) -> None:
-    """Accept one connection, hash everything received, send back `bytes digest\\n`."""
+def stream_serve(port: int, bind: str = "0.0.0.0", clients: int = 1) -> None:
+    """Serve `clients` connections at once: hash everything each one sends, then send back
+    `bytes digest\n` on it."""
+
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            digest, total = hashlib.sha256(), 0
+            while True:
+                data = conn.recv(1 << 20)
+                if not data:
+                    break
+                digest.update(data)
+                total += len(data)
+            conn.sendall(f"{total} {digest.hexdigest()}\n".encode())
+
     with socket.socket() as lsock:
         lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         lsock.bind((bind, port))
-        lsock.listen(4)
+        lsock.listen(max(4, clients))
         print("listening", flush=True)
-        while True:
+        threads = []
+        for _ in range(clients):
             conn, _ = lsock.accept()
-            with conn:
-                digest, total = hashlib.sha256(), 0
-                while True:
-                    data = conn.recv(1 << 20)
-                    if not data:
-                        break
-                    digest.update(data)
-                    total += len(data)
-                conn.sendall(f"{total} {digest.hexdigest()}\n".encode())
-            if once:
-                return
+            thread = threading.Thread(target=handle, args=(conn,))
+            thread.start()
+            threads.append(thread)
+        for thread in threads:
+            thread.join()
 
 
 def stream_send(host: str, port: int, seconds: float,
@@ -428,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     serve = sub.add_parser("serve")
     serve.add_argument("port", type=int)
+    serve.add_argument("--clients", type=int, default=1, help="connections to serve at once")
     send = sub.add_parser("send")
     send.add_argument("host")
     send.add_argument("port", type=int)
@@ -435,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     send.add_argument("--stop-file", help="stop sending early once this file exists")
     args = parser.parse_args(argv)
     if args.cmd == "serve":
-        stream_serve(args.port)
+        stream_serve(args.port, clients=args.clients)
         return 0
     result = stream_send(args.host, args.port, args.seconds, args.stop_file)
     print(json.dumps(result))

@@ -159,8 +159,9 @@ class Stream:
 
 
 @contextlib.contextmanager
-def stream_server(bed: Testbed, pod: str, port: int = PORT):
-    proc = bed.popen(pod, [sys.executable, "-m", "ebpfrouter.demo", "serve", str(port)],
+def stream_server(bed: Testbed, pod: str, port: int = PORT, clients: int = 1):
+    proc = bed.popen(pod, [sys.executable, "-m", "ebpfrouter.demo", "serve", str(port),
+                           "--clients", str(clients)],
                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(),
                      cwd=str(PACKAGE_ROOT))
     try:
@@ -528,3 +529,26 @@ def test_pod_label_filter_uses_pod_metadata(bed, routers):
                            routers.socket_of("node2")], capture_output=True, text=True,
                           env=_env(), cwd=str(PACKAGE_ROOT), timeout=30)
     assert text.returncode == 0 and "bypassed 1" in text.stdout, text.stdout + text.stderr
+
+
+@pytest.mark.root
+def test_three_nodes_each_pair_finds_its_peer():
+    """node2 and node3 clients of one server on node1 at once: each client-side router picks
+    the right peer from its overlay routes; node2 and node3 never swap with each other."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    with Testbed.up(3, 1) as bed3, _routers(bed3, start=True) as routers:
+        server = bed3.pod("n1p0")
+        with stream_server(bed3, server.name, PORT + 12, clients=2):
+            wait_listener_announced(routers, "node1", PORT + 12)
+            streams = [Stream(bed3, pod, server.ip, PORT + 12) for pod in ("n2p0", "n3p0")]
+            for stream in streams:
+                wait_for(lambda s=stream: (p := s.peer()) and p[0] == bed3.node("node1")
+                         .underlay_ip and p, 10, "swap")
+            time.sleep(0.3)
+            results = [s.result() for s in streams]
+        assert all(r["ok"] for r in results), results
+        assert counters(routers, "node2")["bypassed_client"] == 1
+        assert counters(routers, "node3")["bypassed_client"] == 1
+        assert counters(routers, "node1")["bypassed_server"] == 2
+        assert sorted(routers.status("node1")["peers"]) == ["192.168.77.2", "192.168.77.3"]
