@@ -189,6 +189,12 @@ class RuleSet:
 
     filters: tuple[Rule, ...] = ()
     validators: tuple[Rule, ...] = ()
+    closed: bool = False  # bypasses nothing (the rules could not be loaded)
+
+    @classmethod
+    def bypass_nothing(cls) -> RuleSet:
+        """The rule set used until a rules directory loads: no connection is bypassed."""
+        return cls(closed=True)
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], missing_ok: bool = False) -> RuleSet:
@@ -229,6 +235,8 @@ class RuleSet:
 
     def allows(self, conn: ConnectionFacts) -> bool:
         """True if the connection should be bypassed."""
+        if self.closed:
+            return False
         if self.filters and not any(rule.matches(conn) for rule in self.filters):
             return False
         return not self.validators or any(rule.matches(conn) for rule in self.validators)
@@ -276,7 +284,11 @@ class RuleWatcher:
         on_change: Callable[[RuleSet], None] | None = None,
         strict: bool = True,
     ) -> None:
-        """Load now; with `strict`, a bad initial rule set raises `RuleError`."""
+        """Load now; with `strict`, a bad initial rule set raises `RuleError`.
+
+        Without `strict`, a bad initial rule set is logged and nothing is bypassed
+        (`RuleSet.bypass_nothing`) until a later `poll()` loads good rules.
+        """
         self.directory = Path(directory)
         self.on_change = on_change
         self.last_error: RuleError | None = None
@@ -287,9 +299,9 @@ class RuleWatcher:
         except RuleError as exc:
             if strict:
                 raise
-            log.error("rules: %s; no rules loaded (everything passes)", exc)
+            log.error("rules: %s; bypassing nothing until the rules load", exc)
             self.last_error = exc
-            self.rules = RuleSet()
+            self.rules = RuleSet.bypass_nothing()
 
     def poll(self) -> bool:
         """Check for changes; return True if a new rule set was installed."""

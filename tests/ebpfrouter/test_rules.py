@@ -151,6 +151,23 @@ def test_watcher_strict_initial(tmp_path: Path) -> None:
     assert len(RuleWatcher(tmp_path, strict=False).rules) == 0
 
 
+
+def test_watcher_bad_initial_rules_bypass_nothing_until_fixed(tmp_path: Path, caplog) -> None:
+    conn = ConnectionFacts("10.244.1.5", 80, "10.244.2.5", 4000)
+    write(tmp_path, "ok", "type=cidr\nfrom=10.244.0.0/16\nto=10.244.0.0/16\n")
+    write(tmp_path, "bad", "type=cidr\nfrom=10.244.1.0/99\nto=10.244.2.0/24\n")
+    with caplog.at_level(logging.ERROR, logger="ebpfrouter.rules"):
+        watcher = RuleWatcher(tmp_path, strict=False)
+    assert "bad:2:" in caplog.text and "bypassing nothing" in caplog.text
+    assert not watcher.rules.allows(conn)  # not "everything passes"
+    assert not watcher.poll() and not watcher.rules.allows(conn)  # unchanged: still closed
+    write(tmp_path, "bad", "type=cidr\nfrom=10.244.1.0/24\nto=10.244.3.0/24\n")
+    assert watcher.poll() and watcher.last_error is None
+    assert watcher.rules.allows(conn) and len(watcher.rules) == 2
+    os.unlink(tmp_path / "bad")
+    os.unlink(tmp_path / "ok")
+    assert watcher.poll() and watcher.rules.allows(conn)  # no rules at all: everything passes
+
 # -- pod metadata (the label source the rules read) ----------------------------------------
 
 
