@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..demo import Routers
-from ..testbed import Testbed
+from ..testbed import Testbed, netns_inode
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 MODES = ("overlay", "bypass", "host")
@@ -135,6 +136,27 @@ class Harness:
                     return
             time.sleep(0.05)
         raise BenchError(f"{what} in {target}: nothing listens on port {port} after {timeout}s")
+
+
+def kill_in_testbed(bed: Testbed, names: set[str]) -> list[int]:
+    """SIGKILL processes named `names` (comm) inside the testbed's namespaces: what a hung
+    or timed-out client (mpirun's daemons and ranks) left behind. Returns their pids."""
+    inodes = set()
+    for ns in bed.all_netns():
+        with contextlib.suppress(OSError):
+            inodes.add(netns_inode(ns))
+    killed = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            comm = Path(f"/proc/{entry}/comm").read_text().strip()
+            if comm in names and os.stat(f"/proc/{entry}/ns/net").st_ino in inodes:
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+        except OSError:
+            continue
+    return killed
 
 
 def stop_process(proc: subprocess.Popen[Any]) -> None:

@@ -7,6 +7,7 @@ Ratios compare medians. A bypass column whose runs bypassed nothing is labelled
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -145,7 +146,8 @@ def markdown(result: dict[str, Any]) -> str:
     failures = [s for s in result["samples"] if s.get("failure")]
     if failures:
         out += ["", "## Failed runs", ""]
-        out += [f"- {s['workload']} {s['mode']} #{s['repeat'] + 1}: {s['failure']}"
+        out += [f"- {s['workload']} {s['mode']} #{s['repeat'] + 1}: "
+                f"{' '.join(re.sub('-{3,}', ' ', s['failure']).split())[:300]}"
                 for s in failures]
     m = result["machine"]
     out += ["", f"Machine: {m['cpu_model']}, {m['cores']} cores, Linux {m['kernel']}, "
@@ -176,18 +178,20 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
                 if st is None:
                     continue
                 hatch = "//" if mode == "bypass" and row["bypass_state"] != "bypassed" else ""
-                err = ([[st["median"] - st["min"]], [st["max"] - st["median"]]]
+                err = ([[st["median"] - st["q1"]], [st["q3"] - st["median"]]]
                        if st["n"] > 1 else None)
                 ax.bar(i, st["median"], color=COLOURS[mode], hatch=hatch, yerr=err, capsize=3)
                 if hatch:
-                    ax.text(i, st["median"], row["bypass_state"], ha="center", va="bottom",
-                            fontsize=7, rotation=90)
+                    ax.text(i, 0, row["bypass_state"], ha="center", va="bottom", fontsize=7,
+                            rotation=90, bbox={"facecolor": "white", "alpha": 0.8,
+                                               "linewidth": 0})
             ax.set_xticks(range(len(MODES)), MODES, fontsize=8)
             ax.set_title(f"{row['workload']}: {row['metric']}", fontsize=9)
             ax.set_ylabel(row["unit"], fontsize=8)
             ax.tick_params(axis="y", labelsize=7)
         for ax in list(axes.flat)[len(bar_rows):]:
             ax.axis("off")
+        fig.suptitle("median of the repeats; error bars: interquartile range", fontsize=9)
         fig.tight_layout()
         path = out_dir / "bars.png"
         fig.savefig(path, dpi=110)

@@ -150,8 +150,8 @@ def run_suite(opts: BenchOptions, progress: Progress) -> dict[str, Any]:
         "modes": modes, "started": datetime.datetime.now(datetime.UTC).isoformat(
             timespec="seconds"),
         "machine": machine_info(),
-        "workloads": {w.key: {"title": w.title, "metrics": [dataclasses.asdict(m)
-                                                            for m in w.metrics()]}
+        "workloads": {w.key: {"title": w.title, "params": w.params(),
+                              "metrics": [dataclasses.asdict(m) for m in w.metrics()]}
                       for w in workloads},
         "samples": [], "routers": None, "interrupted": False, "error": None,
     }

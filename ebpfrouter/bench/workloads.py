@@ -21,6 +21,7 @@ from .harness import (
     Endpoints,
     Harness,
     Place,
+    kill_in_testbed,
     python_env,
     python_module,
     require_tool,
@@ -76,6 +77,11 @@ class Workload:
 
     def __init__(self, quick: bool) -> None:
         self.quick = quick
+        self.seconds = 2 if quick else 10
+
+    def params(self) -> dict[str, int | float | str | bool]:
+        """The settings of this workload (recorded in the JSON)."""
+        return {k: v for k, v in vars(self).items() if isinstance(v, int | float | str | bool)}
 
     def metrics(self) -> list[Metric]:
         """Every metric this workload reports."""
@@ -111,7 +117,7 @@ class Iperf3(Workload):
         return ["iperf3"]
 
     def run(self, h: Harness, ep: Endpoints) -> Outcome:
-        seconds = 2 if self.quick else 10
+        seconds = self.seconds
         out = Outcome({})
         with h.server(ep.server.target, ["iperf3", "-s", "-p", str(self.PORT), "-B",
                                          ep.server.address], self.PORT, "iperf3 -s"):
@@ -144,7 +150,7 @@ class Sockperf(Workload):
         return ["sockperf"]
 
     def run(self, h: Harness, ep: Endpoints) -> Outcome:
-        seconds = 2 if self.quick else 10
+        seconds = self.seconds
         addr = ["--tcp", "-i", ep.server.address, "-p", str(self.PORT)]
         with h.server(ep.server.target, ["sockperf", "sr", *addr], self.PORT, "sockperf sr"):
             res = h.run(ep.client.target, ["sockperf", "pp", *addr, "-t", str(seconds),
@@ -174,7 +180,7 @@ class Memcached(Workload):
         return ["memcached", "memcaslap"]
 
     def run(self, h: Harness, ep: Endpoints) -> Outcome:
-        seconds = 2 if self.quick else 10
+        seconds = self.seconds
         with h.server(ep.server.target, ["memcached", "-u", "root", "-p", str(self.PORT), "-l",
                                          ep.server.address, "-t", "2", "-c", "1024"],
                       self.PORT, "memcached"):
@@ -201,6 +207,10 @@ class Redis(Workload):
     key, title = "redis", "redis (redis-benchmark, 50 connections)"
     PORT = 6379
 
+    def __init__(self, quick: bool) -> None:
+        super().__init__(quick)
+        self.requests = 20000 if quick else 200000
+
     def metrics(self) -> list[Metric]:
         return [Metric("SET", "kreq/s", True), Metric("GET", "kreq/s", True),
                 Metric("GET latency p50", "ms", False)]
@@ -209,7 +219,7 @@ class Redis(Workload):
         return ["redis-server", "redis-benchmark"]
 
     def run(self, h: Harness, ep: Endpoints) -> Outcome:
-        requests = 20000 if self.quick else 200000
+        requests = self.requests
         srv = ["redis-server", "--port", str(self.PORT), "--bind", ep.server.address,
                "--protected-mode", "no", "--save", "", "--appendonly", "no"]
         with h.server(ep.server.target, srv, self.PORT, "redis-server"):
@@ -241,7 +251,7 @@ class Connect(Workload):
                 Metric("latency p99", "µs", False)]
 
     def run(self, h: Harness, ep: Endpoints) -> Outcome:
-        seconds = 2 if self.quick else 10
+        seconds = self.seconds
         mod = "ebpfrouter.bench.connrate"
         with h.server(ep.server.target, python_module(mod, "serve", str(self.PORT)),
                       self.PORT, "connrate serve"):
@@ -270,11 +280,12 @@ class Mpi(Workload):
     program = ""
     unit = ""
     higher = False
+    iteration_divisor = 1  # mpibw sends a window of 64 messages per iteration
 
     def __init__(self, quick: bool) -> None:
         super().__init__(quick)
         self.max_bytes = (1 << 16) if quick else (1 << 20)
-        self.iterations = 100 if quick else 1000
+        self.iterations = (100 if quick else 1000) // self.iteration_divisor
         self.bindir: Path | None = None
 
     def sizes(self) -> list[int]:
@@ -325,7 +336,11 @@ class Mpi(Workload):
                 "--mca", "btl_tcp_if_include", "eth0", "--mca", "oob_tcp_if_include", "eth0",
                 "--mca", "mpi_yield_when_idle", "1",
                 str(self.bindir / self.program), str(self.max_bytes), str(self.iterations), "1"]
-        res = h.run(places[0].target, argv, 180 if self.quick else 900, f"mpirun {self.program}")
+        try:
+            res = h.run(places[0].target, argv, 120 if self.quick else 300,
+                        f"mpirun {self.program}")
+        finally:  # a hung or killed run leaves orted and ranks behind in the other pods
+            kill_in_testbed(h.bed, {"mpirun", "orted", self.program})
         out = Outcome({}, raw={"mpirun": _tail(res.stdout + res.stderr)})
         try:
             _, series = parsers.parse_mpi(res.stdout, self.program)
@@ -348,6 +363,7 @@ class MpiBw(Mpi):
     """MPI point-to-point bandwidth over message sizes (2 ranks, one per node)."""
 
     key, title, program, unit, higher = "mpibw", "MPI p2p bandwidth", "mpibw", "MB/s", True
+    iteration_divisor = 10
 
 
 class MpiAll(Mpi):
