@@ -22,7 +22,18 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                      help="static peer map entry (repeatable; default: from the overlay route)")
     run.add_argument("--pod-metadata", metavar="FILE",
                      help="pod labels for label rules (StaticPodMetadata JSON)")
-    run.add_argument("--node-name", help="this node's name in peer messages (default: host addr)")
+    run.add_argument("--node-name", help="this node's name in peer messages and, with Kubernetes, "
+                                         "its Node object (default: env NODE_NAME, else host addr)")
+    run.add_argument("--kubeconfig", metavar="PATH",
+                     help="use the Kubernetes API of this kubeconfig for pod labels, peers and "
+                          "pod CIDRs (default: in a pod, its service account; else $KUBECONFIG)")
+    run.add_argument("--no-kubernetes", action="store_true",
+                     help="do not use the Kubernetes API, even in a pod or with $KUBECONFIG")
+    run.add_argument("--kubernetes-sync-timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="how long start-up waits for the first pod and node lists (default 30)")
+    run.add_argument("--scope-netns", action="append", default=[], metavar="PATH",
+                     help="handle only processes in these network namespaces (repeatable; for "
+                          "testbeds that run several nodes on one kernel)")
     run.add_argument("--keep-privileges", action="store_true",
                      help="do not drop capabilities once the BPF programs are attached")
 
@@ -58,8 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import os
+
     from . import hostnet
     from .daemon import DaemonOptions, run_daemon
+    from .k8s.link import wanted as kubernetes_wanted
 
     try:
         cfg = config_mod.RouterConfig.from_env(None, args)
@@ -70,8 +84,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=cfg.log_level_number,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    kubernetes = kubernetes_wanted(args.kubeconfig, disabled=args.no_kubernetes)
     options = DaemonOptions(cfg, pod_cidrs=pod_cidrs, peers=peers, health_port=args.health_port,
-                            pod_metadata=args.pod_metadata, node_name=args.node_name,
+                            pod_metadata=args.pod_metadata,
+                            node_name=args.node_name or os.environ.get("NODE_NAME") or None,
+                            kubernetes=kubernetes, kubeconfig=args.kubeconfig,
+                            kubernetes_sync_timeout=args.kubernetes_sync_timeout,
+                            scope_netns=list(args.scope_netns),
                             drop_privileges=not args.keep_privileges)
     return run_daemon(options)
 

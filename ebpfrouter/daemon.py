@@ -68,6 +68,7 @@ from .engine.events import (
     TimerFired,
 )
 from .engine.machine import Engine, EngineConfig, Role, State
+from .k8s.link import ClusterLink, ClusterLinkError
 from .peers import Codec, ProtocolError
 from .peers.transport import PeerClient, PeerInfo, PeerServer
 from .peers.wire import HEADER
@@ -94,6 +95,10 @@ class DaemonOptions:
     health_port: int | None = None
     pod_metadata: str | None = None
     node_name: str | None = None
+    kubernetes: bool = False  # use the API (pods, nodes): in a pod, or with a kubeconfig
+    kubeconfig: str | None = None
+    kubernetes_sync_timeout: float = 30.0
+    scope_netns: list[str] = dataclasses.field(default_factory=list)  # only these netns' pods
     freeze_timeout: float = 2.0
     drain_wait: float = 0.05
     drop_privileges: bool = True
@@ -247,6 +252,7 @@ class Daemon:
         self.pod_cidrs: list[IPNetwork] = list(options.pod_cidrs)
         self.peer_map = hostnet.PeerMap(options.peers)
         self.pods: PodMetadataSource | None = None
+        self.cluster: ClusterLink | None = None
         self.local_netns: set[int] | None = None
         self.draining = False
         self.rules: RuleWatcher | None = None
@@ -275,20 +281,34 @@ class Daemon:
             self.peer_map.update_discovered(hostnet.overlay_peers(cfg.overlay_if))
         except hostnet.HostNetError as exc:
             raise DaemonError(str(exc)) from None
-        if not self.pod_cidrs:
-            raise DaemonError(f"OVERLAY_IF {cfg.overlay_if}: cannot find this node's pod CIDR "
-                              "(no bridge route holds its address); give --pod-cidr")
+        if not self.pod_cidrs and not self.options.kubernetes:  # else: from the Node object
+            self._no_pod_cidr()
         self.node = self.options.node_name or self.host_addr
+
+    def _no_pod_cidr(self) -> None:
+        raise DaemonError(f"OVERLAY_IF {self.config.overlay_if}: cannot find this node's pod "
+                          "CIDR (no bridge route holds its address); give --pod-cidr")
 
     def peer_of(self, addr: str) -> str | None:
         """The node (its host address) owning overlay address `addr`; None if not overlay."""
         if hostnet.in_any(addr, self.pod_cidrs):
             return self.node
+        if self.cluster is not None:  # Node objects first, then --peer and overlay routes
+            host = self.cluster.peer_for(addr)
+            if host is not None:
+                self.counters["peer_from_nodes"] += 1
+                return self.node if host == self.host_addr else host
         return self.peer_map.lookup(addr)
 
     def allow(self, role: Role, pid: int, conn: FourTuple) -> bool:
         """Rules: label filters (pod metadata of `pid`), then cidr validators."""
-        pod = self.pods.pod_for_pid(pid) if self.pods is not None else None
+        if self.pods is not None:
+            pod = self.pods.pod_for_pid(pid)
+        elif self.cluster is not None:  # by cgroup, else by the local end's pod IP
+            local = conn.server_addr if role is Role.SERVER else conn.client_addr
+            pod = self.cluster.pod_for(pid, local)
+        else:
+            pod = None
         facts = ConnectionFacts(conn.server_addr, conn.server_port, conn.client_addr,
                                 conn.client_port,
                                 pod_labels=dict(pod.labels) if pod else {},
@@ -324,6 +344,18 @@ class Daemon:
             # with pod metadata, scope by network namespace too: only this node's pods
             self.local_netns = {p.netns_inode for p in pods.pods
                                 if p.netns_inode and hostnet.in_any(p.ip, self.pod_cidrs)}
+        if self.options.scope_netns:
+            try:
+                inodes = {os.stat(path).st_ino for path in self.options.scope_netns}
+            except OSError as exc:
+                raise DaemonError(f"--scope-netns {exc.filename}: {exc.strerror}") from None
+            self.local_netns = inodes if self.local_netns is None else self.local_netns & inodes
+        if self.options.kubernetes:  # built now (errors stop start-up), started after the drop
+            try:
+                self.cluster = ClusterLink.build([r.kind for r in self.rules.rules.filters],
+                                                 self.options.kubeconfig, self.options.node_name)
+            except ClusterLinkError as exc:
+                raise DaemonError(str(exc)) from None
         assert cfg.key is not None
         self.codec = Codec(cfg.key)
         self.engine = Engine(EngineConfig(node=self.node), self.peer_of, self.allow)
@@ -340,6 +372,8 @@ class Daemon:
             raise DaemonError(f"tracer: {exc}") from None
         if self.options.drop_privileges:
             self._drop_privileges()  # before any thread exists: capabilities are per thread
+        if self.cluster is not None:
+            await self._start_cluster()
         self._declare_metrics()
         try:
             self.control = ControlServer(cfg.control_socket, self._status_threadsafe)
@@ -355,7 +389,7 @@ class Daemon:
                 raise DaemonError(f"health port {self.options.health_port}: "
                                   f"{exc.strerror or exc}") from None
         self.loop.add_reader(self.tracer.fileno(), self._on_tracer_readable)
-        for host in sorted(self.peer_map.hosts()):
+        for host in sorted(self.peer_map.hosts() | self._cluster_hosts()):
             self._ensure_client(host)
         seeded = self.tracer.seed()
         for ev in seeded:
@@ -366,7 +400,23 @@ class Daemon:
         self._ready = True
         log.warning("ebpf-router on %s: host %s, pod CIDRs %s, peers %s, port %d", self.node,
                     self.host_addr, ", ".join(map(str, self.pod_cidrs)),
-                    ", ".join(sorted(self.peer_map.hosts())) or "none", self.server.port)
+                    ", ".join(sorted(self.peer_map.hosts() | self._cluster_hosts())) or "none",
+                    self.server.port)
+
+    async def _start_cluster(self) -> None:
+        """Start the Kubernetes watchers; take this node's podCIDRs from its Node object."""
+        assert self.cluster is not None and self.loop is not None
+        await self.loop.run_in_executor(None, self.cluster.start,
+                                        self.options.kubernetes_sync_timeout)
+        if self.cluster.error:
+            self.counters["kubernetes_errors"] += 1
+        if not self.options.pod_cidrs and self.cluster.local_pod_cidrs():
+            self.pod_cidrs = self.cluster.local_pod_cidrs()
+        if not self.pod_cidrs:
+            self._no_pod_cidr()
+
+    def _cluster_hosts(self) -> set[str]:
+        return self.cluster.peer_hosts() - {self.host_addr} if self.cluster is not None else set()
 
     def _drop_privileges(self) -> None:
         """Keep only what the daemon still uses once its BPF programs are attached."""
@@ -444,6 +494,8 @@ class Daemon:
             self.control.close()
         if self.health is not None:
             self.health.close()
+        if self.cluster is not None:
+            await loop.run_in_executor(None, self.cluster.stop)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -467,6 +519,8 @@ class Daemon:
             if self.rules.poll():
                 self.counters["rules_reloads"] += 1
             self._gc_socks()
+            for host in self._cluster_hosts():
+                self._ensure_client(host)
             if time.monotonic() - last_peers >= self.options.peer_refresh:
                 last_peers = time.monotonic()
                 assert self.config.overlay_if and self.loop is not None
@@ -698,7 +752,7 @@ class Daemon:
                         type(exc).__name__, exc)
             conn.close()
             return
-        if peer_addr not in self.peer_map.hosts():
+        if peer_addr not in self.peer_map.hosts() | self._cluster_hosts():
             log.info("host connection from %s: not a known peer node", peer_addr)
         ref = self._add_sock(conn)
         self.feed(HostAccepted(listener, ref, os.fstat(conn.fileno()).st_ino, peer_addr,
@@ -970,6 +1024,8 @@ class Daemon:
             "rules": len(self.rules.rules) if self.rules is not None else 0,
             "rules_error": str(self.rules.last_error) if self.rules and self.rules.last_error
             else None,
+            "rules_loaded": not self.rules.rules.closed if self.rules is not None else False,
+            "kubernetes": self.cluster.status() if self.cluster is not None else None,
             "daemon_socks": len(self.socks),
             "prog_ids": self.tracer.prog_ids if self.tracer is not None else [],
             "capabilities": self.privileges,

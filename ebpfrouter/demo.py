@@ -232,8 +232,13 @@ class Routers:
         """Where `node`'s router logs."""
         return self.workdir / f"{node}.log"
 
-    def start(self, timeout: float = 20.0, extra_args: dict[str, list[str]] | None = None) -> None:
-        """Start every router; wait until each answers status and sees its peers."""
+    def start(self, timeout: float = 20.0, extra_args: dict[str, list[str]] | None = None,
+              pod_metadata: bool = True) -> None:
+        """Start every router; wait until each answers status and sees its peers.
+
+        Without `pod_metadata` the routers get no `--pod-metadata` file (labels come from
+        elsewhere, e.g. a Kubernetes API given in `extra_args`).
+        """
         self.key_file.write_text(os.urandom(24).hex())
         self.key_file.chmod(0o600)
         (self.workdir / "rules").mkdir(exist_ok=True)
@@ -242,7 +247,7 @@ class Routers:
                     "--host-if", "eth0", "--key-file", str(self.key_file),
                     "--control-socket", self.socket_of(node.name),
                     "--rules-dir", str(self.workdir / "rules"),
-                    "--pod-metadata", str(self.bed.metadata_path),
+                    *(["--pod-metadata", str(self.bed.metadata_path)] if pod_metadata else []),
                     "--loglevel", self.loglevel, *(extra_args or {}).get(node.name, [])]
             with open(self.log_of(node.name), "wb") as log:
                 self.procs[node.name] = self.bed.popen(node.name, argv, stdout=log,

@@ -74,7 +74,7 @@ def _status(code: int, reason: str, message: str) -> dict[str, Any]:
 class StandInApiServer:
     """The stand-in server. Use as a context manager; `url` is for the kubernetes client."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
         self._lock = threading.Condition()
         self._objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {k: {} for k in KINDS}
         self._events: list[tuple[int, str, str, dict[str, Any]]] = []  # (rv, resource, type, obj)
@@ -84,6 +84,7 @@ class StandInApiServer:
         self._expire_generation = 0
         self._fail_next = 0
         self._port = port
+        self.host = host  # another address, e.g. for routers in other network namespaces
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.requests: list[str] = []  # request paths with query, for assertions
@@ -98,11 +99,11 @@ class StandInApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._port}"
+        return f"http://{self.host}:{self._port}"
 
     def start(self) -> StandInApiServer:
-        """Listen (again) on 127.0.0.1 and the same port as before."""
-        server = ThreadingHTTPServer(("127.0.0.1", self._port), _handler_for(self))
+        """Listen (again) on `host` (127.0.0.1) and the same port as before."""
+        server = ThreadingHTTPServer((self.host, self._port), _handler_for(self))
         server.daemon_threads = False
         server.block_on_close = True  # stop() joins every handler thread
         self._port = server.server_address[1]
