@@ -74,8 +74,9 @@ SAMPLES: dict[str, dict[str, Any]] = {
                      "host_addr": "192.168.77.2", "host_port": 41000},
     "listener_remove": {"overlay_addr": "10.244.2.2", "overlay_port": 5201},
     "bind": {"cid": CID, **TUPLE},
-    "swap_prepare": {"cid": CID, "attempt": 1, "stage": "check", **TUPLE},
-    "swap_ready": {"cid": CID, "attempt": 1, "stage": "replaced"},
+    "swap_prepare": {"cid": CID, "attempt": 1, "stage": "check", "migrate_len": 0,
+                     **TUPLE},
+    "swap_ready": {"cid": CID, "attempt": 1, "stage": "checked", "migrate_len": 4096},
     "swap_commit": {"cid": CID, "attempt": 1},
     "swap_abort": {"cid": CID, "attempt": 1, "reason": "busy", "final": False},
     "swap_done": {"cid": CID, "attempt": 1},
@@ -83,7 +84,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "error": {"code": "bad", "detail": "something"},
 }
 STRS = ["10.244.1.2", "10.244.2.2", "10.244.3.3", "192.168.77.2", "::1", "freeze", "check",
-        "frozen", "replaced", "", "x" * 300, "10.244.2.300", "1.2.3.4\x00", "fe80::1%eth0"]
+        "frozen", "checked", "migrate", "replaced", "", "x" * 300, "10.244.2.300", "1.2.3.4\x00",
+        "fe80::1%eth0"]
 # values of every msgpack type for type confusion (huge ints, floats, nesting, bytes vs str)
 CONFUSION: list[Any] = [None, True, False, 0, -1, 1, 2**63 - 1, -(2**63), 2**64 - 1, 1.5,
                         float("inf"), float("-inf"), float("nan"), "", "x", b"", b"x" * 16,

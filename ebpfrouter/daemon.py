@@ -28,13 +28,14 @@ import time
 from typing import Any
 
 from injector.errors import InjectorError
-from injector.inspect import copy_socket, queue_sizes
+from injector.inspect import TCP_STATES, copy_socket, queue_sizes
 
 from . import hostnet
 from .config import ConfigError, RouterConfig
 from .control import ControlError, ControlServer, HealthServer, Metrics
 from .engine.actions import (
     Action,
+    Bounce,
     CheckQueues,
     CloseSocket,
     Freeze,
@@ -49,6 +50,7 @@ from .engine.actions import (
 from .engine.events import (
     AcceptTraced,
     ActionFailed,
+    BounceDone,
     CloseTraced,
     ConnectTraced,
     ConnProbed,
@@ -101,6 +103,7 @@ class DaemonOptions:
     scope_netns: list[str] = dataclasses.field(default_factory=list)  # only these netns' pods
     freeze_timeout: float = 2.0
     drain_wait: float = 0.05
+    bounce_timeout: float = 2.0  # carrying unread bytes over the host connection
     drop_privileges: bool = True
     bind_timeout: float = 5.0
     rules_poll: float = 2.0
@@ -587,6 +590,8 @@ class Daemon:
             self._close_sock(action.sock)
         elif isinstance(action, CheckQueues):
             self._spawn(self._check_queues(action))
+        elif isinstance(action, Bounce):
+            self._spawn(self._bounce(action))
         elif isinstance(action, ProbeConn):
             self._later(ConnProbed(action.ref, _peer_closed(self.socks[action.overlay_sock]),
                                    _peer_closed(self.socks[action.host_sock])))
@@ -659,8 +664,8 @@ class Daemon:
 
         Bytes we sent that the other end has not acknowledged yet (its app may still be
         reading: it is not frozen before us in that order) usually drain within a few round
-        trips; bytes waiting in our own receive queue never will (our app is frozen), so
-        that case is answered at once.
+        trips. Bytes waiting in our own receive queue never will (our app is frozen): they
+        are migrated (`Bounce`), or, with migration off, answered as busy at once.
         """
         sock = self.socks.get(action.sock)
         if sock is None:
@@ -669,13 +674,38 @@ class Daemon:
         deadline = time.monotonic() + self.options.drain_wait
         try:
             recv, send = queue_sizes(sock)
-            while send and not recv and time.monotonic() < deadline:
+            migrate = self.engine is not None and self.engine.config.migrate
+            while send and (migrate or not recv) and time.monotonic() < deadline:
                 await asyncio.sleep(0.001)
                 recv, send = queue_sizes(sock)
         except OSError as exc:
             self.feed(ActionFailed(action.ref, f"queue sizes: {exc}"))
             return
         self.feed(QueuesChecked(action.ref, send, recv))
+
+    async def _bounce(self, action: Bounce) -> None:
+        """Write our unread overlay bytes (peeked) to the host socket; echo the peer's."""
+        overlay, host = self.socks.get(action.overlay_sock), self.socks.get(action.host_sock)
+        if overlay is None or host is None:
+            self.feed(ActionFailed(action.ref, f"bounce: socket {action.overlay_sock} or "
+                                               f"{action.host_sock} is gone"))
+            return
+        assert self.loop is not None
+        started = time.monotonic()
+        try:
+            mine = peek_unread(overlay, action.send_len)
+            await asyncio.wait_for(_carry(self.loop, host, mine, action.echo_len),
+                                   self.options.bounce_timeout)
+        except (OSError, EOFError, TimeoutError, ValueError) as exc:
+            self.counters["bounce_failed"] += 1
+            self.feed(ActionFailed(action.ref, f"bounce of {action.send_len}+{action.echo_len} "
+                                               f"bytes: {type(exc).__name__}: {exc}"))
+            return
+        self.counters["bounces"] += 1
+        self.counters["bounced_bytes"] += action.send_len
+        log.debug("bounced %d bytes, echoed %d in %.1f ms", action.send_len, action.echo_len,
+                  (time.monotonic() - started) * 1e3)
+        self.feed(BounceDone(action.ref))
 
     def _add_sock(self, sock: socket.socket) -> int:
         ref = sock.fileno()
@@ -1077,8 +1107,50 @@ async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, size
     return bytes(data)
 
 
+def peek_unread(sock: socket.socket, size: int) -> bytes:
+    """All `size` unread bytes of TCP socket `sock`, without consuming them (MSG_PEEK).
+
+    The socket's owner is frozen, so nothing reads them meanwhile; a rollback leaves the
+    socket exactly as it was. Raises ValueError if the receive queue does not hold exactly
+    `size` bytes (it changed since the check, or a peek offset is set).
+    """
+    unread, _ = queue_sizes(sock)
+    if unread != size:
+        raise ValueError(f"fd {sock.fileno()}: {unread} unread bytes, expected {size}")
+    data = b""
+    for _ in range(8):  # one peek returns every queued segment; repeat if it came up short
+        if not size:
+            return b""
+        data = sock.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        if len(data) == size:
+            return data
+    raise ValueError(f"fd {sock.fileno()}: peek returned {len(data)} of {size} unread bytes")
+
+
+async def _carry(loop: asyncio.AbstractEventLoop, host: socket.socket, mine: bytes,
+                 echo_len: int) -> None:
+    """Send `mine`, meanwhile read exactly `echo_len` bytes; then send those back after it."""
+    writer = asyncio.ensure_future(loop.sock_sendall(host, mine)) if mine else None
+    try:
+        theirs = await _recv_exact(loop, host, echo_len) if echo_len else b""
+        if writer is not None:
+            await writer
+    finally:
+        if writer is not None and not writer.done():
+            writer.cancel()
+    if theirs:
+        await loop.sock_sendall(host, theirs)
+
+
+_GONE_STATES = frozenset({"TIME_WAIT", "CLOSE", "CLOSE_WAIT", "LAST_ACK", "CLOSING"})
+
+
 def _peer_closed(sock: socket.socket) -> bool:
-    """True if the other end closed (EOF pending or reset); never consumes data."""
+    """True if the other end closed (FIN or reset, even behind unread data); never consumes."""
+    with contextlib.suppress(OSError):  # not TCP (a test's socketpair): the peek decides
+        if TCP_STATES.get(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]) \
+                in _GONE_STATES:
+            return True
     try:
         data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except (BlockingIOError, InterruptedError):

@@ -2,6 +2,7 @@
 
 from .actions import (
     Action,
+    Bounce,
     CheckQueues,
     CloseSocket,
     Freeze,
@@ -16,6 +17,7 @@ from .actions import (
 from .events import (
     AcceptTraced,
     ActionFailed,
+    BounceDone,
     CloseTraced,
     ConnectTraced,
     ConnProbed,
@@ -39,7 +41,8 @@ from .events import (
 from .machine import Conn, Engine, EngineConfig, Listener, Role, State
 
 __all__ = [
-    "AcceptTraced", "Action", "ActionFailed", "CheckQueues", "CloseSocket", "CloseTraced",
+    "AcceptTraced", "Action", "ActionFailed", "Bounce", "BounceDone", "CheckQueues",
+    "CloseSocket", "CloseTraced",
     "Conn", "ConnProbed", "ConnectTraced", "Engine", "EngineConfig", "Event", "FourTuple",
     "Freeze", "FreezeDone", "HostAccepted", "HostClosed", "HostConnect", "HostConnected",
     "HostListenerOpened",

@@ -65,12 +65,29 @@ class Thaw(Action):
 
 @dataclasses.dataclass(frozen=True)
 class CheckQueues(Action):
-    """Read send/receive queue sizes of the overlay socket. Result: `QueuesChecked`."""
+    """Read the overlay socket's send queue and unread bytes. Result: `QueuesChecked`."""
 
     ref: int
     pid: int
     fd: int
     sock: SockRef
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounce(Action):
+    """Carry unread overlay bytes over the host connection, before the fd is replaced.
+
+    Write the first `send_len` bytes of `overlay_sock`'s receive queue (peeked, never
+    consumed) to `host_sock`; read exactly `echo_len` bytes from `host_sock` (the peer's
+    unread bytes) and write them back, so they land in the peer's host receive queue ahead of
+    any new data. Result: `BounceDone` or `ActionFailed` (the overlay socket is untouched).
+    """
+
+    ref: int
+    overlay_sock: SockRef
+    host_sock: SockRef
+    send_len: int
+    echo_len: int
 
 
 @dataclasses.dataclass(frozen=True)

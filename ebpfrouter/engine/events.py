@@ -169,11 +169,19 @@ class FreezeDone(Event):
 
 @dataclasses.dataclass(frozen=True)
 class QueuesChecked(Event):
-    """`CheckQueues` result: bytes in the send and receive queues of the overlay socket."""
+    """`CheckQueues` result: bytes in the send queue (unacknowledged) and unread bytes in the
+    receive queue of the overlay socket."""
 
     ref: int
     send_queue: int
     recv_queue: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BounceDone(Event):
+    """`Bounce` wrote our bytes and echoed the peer's: the host socket may be handed over."""
+
+    ref: int
 
 
 @dataclasses.dataclass(frozen=True)

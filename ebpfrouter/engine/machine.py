@@ -4,14 +4,30 @@ Events in (`Engine.handle(event)`), actions out; no sockets, syscalls or clocks 
 
 Roles: the **client** side (the daemon that traced the overlay `connect`) coordinates; the
 **server** side (the daemon that traced the `accept`) follows. Per attempt, "first" is the side
-frozen first (the writer, so the reader can drain). Every queue check requires both the send
-and the receive queue of the overlay socket to be empty, and a side's check only counts after
-the other side is frozen with an empty send queue::
+frozen first (the writer, so the reader can drain). Every queue check requires the send queue
+of the overlay socket to be empty (all our app wrote is acknowledged, so it sits in the peer's
+receive queue), and a side's check only counts after the other side is frozen with an empty
+send queue. The unread receive queues are then final and are carried over instead of waited
+for: R_c (client side's unread bytes) and R_s (server side's). Each side's final check reports
+its length; the lengths travel as `migrate_len`::
 
-    client-first:  C freeze, C check -> prepare(check) -> S freeze, S check, S replace
-                   -> ready(replaced) -> C check, C replace -> commit; C thaw -> S thaw -> done
+    client-first:  C freeze, C check -> prepare(check) -> S freeze, S check[R_s]
+                   -> ready(checked, |R_s|) -> C check[R_c] -> prepare(migrate, |R_c|)
+                   -> C bounce || S bounce -> S replace -> ready(replaced)
+                   -> C (bounce done) replace -> commit; C thaw -> S thaw -> done
     server-first:  prepare(freeze) -> S freeze, S check -> ready(frozen) -> C freeze, C check
-                   -> prepare(check) -> S check, S replace -> ready(replaced) -> (as above)
+                   -> prepare(check) -> S check[R_s] -> ready(checked, |R_s|) -> (as above)
+
+`Bounce` carries the bytes over the new host connection before either side hands it over:
+each daemon writes its own R (peeked, so the overlay socket is untouched), reads exactly the
+peer's |R| and writes it back, so the client host socket reads [R_s to bounce][R_c echo]
+[server app's data] and the server host socket [R_c to bounce][R_s echo][client app's data];
+each app reads its old unread bytes first. A side replaces only after its bounce completed. An
+attempt that bounced bytes cannot be retried on that host connection: an abort after it
+leaves the connection on the overlay (the bounced bytes never reach an app). With
+`migrate=False` any unread byte makes the side busy (the old strict check) and nothing is
+bounced. Freezes per process are capped (`max_freezes_per_second`) so a busy app is not
+stopped over and over.
 
 The commit point is the client's successful replace. Before it, any failure, timeout, busy
 queue or lost peer thaws both sides unchanged (the server puts the overlay socket back if it
@@ -24,10 +40,8 @@ Peers name connections only by connection id and overlay 4-tuple; a message can 
 a connection this daemon traced itself and bound to that same peer. Anything else is counted
 and ignored.
 
-Open ends for the later features of DESIGN.md: a connection that stays busy can get a
-migration step in place of `CheckQueues` (capture both queues with TCP_REPAIR, replay them on
-the host sockets) without changing the message flow; and `ConnectTraced/AcceptTraced(stopped=
-True)` (the caller already stopped at connect/accept return) lets the freeze step be skipped.
+Open end for the later features of DESIGN.md: `ConnectTraced/AcceptTraced(stopped=True)` (the
+caller already stopped at connect/accept return) lets the freeze step be skipped.
 
 Timing assumption: the server's last probe (`probe_limit * probe_interval`) comes well after
 the client's message timeouts, so the client has decided by then.
@@ -45,6 +59,7 @@ from typing import Any
 
 from .actions import (
     Action,
+    Bounce,
     CheckQueues,
     CloseSocket,
     Freeze,
@@ -59,6 +74,7 @@ from .actions import (
 from .events import (
     AcceptTraced,
     ActionFailed,
+    BounceDone,
     CloseTraced,
     ConnectTraced,
     ConnProbed,
@@ -101,8 +117,11 @@ class State(enum.Enum):
     AWAIT_FROZEN = "await_frozen"  # client, server-first: prepare(freeze) sent
     FREEZING = "freezing"
     CHECKING = "checking"  # quiescence check of the local overlay socket
-    AWAIT_REPLACED = "await_replaced"  # client: prepare(check) sent
+    AWAIT_CHECKED = "await_checked"  # client: prepare(check) sent
+    AWAIT_REPLACED = "await_replaced"  # client: bounced, waiting for ready(replaced)
     AWAIT_CHECK = "await_check"  # server, server-first: frozen, ready(frozen) sent
+    AWAIT_MIGRATE = "await_migrate"  # server: final check done, ready(checked) sent
+    MIGRATING = "migrating"  # both: bouncing unread bytes over the host connection
     REPLACING = "replacing"
     AWAIT_COMMIT = "await_commit"  # server: replaced, frozen, ready(replaced) sent
     PROBING = "probing"  # server: commit uncertain, asking the data path
@@ -127,6 +146,10 @@ class EngineConfig:
     bind_wait: float = 10.0  # how long a traced accept waits for the client's bind
     max_connections: int = 100000
     max_remote_listeners: int = 10000  # peers' announced listeners kept; new ones refused past it
+    migrate: bool = True  # carry unread overlay bytes over (False: unread bytes mean busy)
+    max_migrate: int = 64 << 20  # more unread bytes than this: busy (the schema's bound)
+    max_freezes_per_second: int = 50  # per process; past it the attempt waits (process busy)
+    rate_wait: float = 0.2  # how long a client waits when its process hit that cap
 
 
 @dataclasses.dataclass
@@ -176,6 +199,10 @@ class Conn:
     probes: int = 0
     close_after: bool = False  # server: the app closed the fd while the outcome was open
     told_final: bool = False  # a final swap_abort or conn_closed went to the peer
+    recv_len: int = 0  # our unread overlay bytes at the final check (we bounce them)
+    peer_len: int = 0  # the peer's unread overlay bytes (we echo them)
+    bounced: bool = False  # a Bounce with bytes ran: this host connection is single-use
+    peer_replaced: bool = False  # client: ready(replaced) came while still bouncing
 
     @property
     def matched(self) -> bool:
@@ -209,6 +236,8 @@ class Engine:
         self.waiting: collections.OrderedDict[tuple[int, int], ConnectTraced] = (
             collections.OrderedDict())
         self.busy_pids: dict[int, bytes] = {}
+        self.pid_waiters: dict[int, collections.deque[bytes]] = {}  # clients queued per pid
+        self.freezes: collections.Counter[int] = collections.Counter()  # per pid, last second
         self._refs: dict[int, tuple[str, Any]] = {}
         self._next_ref = 1
         self._out: list[Action] = []
@@ -426,6 +455,7 @@ class Engine:
                 self._emit(CloseSocket(acc.sock))
 
     def _on_ProcessExited(self, ev: ProcessExited) -> None:
+        self.pid_waiters.pop(ev.pid, None)
         for key in [k for k in self.listeners if k[0] == ev.pid]:
             self._drop_listener(key)
         for key in [k for k in self.waiting if k[0] == ev.pid]:
@@ -532,15 +562,24 @@ class Engine:
             conn.told_final = True
             self._finish(conn, notify=False)
             return
-        if conn.pid in self.busy_pids:  # another swap holds this process: wait a little
+        if conn.pid in self.busy_pids:  # another swap holds this process: queue up
             self.stats["pid_busy"] += 1
             conn.attempt += 1
             conn.waits += 1
-            self._timer(conn, self.config.backoff_base)
+            waiters = self.pid_waiters.setdefault(conn.pid, collections.deque())
+            if conn.cid not in waiters:
+                waiters.append(conn.cid)
+            self._timer(conn, self.config.backoff_max)  # woken sooner when the process is free
+            return
+        if self._rate_limited(conn.pid):  # frozen often enough lately: let it run a while
+            conn.attempt += 1
+            conn.waits += 1
+            self._timer(conn, self.config.rate_wait)
             return
         conn.attempt += 1
         conn.first = Role.CLIENT if conn.attempt % 2 else Role.SERVER
         conn.prepared, conn.checks = False, 0
+        self._new_attempt(conn)
         assert conn.pid is not None
         self.busy_pids[conn.pid] = conn.cid
         self.stats["attempts"] += 1
@@ -549,6 +588,16 @@ class Engine:
         else:
             self._prepare(conn, "freeze", State.AWAIT_FROZEN)
 
+    def _new_attempt(self, conn: Conn) -> None:
+        conn.recv_len = conn.peer_len = 0
+        conn.peer_replaced = False
+
+    def _rate_limited(self, pid: int | None) -> bool:
+        if pid is None or self.freezes[pid] < self.config.max_freezes_per_second:
+            return False
+        self.stats["freeze_rate_limited"] += 1
+        return True
+
     def _backoff(self, conn: Conn) -> float:
         tries = min(conn.attempt - conn.waits, 16)
         return min(self.config.backoff_max, self.config.backoff_base * 2 ** max(0, tries))
@@ -556,20 +605,59 @@ class Engine:
     def _prepare(self, conn: Conn, stage: str, state: State) -> None:
         conn.prepared = True
         conn.state = state
-        self._send(conn, "swap_prepare", attempt=conn.attempt, stage=stage, **conn.tuple.to_body())
-        self._timer(conn, self.config.message_timeout)
+        self._send(conn, "swap_prepare", attempt=conn.attempt, stage=stage,
+                   migrate_len=conn.recv_len if stage == "migrate" else 0, **conn.tuple.to_body())
+        if state is not State.MIGRATING:
+            self._timer(conn, self.config.message_timeout)
 
     def _freeze(self, conn: Conn) -> None:
         assert conn.pid is not None
         conn.state = State.FREEZING
         conn.outstanding = self._ref("conn", conn.cid)
         self._emit(Freeze(conn.outstanding, conn.pid))
+        self.freezes[conn.pid] += 1  # one second later the window forgets this freeze
+        self._emit(StartTimer(("rate", conn.pid), 1.0))
 
     def _check(self, conn: Conn) -> None:
         assert conn.pid is not None and conn.fd is not None and conn.overlay_sock is not None
         conn.state = State.CHECKING
         conn.outstanding = self._ref("conn", conn.cid)
         self._emit(CheckQueues(conn.outstanding, conn.pid, conn.fd, conn.overlay_sock))
+
+    def _migrate(self, conn: Conn) -> None:
+        """Bounce both sides' unread bytes over the host connection (nothing to do: go on)."""
+        conn.state = State.MIGRATING
+        if not conn.recv_len and not conn.peer_len:
+            self._migrated(conn)
+            return
+        assert conn.overlay_sock is not None and conn.host_sock is not None
+        conn.bounced = True
+        conn.outstanding = self._ref("conn", conn.cid)
+        self.stats["bounces"] += 1
+        self._emit(Bounce(conn.outstanding, conn.overlay_sock, conn.host_sock, conn.recv_len,
+                          conn.peer_len))
+
+    def _migrated(self, conn: Conn) -> None:
+        assert conn.host_sock is not None and conn.inode is not None
+        if conn.role is Role.SERVER or conn.peer_replaced:
+            self._replace(conn, conn.host_sock, conn.inode, State.REPLACING)
+            return
+        conn.state = State.AWAIT_REPLACED
+        self._timer(conn, self.config.message_timeout)
+
+    def _on_BounceDone(self, ev: BounceDone) -> None:
+        conn = self._result_conn(ev.ref)
+        if conn is None:
+            return
+        if (conn.role is Role.CLIENT and conn.pending_abort
+                and conn.pending_abort[0] == "peer lost"):
+            conn.pending_abort = None  # the server may have replaced: ask the data path
+            self._probe(conn)
+            return
+        if conn.pending_abort:
+            self._resolve_pending(conn)
+            return
+        self._migrated(conn)
 
     def _replace(self, conn: Conn, sock: SockRef, expected: int, state: State) -> None:
         assert conn.pid is not None and conn.fd is not None
@@ -593,7 +681,7 @@ class Engine:
         conn = self._result_conn(ev.ref)
         if conn is None:
             if entry is not None and entry[0] == "pid":  # freeze of a forgotten connection
-                self.busy_pids.pop(entry[1], None)
+                self._release_pid(entry[1])
                 self._emit(Thaw(entry[1]))
             return
         conn.frozen = True
@@ -606,28 +694,25 @@ class Engine:
         conn = self._result_conn(ev.ref)
         if conn is None:
             return
-        if (conn.pending_abort and conn.pending_abort[0] == "peer lost"
-                and conn.role is Role.CLIENT and conn.checks >= 1 and conn.prepared
-                and conn.state is State.CHECKING and conn.frozen):
-            conn.pending_abort = None  # the second check: the server may have replaced
-            self._probe(conn)
-            return
         if conn.pending_abort:
             self._resolve_pending(conn)
             return
-        if ev.send_queue or ev.recv_queue:
+        unread_ok = self.config.migrate and ev.recv_queue <= self.config.max_migrate
+        if ev.send_queue or (ev.recv_queue and not unread_ok):
             self.stats["busy"] += 1
             self._abort(conn, f"busy (send {ev.send_queue}, recv {ev.recv_queue})",
                         retry=True, notify=True)
             return
         if conn.role is Role.SERVER:
-            self._server_checked(conn)
+            self._server_checked(conn, ev.recv_queue)
             return
         conn.checks += 1
         if not conn.prepared or (conn.first is Role.SERVER and conn.checks == 1):
-            self._prepare(conn, "check", State.AWAIT_REPLACED)
-        elif conn.host_sock is not None and conn.inode is not None:
-            self._replace(conn, conn.host_sock, conn.inode, State.REPLACING)
+            self._prepare(conn, "check", State.AWAIT_CHECKED)
+        else:  # the final check: our unread bytes are final, and so are the server's
+            conn.recv_len = ev.recv_queue
+            self._prepare(conn, "migrate", State.MIGRATING)
+            self._migrate(conn)
 
     def _msg_swap_ready(self, ev: PeerMessage, conn: Conn) -> None:
         if conn.role is not Role.CLIENT or ev.body["attempt"] != conn.attempt:
@@ -636,8 +721,15 @@ class Engine:
         stage = ev.body["stage"]
         if stage == "frozen" and conn.state is State.AWAIT_FROZEN:
             self._freeze(conn)
-        elif stage == "replaced" and conn.state is State.AWAIT_REPLACED:
+        elif stage == "checked" and conn.state is State.AWAIT_CHECKED:
+            conn.peer_len = ev.body["migrate_len"]
             self._check(conn)
+        elif stage == "replaced" and conn.state is State.AWAIT_REPLACED:
+            assert conn.host_sock is not None and conn.inode is not None
+            self._replace(conn, conn.host_sock, conn.inode, State.REPLACING)
+        elif (stage == "replaced" and conn.state is State.MIGRATING and not conn.peer_replaced
+              and conn.outstanding is not None):
+            conn.peer_replaced = True  # acted on when our bounce is done
         else:
             self._unexpected(ev, conn)
 
@@ -662,7 +754,7 @@ class Engine:
             self._resolve_pending(conn)
             return
         conn.state = State.AWAIT_COMMIT
-        self._send(conn, "swap_ready", attempt=conn.attempt, stage="replaced")
+        self._send(conn, "swap_ready", attempt=conn.attempt, stage="replaced", migrate_len=0)
         self._timer(conn, self.config.message_timeout)
 
     def _complete(self, conn: Conn) -> None:
@@ -707,11 +799,16 @@ class Engine:
         if stage == "check" and conn.state is State.AWAIT_CHECK and attempt == conn.attempt:
             self._check(conn)
             return
-        if conn.state is not State.IDLE or attempt <= conn.attempt:
+        if stage == "migrate" and conn.state is State.AWAIT_MIGRATE and attempt == conn.attempt:
+            conn.peer_len = body["migrate_len"]
+            self._migrate(conn)
+            return
+        if conn.state is not State.IDLE or attempt <= conn.attempt or stage == "migrate":
             self._unexpected(ev, conn)
             return
         conn.attempt = attempt
         conn.first = Role.SERVER if stage == "freeze" else Role.CLIENT
+        self._new_attempt(conn)
         if not conn.matched:
             self.stats["prepare_not_ready"] += 1
             self._send(conn, "swap_abort", attempt=attempt, reason=NOT_READY, final=False)
@@ -722,7 +819,7 @@ class Engine:
             self._send(conn, "swap_abort", attempt=attempt, reason="ruled out", final=True)
             self._finish(conn, notify=False)
             return
-        if conn.pid in self.busy_pids:
+        if conn.pid in self.busy_pids or self._rate_limited(conn.pid):
             self.stats["pid_busy"] += 1
             self._send(conn, "swap_abort", attempt=attempt, reason=PROCESS_BUSY, final=False)
             return
@@ -730,14 +827,17 @@ class Engine:
         conn.checks = 0
         self._freeze(conn)
 
-    def _server_checked(self, conn: Conn) -> None:
+    def _server_checked(self, conn: Conn, recv_queue: int) -> None:
         conn.checks += 1
         if conn.first is Role.SERVER and conn.checks == 1:
             conn.state = State.AWAIT_CHECK
-            self._send(conn, "swap_ready", attempt=conn.attempt, stage="frozen")
-            self._timer(conn, self.config.message_timeout)
-        elif conn.host_sock is not None and conn.inode is not None:
-            self._replace(conn, conn.host_sock, conn.inode, State.REPLACING)
+            self._send(conn, "swap_ready", attempt=conn.attempt, stage="frozen", migrate_len=0)
+        else:  # the final check: the client's check and the bounce come next
+            conn.recv_len = recv_queue
+            conn.state = State.AWAIT_MIGRATE
+            self._send(conn, "swap_ready", attempt=conn.attempt, stage="checked",
+                       migrate_len=recv_queue)
+        self._timer(conn, self.config.message_timeout)
 
     def _msg_swap_commit(self, ev: PeerMessage, conn: Conn) -> None:
         if (conn.role is not Role.SERVER or ev.body["attempt"] != conn.attempt
@@ -810,6 +910,11 @@ class Engine:
         if len(key) == 4 and key[0] in ("waiting", "accept"):
             self._unmatched_expired(key)
             return
+        if len(key) == 2 and key[0] == "rate":
+            self.freezes[key[1]] -= 1
+            if self.freezes[key[1]] <= 0:
+                del self.freezes[key[1]]
+            return
         if len(key) != 3 or key[0] != "conn":
             self.stats["stale_timer"] += 1
             return
@@ -819,7 +924,8 @@ class Engine:
             return
         if conn.state is State.IDLE and conn.role is Role.CLIENT:
             self._next_attempt(conn)
-        elif conn.state in (State.AWAIT_FROZEN, State.AWAIT_REPLACED, State.AWAIT_CHECK):
+        elif conn.state in (State.AWAIT_FROZEN, State.AWAIT_CHECKED, State.AWAIT_REPLACED,
+                            State.AWAIT_CHECK, State.AWAIT_MIGRATE):
             self.stats["timeouts"] += 1
             self._abort(conn, "timeout", retry=True, notify=True)
         elif conn.state in (State.AWAIT_COMMIT, State.PROBING):
@@ -851,7 +957,7 @@ class Engine:
         entry = self._refs.get(ev.ref)
         if entry is not None and entry[0] == "pid":
             self._take_ref(ev.ref)
-            self.busy_pids.pop(entry[1], None)
+            self._release_pid(entry[1])
             return
         if entry is not None and entry[0] == "listener":
             self._take_ref(ev.ref)
@@ -893,7 +999,7 @@ class Engine:
                 if conn.outstanding is None:
                     self._probe(conn)
                 continue
-            if conn.role is Role.CLIENT and conn.state is State.AWAIT_REPLACED and conn.checks:
+            if conn.role is Role.CLIENT and conn.state is State.AWAIT_REPLACED:
                 # the server may have replaced, and may be gone: ask the data path
                 self._probe(conn)
                 continue
@@ -901,6 +1007,7 @@ class Engine:
 
     def _abort(self, conn: Conn, reason: str, retry: bool, notify: bool) -> None:
         """Abandon the current attempt: undo locally, tell the peer, maybe retry later."""
+        retry = retry and not conn.bounced  # bounced bytes sit in the host connection
         if conn.outstanding is not None:
             if conn.pending_abort is None or not retry:
                 conn.pending_abort = (reason, retry, notify)
@@ -940,7 +1047,7 @@ class Engine:
         log.info("connection %s: attempt %d aborted: %s", conn.tuple, conn.attempt, reason)
         if (not retry or conn.close_after or conn.state is State.CONNECTING
                 or conn.host_sock is None):
-            self._finish(conn, notify=reason in ("closed", "exited"))
+            self._finish(conn, notify=reason in ("closed", "exited") or conn.bounced)
             return
         conn.state = State.IDLE
         if conn.role is Role.CLIENT:
@@ -948,11 +1055,24 @@ class Engine:
 
     def _thaw(self, conn: Conn) -> None:
         if conn.pid is not None and self.busy_pids.get(conn.pid) == conn.cid:
-            del self.busy_pids[conn.pid]
+            self._release_pid(conn.pid)
         if conn.frozen:
             assert conn.pid is not None
             conn.frozen = False
             self._emit(Thaw(conn.pid))
+
+    def _release_pid(self, pid: int) -> None:
+        """The process is free again: wake the first client connection queued for it."""
+        self.busy_pids.pop(pid, None)
+        waiters = self.pid_waiters.get(pid)
+        while waiters:
+            conn = self.conns.get(waiters.popleft())
+            if (conn is not None and conn.state is State.IDLE and conn.role is Role.CLIENT
+                    and conn.outstanding is None and conn.pid == pid):
+                self._timer(conn, 0.0)
+                break
+        if not waiters:
+            self.pid_waiters.pop(pid, None)
 
     def _finish(self, conn: Conn, notify: bool) -> None:
         """Forget a connection; close the daemon's sockets; it stays where it is."""

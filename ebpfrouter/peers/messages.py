@@ -54,6 +54,8 @@ CID = Field(bytes, CID_BYTES, CID_BYTES)
 ATTEMPT = Field(int, 0, 1000)
 REASON = Field(str, 0, 200)
 NODE = Field(str, 1, 253)
+MAX_MIGRATE = 64 << 20  # unread overlay bytes one side may carry over in a swap
+MIGRATE_LEN = Field(int, 0, MAX_MIGRATE)
 
 TUPLE = {"client_addr": IP, "client_port": PORT, "server_addr": IP, "server_port": PORT}
 
@@ -66,10 +68,13 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     # client side, first frame on a new host connection: this host conn is overlay 4-tuple X
     "bind": {"cid": CID, **TUPLE},
     # the two-phase swap (see engine/machine.py)
+    # migrate_len: the sender's unread overlay bytes to bounce (stages migrate, checked; else 0)
     "swap_prepare": {"cid": CID, "attempt": ATTEMPT,
-                     "stage": Field(str, choices=("freeze", "check")), **TUPLE},
+                     "stage": Field(str, choices=("freeze", "check", "migrate")),
+                     "migrate_len": MIGRATE_LEN, **TUPLE},
     "swap_ready": {"cid": CID, "attempt": ATTEMPT,
-                   "stage": Field(str, choices=("frozen", "replaced"))},
+                   "stage": Field(str, choices=("frozen", "checked", "replaced")),
+                   "migrate_len": MIGRATE_LEN},
     "swap_commit": {"cid": CID, "attempt": ATTEMPT},
     "swap_abort": {"cid": CID, "attempt": ATTEMPT, "reason": REASON, "final": Field(bool)},
     "swap_done": {"cid": CID, "attempt": ATTEMPT},

@@ -16,6 +16,8 @@ from typing import Any
 from ebpfrouter.engine import (
     AcceptTraced,
     ActionFailed,
+    Bounce,
+    BounceDone,
     CheckQueues,
     CloseSocket,
     CloseTraced,
@@ -51,8 +53,9 @@ from ebpfrouter.engine import (
 CLIENT, SERVER = "node1", "node2"
 OTHER = {CLIENT: SERVER, SERVER: CLIENT}
 ACTIVE = {State.CONNECTING, State.AWAIT_FROZEN, State.FREEZING, State.CHECKING,
-          State.AWAIT_REPLACED, State.REPLACING, State.AWAIT_CHECK, State.AWAIT_COMMIT,
-          State.PROBING, State.ROLLING_BACK}
+          State.AWAIT_CHECKED, State.AWAIT_REPLACED, State.REPLACING, State.AWAIT_CHECK,
+          State.AWAIT_MIGRATE, State.MIGRATING, State.AWAIT_COMMIT, State.PROBING,
+          State.ROLLING_BACK}
 
 
 def peer_of(ip: str) -> str | None:
@@ -96,9 +99,13 @@ class Daemon:
 
 
 class World:
-    """Two daemons, one client process, one server process, `n` overlay connections."""
+    """Two daemons, one client process, one server process, `n` overlay connections.
 
-    def __init__(self, n: int = 1, **config: Any) -> None:
+    `unread` is (client side, server side): unread bytes each overlay socket holds while
+    frozen, which the swap must bounce over the host connection before handing it over.
+    """
+
+    def __init__(self, n: int = 1, unread: tuple[int, int] = (0, 0), **config: Any) -> None:
         self.cids = (bytes([i]) * 16 for i in itertools.count(1))
         self.inodes = itertools.count(1000)
         self.handle_ids = itertools.count(1)
@@ -114,6 +121,8 @@ class World:
         self.host_pairs: dict[int, tuple[Sock, Sock]] = {}
         self.host_closed_sent: set[int] = set()  # id() of socks already reported closed
         self.n = n
+        self.unread = {CLIENT: unread[0], SERVER: unread[1]}
+        self.bounced: set[tuple[str, int]] = set()  # (node, connection) whose bounce is done
         self.overlay_pairs: dict[int, tuple[Sock, Sock]] = {}
         self.tuples = [FourTuple("10.244.1.2", 40000 + i, "10.244.2.2", 5201) for i in range(n)]
         for i, tup in enumerate(self.tuples):
@@ -216,7 +225,18 @@ class World:
             proc.frozen = True
             self.feed(node, FreezeDone(ref))
         elif isinstance(action, CheckQueues):
-            self.feed(node, QueuesChecked(ref, 1 if busy else 0, 0))
+            self.feed(node, QueuesChecked(ref, 1 if busy else 0, self.unread[node]))
+        elif isinstance(action, Bounce):
+            i = daemon.handles[action.host_sock].conn
+            if (proc.alive and not proc.frozen) or (action.send_len, action.echo_len) != (
+                    self.unread[node], self.unread[OTHER[node]]):
+                raise Violation(f"{node}: {action} (process frozen: {proc.frozen})")
+            theirs = self.host_pairs[i][0 if node == SERVER else 1]
+            if action.echo_len and self.holders(theirs) == 0:
+                self.feed(node, ActionFailed(ref, "host connection closed mid-bounce"))
+                return
+            self.bounced.add((node, i))
+            self.feed(node, BounceDone(ref))
         elif isinstance(action, ReplaceFd):
             if not proc.alive:
                 self.feed(node, ActionFailed(ref, "no such process"))
@@ -224,6 +244,10 @@ class World:
             if not proc.frozen:
                 raise Violation(f"{node}: ReplaceFd in a running process")
             current = proc.fds.get(action.fd)
+            new = daemon.handles[action.sock]
+            if (new.kind == "host" and any(self.unread.values())
+                    and (node, new.conn) not in self.bounced):
+                raise Violation(f"{node}: host socket handed over before its bounce")
             if current is None or current.inode != action.expected_inode:
                 self.feed(node, ActionFailed(ref, "fd changed"))
                 return
@@ -375,6 +399,8 @@ class World:
             if c.kind == s.kind == "overlay":
                 outcomes.append("overlay")
             elif c.kind == s.kind == "host" and self.host_pairs[i] == (c, s):
+                if any(self.unread.values()) and not {(CLIENT, i), (SERVER, i)} <= self.bounced:
+                    raise Violation(f"connection {i} swapped without carrying unread bytes")
                 outcomes.append("swapped")
             else:
                 raise Violation(f"connection {i} one-sided: client {c.kind}, server {s.kind}")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ebpfrouter import hostnet
-from ebpfrouter.daemon import _peer_closed, normalize_addr
+from ebpfrouter.daemon import _carry, _peer_closed, normalize_addr, peek_unread
 from ebpfrouter.demo import PACKAGE_ROOT, Routers, _env, _wait_line
 from ebpfrouter.peers import Codec
 from ebpfrouter.testbed import Testbed
@@ -60,6 +60,84 @@ def test_peer_closed_never_consumes() -> None:
         assert a.recv(1) == b"x"  # the probe peeked only
         b.close()
         assert _peer_closed(a)
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    return a, b
+
+
+def test_peer_closed_sees_fin_behind_unread_data() -> None:
+    """A probe must see the close even when unread (migrated) bytes sit before the FIN."""
+    a, b = _tcp_pair()
+    with a, b:
+        b.sendall(b"unread")
+        wait_for(lambda: peek_unread(a, 6) if _unread(a) == 6 else None, 2, "data")
+        assert not _peer_closed(a)
+        b.close()
+        wait_for(lambda: _peer_closed(a), 2, "FIN seen")
+        assert a.recv(100) == b"unread"  # still nothing consumed
+
+
+def _unread(sock: socket.socket) -> int:
+    from injector.inspect import queue_sizes
+
+    return queue_sizes(sock)[0]
+
+
+def test_peek_unread_spans_segments_and_consumes_nothing() -> None:
+    """Many small writes (separate skbs), one peek: all of them, in order, still unread."""
+    a, b = _tcp_pair()
+    with a, b:
+        b.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        chunks = [bytes([i]) * (1 + i * 37 % 1400) for i in range(80)]  # fits the rcvbuf
+        for chunk in chunks:
+            b.sendall(chunk)
+        total = sum(map(len, chunks))
+        wait_for(lambda: _unread(a) == total, 5, "all bytes queued")
+        assert peek_unread(a, total) == b"".join(chunks)
+        assert _unread(a) == total
+        with pytest.raises(ValueError, match="unread bytes, expected"):
+            peek_unread(a, total - 1)  # the count must be exactly what the check reported
+
+
+def test_carry_bounces_both_ways_in_stream_order() -> None:
+    """Each side writes its own bytes, reads and echoes the peer's: each end then reads
+    [echo of its own bytes][new data], which is what its app must read first."""
+    import asyncio
+
+    c, s = _tcp_pair()
+    with c, s:
+        c.setblocking(False)
+        s.setblocking(False)
+        r_c, r_s = os.urandom(300_000), os.urandom(5)  # client side's and server side's unread
+
+        async def both() -> None:
+            loop = asyncio.get_running_loop()
+            await asyncio.gather(_carry(loop, c, r_c, len(r_s)), _carry(loop, s, r_s, len(r_c)))
+            await loop.sock_sendall(s, b"server app")
+            await loop.sock_sendall(c, b"client app")
+
+        asyncio.run(both())
+        c.setblocking(True)
+        s.setblocking(True)
+        c.settimeout(5)
+        s.settimeout(5)
+        got_c = _read_n(c, len(r_c) + 10)
+        got_s = _read_n(s, len(r_s) + 10)
+        assert got_c == r_c + b"server app"
+        assert got_s == r_s + b"client app"
+
+
+def _read_n(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, f"EOF after {len(data)} of {n} bytes"
+        data += chunk
+    return data
 
 
 # -- on the testbed ----------------------------------------------------------------------------
@@ -552,3 +630,182 @@ def test_three_nodes_each_pair_finds_its_peer():
         assert counters(routers, "node3")["bypassed_client"] == 1
         assert counters(routers, "node1")["bypassed_server"] == 2
         assert sorted(routers.status("node1")["peers"]) == ["192.168.77.2", "192.168.77.3"]
+
+
+# -- request/response traffic in flight during the swap (unread bytes migrated) -----------------
+
+PIPE_SERVER = r"""
+import socket, struct, sys, threading, zlib
+BLOCK = bytes(range(256)) * 64
+def serve(conn):
+    f = conn.makefile("rb")
+    while True:
+        head = f.read(12)
+        if len(head) < 12:
+            return
+        seq, n, m = struct.unpack(">III", head)
+        payload = f.read(m)
+        reply = (BLOCK[seq % 256:] * (n // 16000 + 2))[:n]
+        conn.sendall(struct.pack(">III", seq, zlib.crc32(payload), n) + reply)
+ls = socket.create_server((sys.argv[1], int(sys.argv[2])))
+print("listening", flush=True)
+while True:
+    c, _ = ls.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+PIPE_CLIENT = r"""
+import json, os, random, socket, struct, sys, threading, time, zlib
+BLOCK = bytes(range(256)) * 64
+host, port, window, stop_file = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+sock = socket.create_connection((host, port))
+rng = random.Random(5)
+slots = threading.Semaphore(window)
+expect = {}
+done = threading.Event()
+def send():
+    seq = 0
+    while not done.is_set():
+        slots.acquire()
+        n, m = rng.randrange(1, 6000), rng.randrange(0, 3000)
+        payload = os.urandom(m)
+        expect[seq] = (n, zlib.crc32(payload))
+        sock.sendall(struct.pack(">III", seq, n, m) + payload)
+        seq += 1
+threading.Thread(target=send, daemon=True).start()
+f = sock.makefile("rb")
+got = errors = nbytes = 0
+while not os.path.exists(stop_file) or got < 100:
+    head = f.read(12)
+    seq, crc, n = struct.unpack(">III", head)
+    reply = f.read(n)
+    want_n, want_crc = expect.pop(seq)
+    if seq != got or n != want_n or crc != want_crc or reply != (
+            BLOCK[seq % 256:] * (n // 16000 + 2))[:n]:
+        errors += 1
+    got += 1
+    nbytes += n
+    slots.release()
+done.set()
+print(json.dumps({"replies": got, "errors": errors, "bytes": nbytes,
+                  "peer": sock.getpeername()[0]}), flush=True)
+"""
+
+
+@pytest.mark.root
+def test_pipelined_replies_in_flight_are_migrated_intact(bed, shared):
+    """16 requests in flight both ways at every moment: the swap finds unread bytes and carries
+    them over; every reply (length, request checksum, content) is intact and in order."""
+    routers = shared
+    server, client = bed.pod("n1p0"), bed.pod("n2p0")
+    srv = bed.popen(server.name, [sys.executable, "-c", PIPE_SERVER, server.ip, str(PORT + 20)],
+                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    stop = Path(tempfile.mkdtemp(prefix="er-pipe-")) / "stop"
+    try:
+        _wait_line(srv, "listening")
+        wait_listener_announced(routers, "node1", PORT + 20)
+        before = routers.status("node2")["daemon"].get("bounces", 0)
+        cli = bed.popen(client.name, [sys.executable, "-c", PIPE_CLIENT, server.ip,
+                                      str(PORT + 20), "16", str(stop)],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: counters(routers, "node2")["bypassed_client"] and
+                     routers.status("node2")["counters"]["pending"] == 0, 20, "swap")
+            time.sleep(1.0)  # keep going on the host connection
+            stop.touch()
+            out, err = cli.communicate(timeout=30)
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+                cli.wait()
+        assert cli.returncode == 0, err
+        result = json.loads(out)
+        assert result["errors"] == 0 and result["replies"] > 1000, result
+        assert result["peer"] == bed.node("node1").underlay_ip, result
+        status = routers.status("node2")
+        assert status["daemon"].get("bounces", 0) > before, status["daemon"]
+        assert status["frozen_now"] == [] and routers.status("node1")["frozen_now"] == []
+        assert_not_stopped(srv.pid)
+    finally:
+        srv.kill()
+        srv.wait()
+        stop.unlink(missing_ok=True)
+        stop.parent.rmdir()
+
+
+def _settled(routers: Routers) -> None:
+    """Nothing frozen on either node; the client side (the coordinator) has decided on every
+    connection. (The server side may keep a connection whose close event the tracer lost
+    while the benchmark saturated both cores; it holds no process.)"""
+    wait_for(lambda: routers.status("node2")["counters"]["pending"] == 0, 20, "client settled")
+    wait_for(lambda: all(not routers.status(node)["frozen_now"] for node in ("node1", "node2")),
+             20, "nothing frozen")
+    for node in ("node1", "node2"):
+        status = routers.status(node)
+        assert not status["engine"]["frozen_pids"], status["engine"]
+        print(node, "pending:", [c for c in status["connections"] if c["state"] != "swapped"],
+              "tracer lost:", status.get("tracer_lost"))
+
+
+@pytest.mark.root
+def test_redis_benchmark_50_connections_bypassed_zero_errors(bed, shared):
+    """redis-benchmark -c 50 (closed-loop request/response): most connections bypassed."""
+    routers = shared
+    server, client = bed.pod("n1p0"), bed.pod("n2p0")
+    before = counters(routers, "node2")
+    redis = bed.popen(server.name, ["redis-server", "--port", "6391", "--bind", server.ip,
+                                    "--save", "", "--appendonly", "no", "--protected-mode", "no"],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_listener_announced(routers, "node1", 6391)
+        res = bed.run(client.name, ["redis-benchmark", "-h", server.ip, "-p", "6391", "-c", "50",
+                                    "-n", "150000", "-t", "get", "-q"], timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert "error" not in (res.stdout + res.stderr).lower(), res.stdout + res.stderr
+        assert res.stdout.count("requests per second") == 1
+        _settled(routers)
+        after = counters(routers, "node2")
+        seen = after["seen"] - before["seen"]
+        bypassed = after["bypassed_client"] - before["bypassed_client"]
+        print(f"redis-benchmark -c 50: {bypassed} of {seen} connections bypassed; freeze p99 "
+              f"{routers.status('node1')['freeze_ms_p99']} ms")
+        for node in ("node1", "node2"):
+            print(node, routers.status(node)["engine"]["stats"], routers.status(node)["daemon"])
+        assert seen >= 50
+        assert bypassed >= 0.8 * 50, (bypassed, seen, routers.status("node2")["engine"])
+        assert_not_stopped(redis.pid)
+    finally:
+        redis.kill()
+        redis.wait()
+
+
+@pytest.mark.root
+def test_memcaslap_connections_bypassed_zero_errors(bed, shared):
+    """memcached driven by memcaslap (16 connections, sets and gets with verification)."""
+    routers = shared
+    server, client = bed.pod("n1p1"), bed.pod("n2p1")
+    before = counters(routers, "node2")
+    mc = bed.popen(server.name, ["memcached", "-u", "root", "-l", server.ip, "-p", "11311",
+                                 "-t", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_listener_announced(routers, "node1", 11311)
+        res = bed.run(client.name, ["memcaslap", "-s", f"{server.ip}:11311", "-T", "2", "-c",
+                                    "16", "-t", "6s", "-v", "0.1"], timeout=60)
+        out = res.stdout + res.stderr
+        assert res.returncode == 0, out
+        assert "Run time" in out and "Ops" in out, out
+        assert "error" not in out.lower(), out
+        stats = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+        assert stats["verify_failed"] == "0" and stats["verify_misses"] == "0", out
+        assert int(stats["cmd_get"]) > 1000 and int(stats["cmd_set"]) > 100, out
+        _settled(routers)
+        after = counters(routers, "node2")
+        seen = after["seen"] - before["seen"]
+        bypassed = after["bypassed_client"] - before["bypassed_client"]
+        print(f"memcaslap -c 16: {bypassed} of {seen} connections bypassed")
+        assert seen >= 16
+        assert bypassed >= 0.8 * 16, (bypassed, seen, routers.status("node2")["engine"])
+        assert_not_stopped(mc.pid)
+    finally:
+        mc.kill()
+        mc.wait()

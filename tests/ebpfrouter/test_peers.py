@@ -44,8 +44,9 @@ SAMPLES = {
                      "host_addr": "192.168.77.1", "host_port": 40123},
     "listener_remove": {"overlay_addr": "10.244.1.5", "overlay_port": 5201},
     "bind": {"cid": CID, **TUPLE},
-    "swap_prepare": {"cid": CID, "attempt": 1, "stage": "check", **TUPLE},
-    "swap_ready": {"cid": CID, "attempt": 1, "stage": "replaced"},
+    "swap_prepare": {"cid": CID, "attempt": 1, "stage": "check", "migrate_len": 0,
+                     **TUPLE},
+    "swap_ready": {"cid": CID, "attempt": 1, "stage": "checked", "migrate_len": 4096},
     "swap_commit": {"cid": CID, "attempt": 1},
     "swap_abort": {"cid": CID, "attempt": 1, "reason": "busy", "final": False},
     "swap_done": {"cid": CID, "attempt": 1},
@@ -103,6 +104,22 @@ def test_schema_field_bounds(field: str, value: object) -> None:
         codec.decode_frame(sign(envelope(type="bind", body=body)))
     with pytest.raises(SchemaError):
         codec.encode("bind", body)  # the sender refuses too
+
+
+@pytest.mark.parametrize("msg_type", ["swap_prepare", "swap_ready"])
+@pytest.mark.parametrize("value", [-1, 64 * 2**20 + 1, 2**63 - 1, True, 1.0, "1", None])
+def test_migrate_len_bounds(msg_type: str, value: object) -> None:
+    """The unread-byte count a peer asks us to bounce is bounded (64 MiB) and an integer."""
+    codec = Codec(KEY)
+    body = {**SAMPLES[msg_type], "migrate_len": value}
+    with pytest.raises(SchemaError, match=f"{msg_type}.migrate_len"):
+        codec.decode_frame(sign(envelope(type=msg_type, body=body)))
+    for good in (0, 64 * 2**20):
+        assert codec.decode_frame(codec.encode(msg_type, {**body, "migrate_len": good})).body[
+            "migrate_len"] == good
+    without = {k: v for k, v in SAMPLES[msg_type].items() if k != "migrate_len"}
+    with pytest.raises(SchemaError, match="missing keys \\['migrate_len'\\]"):
+        codec.decode_frame(sign(envelope(type=msg_type, body=without)))
 
 
 def test_wrong_key_version_type_envelope() -> None:
