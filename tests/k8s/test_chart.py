@@ -279,6 +279,10 @@ def test_rendered_command_and_env_are_what_the_router_accepts(
     argv = [a.replace("$(NODE_NAME)", "node-a") for a in router["command"][1:] + router["args"]]
     args = build_parser().parse_args(argv)
     assert args.command == "run" and args.node_name == "node-a"
+    # in the pod the router uses the API through its service account (cluster.in_cluster())
+    assert args.kubeconfig is None and not args.no_kubernetes
+    pod_spec = one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    assert pod_spec.get("automountServiceAccountToken", True) is not False
     ports = {p["name"]: p["containerPort"] for p in router["ports"]}
     assert args.health_port == ports["http"]  # where the probes and /metrics are asked
     secret = one(docs, "Secret")
