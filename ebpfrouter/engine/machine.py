@@ -147,7 +147,10 @@ class EngineConfig:
     max_connections: int = 100000
     max_remote_listeners: int = 10000  # peers' announced listeners kept; new ones refused past it
     migrate: bool = True  # carry unread overlay bytes over (False: unread bytes mean busy)
-    max_migrate: int = 64 << 20  # more unread bytes than this: busy (the schema's bound)
+    # More unread bytes than this on one side: busy. The echo must fit the receive queue of a
+    # fresh host socket whose app is frozen (no autotuning yet: about 10 MSS of initial window
+    # growing to ~64 KiB as data arrives); the schema allows up to 64 MiB.
+    max_migrate: int = 48 << 10
     max_freezes_per_second: int = 50  # per process; past it the attempt waits (process busy)
     rate_wait: float = 0.2  # how long a client waits when its process hit that cap
 
