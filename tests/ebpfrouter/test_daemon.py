@@ -770,7 +770,8 @@ def test_redis_benchmark_50_connections_bypassed_zero_errors(bed, shared):
         seen = after["seen"] - before["seen"]
         bypassed = after["bypassed_client"] - before["bypassed_client"]
         print(f"redis-benchmark -c 50: {bypassed} of {seen} connections bypassed; freeze p99 "
-              f"{routers.status('node1')['freeze_ms_p99']} ms")
+              f"{routers.status('node1')['freeze_ms_p99']} ms (server), "
+              f"{routers.status('node2')['freeze_ms_p99']} ms (client)")
         for node in ("node1", "node2"):
             print(node, routers.status(node)["engine"]["stats"], routers.status(node)["daemon"])
         assert seen >= 50
@@ -804,7 +805,9 @@ def test_memcaslap_connections_bypassed_zero_errors(bed, shared):
         after = counters(routers, "node2")
         seen = after["seen"] - before["seen"]
         bypassed = after["bypassed_client"] - before["bypassed_client"]
-        print(f"memcaslap -c 16: {bypassed} of {seen} connections bypassed")
+        print(f"memcaslap -c 16: {bypassed} of {seen} connections bypassed; freeze p99 "
+              f"{routers.status('node1')['freeze_ms_p99']} ms (server), "
+              f"{routers.status('node2')['freeze_ms_p99']} ms (client)")
         assert seen >= 16
         assert bypassed >= 0.8 * 16, (bypassed, seen, routers.status("node2")["engine"])
         assert_not_stopped(mc.pid)
