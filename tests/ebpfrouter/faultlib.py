@@ -280,6 +280,11 @@ class PeerWatch:
         with self.lock:
             self._armed.append((when, action))
 
+    def disarm(self) -> None:
+        """Drop every armed action that has not fired."""
+        with self.lock:
+            self._armed.clear()
+
     def wait(self, when: Callable[[PeerMsg], bool], timeout: float) -> PeerMsg | None:
         """The first message (seen so far or arriving within `timeout`) matching `when`."""
         deadline = time.monotonic() + timeout
@@ -407,6 +412,18 @@ def stopped(pid: int) -> bool:
     """True if `pid` is left in a stop (`t` traced or `T` stopped) with nobody to wake it."""
     state = proc_state(pid)
     return state is not None and state in "tT" and tracer_of(pid) == 0
+
+
+def stuck(pid: int, seconds: float = 3.0) -> bool:
+    """True if `pid` stays in a stop (`t`/`T`) for `seconds` (frozen by a live daemon, or
+    left stopped by a dead one); a swap in progress freezes for milliseconds, not seconds."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        state = proc_state(pid)
+        if state is None or state not in "tT":
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def rss_kib(pid: int) -> int:

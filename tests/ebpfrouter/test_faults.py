@@ -160,6 +160,7 @@ class Lab:
             with contextlib.suppress(Exception):
                 proc.communicate(timeout=10)
         self.procs.clear()
+        self.watch.disarm()
         if show_logs:
             for node, proc in self.routers.procs.items():
                 if proc.poll() is not None:
@@ -213,11 +214,12 @@ class Sender:
         assert self.proc.stdout is not None
         os.set_blocking(self.proc.stdout.fileno(), False)
         deadline = time.monotonic() + timeout
-        while "\n" not in self._out:
+        while "\n" not in self._out:  # (the sender may already be dead: a fault hit it)
             assert time.monotonic() < deadline, "sender did not connect"
-            assert self.proc.poll() is None, f"sender exited: {self.proc.stderr.read()}"
+            exited = self.proc.poll() is not None
             with contextlib.suppress(TypeError):
                 self._out += self.proc.stdout.read() or ""
+            assert "\n" in self._out or not exited, f"sender exited ({self.proc.returncode})"
             time.sleep(0.01)
         first, self._out = self._out.split("\n", 1)
         self.fds = json.loads(first)["fds"]
@@ -227,7 +229,7 @@ class Sender:
         """Peer address each stream's fd points at now (underlay: bypassed)."""
         return [fd_peer(self.proc.pid, fd) for fd in self.fds]
 
-    def result(self, timeout: float = 60.0) -> list[dict[str, Any]]:
+    def result(self, timeout: float = 30.0) -> list[dict[str, Any]]:
         """Stop sending; every stream's result (sent, received, verdict, error, ok)."""
         self.stop_file.touch()
         assert self.proc.stdout is not None
@@ -273,7 +275,7 @@ def tally(fault: str, results: list[dict[str, Any]], bypassed: int, pids: list[i
     """Record streams' outcome; lost connections and bytes are counted, not asserted here."""
     lost = sum(1 for r in results if not r["ok"])
     bytes_lost = sum(max(0, r["sent"] - max(0, r["received"])) for r in results)
-    left = sum(1 for pid in pids if faultlib.stopped(pid))
+    left = sum(1 for pid in pids if faultlib.stuck(pid, 0.5))
     record(fault, tried=1, conns=len(results), lost=lost, bytes_lost=bytes_lost, stopped=left,
            bypassed=bypassed, overlay=len(results) - bypassed)
 
@@ -284,9 +286,12 @@ def assert_intact(results: list[dict[str, Any]]) -> None:
 
 
 def assert_running(pids: list[int]) -> None:
+    """No process left stopped: neither by a dead daemon nor held frozen by a live one."""
     for pid in pids:
-        state = faultlib.proc_state(pid)
-        assert not faultlib.stopped(pid), f"pid {pid} left stopped (state {state})"
+        if faultlib.stopped(pid) or faultlib.stuck(pid):
+            record("(any) process left stopped", tried=1, stopped=1)
+            raise AssertionError(f"pid {pid} left stopped (state {faultlib.proc_state(pid)}, "
+                                 f"TracerPid {faultlib.tracer_of(pid)})")
 
 
 def prog_gone(prog_id: int) -> bool:
@@ -297,10 +302,14 @@ def prog_gone(prog_id: int) -> bool:
 
 # -- 1, 2: a daemon SIGKILLed at each step of the two-phase swap ------------------------------
 
-# client-first attempt (the first): C freeze+check -> prepare/check -> S freeze, check, replace
-# -> ready/replaced -> C check, replace (commit point) -> commit -> S thaw -> done
-STEPS = ["prepare/check", "ready/replaced", "commit", "done"]
+# The first attempt is client-first (engine.machine): C freeze, check -> prepare/check -> S freeze,
+# check -> ready/checked -> C check -> prepare/migrate -> both bounce, S replace ->
+# ready/replaced -> C replace (the commit point) -> commit -> S thaw -> done.
+STEPS = ["prepare/check", "ready/checked", "prepare/migrate", "ready/replaced", "commit", "done"]
 VICTIMS = {"server": "node1", "client": "node2"}  # the stream goes n2p0 -> n1p0
+# the server-node daemon is the coordinator's peer: killed at every step; the client-node daemon
+# (the coordinator, its app frozen from the first step) at the steps where it is mid-swap
+CASES = [("server", s) for s in STEPS] + [("client", s) for s in STEPS[:4]]
 
 
 def _kill_at(lab: Lab, victim: str, step: str, fault: str) -> None:
@@ -322,7 +331,7 @@ def _kill_at(lab: Lab, victim: str, step: str, fault: str) -> None:
     sender.connected()
     fired = wait_for(lambda: killed_at, 15, f"swap step {step}")
     lab.routers.procs[node].wait(10)
-    time.sleep(2.5)  # the survivor's timeouts (message 2 s) run their course; bytes keep flowing
+    time.sleep(2.2)  # the survivor's timeouts (message 2 s) run their course; bytes keep flowing
     peers = sender.peers()
     pids = [sender.proc.pid, srv.pid]
     assert_running(pids)
@@ -347,8 +356,7 @@ def _kill_at(lab: Lab, victim: str, step: str, fault: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("repeat", range(REPEAT))
-@pytest.mark.parametrize("step", STEPS)
-@pytest.mark.parametrize("victim", ["server", "client"])
+@pytest.mark.parametrize(("victim", "step"), CASES)
 def test_daemon_killed_at_swap_step(lab: Lab, victim: str, step: str, repeat: int) -> None:
     """SIGKILL one daemon the moment a swap message passes; the stream completes intact."""
     _kill_at(lab, victim, step, f"{victim} daemon SIGKILL after {step}")
@@ -485,8 +493,9 @@ def test_closed_before_swap_fd_reused(lab: Lab, repeat: int) -> None:
     sender = Sender(lab, client_pod.name, server_pod.ip, port, conns=3, rate=10e6,
                     close_first=20)
     sender.connected()
-    wait_for(lambda: all(p and p.startswith(UNDERLAY) for p in sender.peers()), 10,
-             "the real streams bypassed")
+    with contextlib.suppress(AssertionError):  # bypassed or not, they must arrive intact
+        wait_for(lambda: all(p and p.startswith(UNDERLAY) for p in sender.peers()), 10,
+                 "the real streams bypassed")
     time.sleep(0.5)
     peers = sender.peers()
     results = sender.result()
@@ -544,47 +553,79 @@ def test_fifty_simultaneous_swaps(lab: Lab, repeat: int) -> None:
 
 FLOOD_SECONDS = 6.0
 FLOOD_CLIENTS = 4
+FLOOD: dict[str, Any] = {}
+
+
+def _flood(lab: Lab, port: int, seconds: float) -> list[subprocess.Popen[str]]:
+    return [lab.popen("n2p1", "short", lab.bed.pod("n1p1").ip, str(port), "--seconds",
+                      str(seconds)) for _ in range(FLOOD_CLIENTS)]
+
+
+def _flood_results(procs: list[subprocess.Popen[str]], seconds: float) -> tuple[int, int, float]:
+    floods = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=seconds + 60)
+        assert proc.returncode == 0, err
+        floods.append(json.loads(out.strip().splitlines()[-1]))
+    ok, errors = sum(f["ok"] for f in floods), sum(f["errors"] for f in floods)
+    return ok, errors, ok / max(f["seconds"] for f in floods)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("repeat", range(REPEAT))
 def test_short_connection_flood_during_swaps(lab: Lab, repeat: int) -> None:
     """Short connections (connect, 200 checked bytes, close) as fast as this machine goes from
-    4 processes, while 4 long streams (2 processes) connect and get swapped."""
+    4 processes, while 4 long streams (2 processes) connect and get swapped. The rate without
+    routers is measured first (2 s), on the same busy machine."""
     fault = "short-connection flood + 4 long streams swapped"
     port_short, port_long = PORT + 5, PORT + 6
     srv_short = lab.server("n1p1", port_short)
     srv_long = lab.server("n1p0", port_long)
+    lab.routers.stop()
+    _, _, baseline = _flood_results(_flood(lab, port_short, 2.0), 2.0)
+    lab.restart_routers()
     wait_listener(lab, "node1", port_short)
     wait_listener(lab, "node1", port_long)
-    flooders = [lab.popen("n2p1", "short", lab.bed.pod("n1p1").ip, str(port_short), "--seconds",
-                          str(FLOOD_SECONDS)) for _ in range(FLOOD_CLIENTS)]
+    flooders = _flood(lab, port_short, FLOOD_SECONDS)
     time.sleep(1.0)  # the flood is on before the long connections open
     longs = [Sender(lab, "n2p0", lab.bed.pod("n1p0").ip, port_long, conns=2, rate=10e6)
              for _ in range(2)]
     for s in longs:
         s.connected()
-    floods = []
-    for proc in flooders:
-        out, err = proc.communicate(timeout=FLOOD_SECONDS + 60)
-        assert proc.returncode == 0, err
-        floods.append(json.loads(out.strip().splitlines()[-1]))
+    short_ok, short_err, rate = _flood_results(flooders, FLOOD_SECONDS)
     peers = [p for s in longs for p in s.peers()]
     pids = [s.proc.pid for s in longs] + [srv_short.pid, srv_long.pid]
     assert_running(pids)
     results = [r for s in longs for r in s.result()]
     bypassed = sum(1 for p in peers if p and p.startswith(UNDERLAY))
-    short_ok = sum(f["ok"] for f in floods)
-    short_err = sum(f["errors"] for f in floods)
-    rate = short_ok / max(f["seconds"] for f in floods)
     tally(fault, results, bypassed, pids)
     record(fault, conns=short_ok + short_err, lost=short_err)
-    NOTES[fault].append(f"{short_ok + short_err} short connections at {rate:.0f}/s, "
-                        f"{short_err} failed")
-    print(f"flood: {short_ok} ok, {short_err} errors, {rate:.0f} connections/s; {floods}")
-    assert short_err == 0, floods
+    NOTES[fault].append(f"{short_ok + short_err} short connections at {rate:.0f}/s "
+                        f"(without routers: {baseline:.0f}/s), {short_err} failed")
+    for node in ("node1", "node2"):
+        st = lab.routers.status(node)
+        print(node, st["counters"], st["engine"]["stats"], st["daemon"], st["tracer_lost"])
+    assert short_err == 0
     assert_intact(results)
     for node in ("node1", "node2"):
         assert lab.routers.procs[node].poll() is None, f"router on {node} died"
     wait_for(lambda: all(not lab.routers.status(n)["frozen_now"] for n in ("node1", "node2")),
              15, "nothing frozen")
+    FLOOD["done"] = time.monotonic()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "server-side connection state leaks: when the client's app closes a connection while its "
+    "daemon's host connect is in flight, the client side forgets it without a conn_closed, but "
+    "the bind still reaches the server side, which creates a Conn (idle, unmatched) that nothing "
+    "expires: the daemon never feeds HostClosed and no timer covers a bind without its accept; "
+    "after the flood node1 keeps ~90-470 connections 'pending' (checked for 90 s)"))
+def test_flood_leaves_no_connection_state(_lab: Lab) -> None:
+    """After the flood (the previous test, same routers) both daemons forget every connection."""
+    if "done" not in FLOOD:
+        pytest.skip("the flood did not run")
+    wait_for(lambda: all(_lab.routers.status(n)["counters"]["pending"] == 0
+                         for n in ("node1", "node2")), max(0.0, FLOOD["done"] + 15
+                                                           - time.monotonic()),
+             "no connection left pending")
