@@ -33,6 +33,10 @@ def _fill(parser: argparse.ArgumentParser) -> None:
                         help="rule file for the routers (repeatable; default: no rules)")
     parser.add_argument("--require-bypass", action="store_true",
                         help="exit 1 if a bypass run bypassed nothing")
+    parser.add_argument("--order", choices=("grouped", "phased"), default=None,
+                        help="grouped: per workload overlay, host, then bypass with fresh "
+                             "routers (default); phased: all overlay+host runs, then routers "
+                             "once for all bypass runs (default with --quick)")
     parser.add_argument("--router-loglevel", default="WARNING",
                         help="ROUTER_LOGLEVEL of the routers (default WARNING)")
 
@@ -82,7 +86,8 @@ def run_bench(args: argparse.Namespace) -> int:
     opts = BenchOptions(keys=keys, quick=args.quick, repeat=repeat,
                         modes=[m.strip() for m in args.modes.split(",") if m.strip()],
                         rule_files=args.rule, command=command,
-                        router_loglevel=args.router_loglevel)
+                        router_loglevel=args.router_loglevel,
+                        order=args.order or ("phased" if args.quick else "grouped"))
     global _MAIN_PID
     _MAIN_PID = os.getpid()
     old = signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -187,8 +187,10 @@ class RouterSet:
 
     def __init__(self, bed: Testbed, workdir: Path, rule_files: Sequence[Path] = (),
                  loglevel: str = "WARNING") -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
         self.routers = Routers(bed, workdir, loglevel=loglevel)
         self.bed = bed
+        self.group = ""
         rules = workdir / "rules"
         rules.mkdir(exist_ok=True)
         for path in rule_files:

@@ -94,6 +94,15 @@ def _ratio(row: dict[str, Any], key: str) -> str:
     return "-"
 
 
+def _source(source: dict[str, Any] | None) -> str:
+    if not source or not source.get("commit"):
+        return ""
+    text = f" Code: {source['commit'][:10]}"
+    if source.get("modified"):
+        text += f" plus uncommitted changes in {', '.join(source['modified'])}"
+    return text + "."
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The results table, the router-overhead table and how the numbers were made."""
     rows = result["summary"]
@@ -153,7 +162,7 @@ def markdown(result: dict[str, Any]) -> str:
     out += ["", f"Machine: {m['cpu_model']}, {m['cores']} cores, Linux {m['kernel']}, "
             f"Python {m['python']}. Command: `{result['command']}` "
             f"({'quick, ' if result['quick'] else ''}{result['repeat']} repeat(s), "
-            f"{result['started']}).", ""]
+            f"{result['started']})." + _source(m.get("source")), ""]
     return "\n".join(out)
 
 

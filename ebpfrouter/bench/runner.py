@@ -1,8 +1,9 @@
 """One bench run: testbed up, every workload in every mode (repeated), routers for the bypass
 mode, counters and CPU time around each measurement, then everything torn down.
 
-Order: the overlay and host runs of every workload first (no router anywhere), then one
-router per node is started and the bypass runs follow.
+Order (`make_plan`): by default per workload its overlay and host runs, then a router per
+node is started for its bypass runs and stopped after; `phased` (the --quick default) runs
+every overlay and host run first and starts the routers once.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class BenchOptions:
     rule_files: Sequence[Path] = ()
     command: str = "ebpf-router bench"
     router_loglevel: str = "WARNING"
+    order: str = "grouped"
 
 
 def make_workloads(opts: BenchOptions) -> list[Workload]:
@@ -133,11 +135,45 @@ def _testbed_up(pods: int, attempts: int = 2) -> Testbed:
 def _log_tails(workdir: Path, limit: int = 4000) -> dict[str, str]:
     """The end of every router and server log (kept in the JSON; the workdir is removed)."""
     tails = {}
-    for path in sorted(workdir.glob("*.log")):
+    for path in sorted(workdir.rglob("*.log")):
         with contextlib.suppress(OSError):
             text = path.read_text(errors="replace")
-            tails[path.name] = text[-limit:]
+            tails[str(path.relative_to(workdir))] = text[-limit:]
     return tails
+
+
+Step = tuple[str, Workload | None, str, int]
+
+
+def make_plan(workloads: Sequence[Workload], modes: Sequence[str], repeat: int,
+              order: str) -> list[Step]:
+    """The steps: ("start"|"stop", workload-or-None, "", 0) and ("measure", w, mode, rep).
+
+    `grouped`: per workload, its overlay and host runs, then fresh routers for its bypass
+    runs (modes measured close together in time; one workload's router state never leaks
+    into the next). `phased`: all overlay and host runs, then routers once for every bypass
+    run (fewer router starts: what --quick uses).
+    """
+    ordered = [m for m in ("overlay", "host", "bypass") if m in modes]
+    if order not in ("grouped", "phased"):
+        raise BenchError(f"unknown order {order!r} (grouped or phased)")
+    plan: list[Step] = []
+    if order == "grouped":
+        for w in workloads:
+            for mode in ordered:
+                if mode == "bypass":
+                    plan.append(("start", w, "", 0))
+                plan += [("measure", w, mode, r) for r in range(repeat)]
+                if mode == "bypass":
+                    plan.append(("stop", w, "", 0))
+        return plan
+    for mode in ordered:
+        if mode == "bypass":
+            plan.append(("start", None, "", 0))
+        plan += [("measure", w, mode, r) for w in workloads for r in range(repeat)]
+        if mode == "bypass":
+            plan.append(("stop", None, "", 0))
+    return plan
 
 
 def run_suite(opts: BenchOptions, progress: Progress) -> dict[str, Any]:
@@ -145,6 +181,7 @@ def run_suite(opts: BenchOptions, progress: Progress) -> dict[str, Any]:
     the testbed, routers and temporary files on success, failure and KeyboardInterrupt."""
     workloads = make_workloads(opts)
     modes = [m for m in ("overlay", "host", "bypass") if m in opts.modes]
+    make_plan(workloads, modes, 1, opts.order)  # check the order name before building
     result: dict[str, Any] = {
         "bench_format": 1, "command": opts.command, "quick": opts.quick, "repeat": opts.repeat,
         "modes": modes, "started": datetime.datetime.now(datetime.UTC).isoformat(
@@ -153,7 +190,7 @@ def run_suite(opts: BenchOptions, progress: Progress) -> dict[str, Any]:
         "workloads": {w.key: {"title": w.title, "params": w.params(),
                               "metrics": [dataclasses.asdict(m) for m in w.metrics()]}
                       for w in workloads},
-        "samples": [], "routers": None, "interrupted": False, "error": None,
+        "samples": [], "routers": {}, "interrupted": False, "error": None,
     }
     workdir = Path(tempfile.mkdtemp(prefix="ebpf-router-bench-"))
     bed: Testbed | None = None
@@ -174,17 +211,28 @@ def run_suite(opts: BenchOptions, progress: Progress) -> dict[str, Any]:
         h = Harness(bed, workdir, opts.quick)
         for w in workloads:
             w.prepare(h)
-        plan = [(mode, w, r) for mode in modes for w in workloads for r in range(opts.repeat)]
-        for i, (mode, w, rep) in enumerate(plan, 1):
-            if mode == "bypass" and routers is None:
-                step(i, len(plan), "starting a router in each node's network namespace")
-                routers = RouterSet(bed, workdir, opts.rule_files, opts.router_loglevel)
+        plan = make_plan(workloads, modes, opts.repeat, opts.order)
+        result["order"] = opts.order
+        result["routers"] = {}
+        n = sum(1 for p in plan if p[0] == "measure")
+        i = 0
+        for action, w, mode, rep in plan:
+            if action == "start":
+                step(i + 1, n, "starting a router in each node's network namespace")
+                group = w.key if w is not None else "all"
+                routers = RouterSet(bed, workdir / f"routers-{group}", opts.rule_files,
+                                    opts.router_loglevel)
+                routers.group = group
                 routers.start()
-            sample = measure(h, w, mode, rep, routers if mode == "bypass" else None)
-            result["samples"].append(sample)
-            step(i, len(plan), f"{w.key} {mode} #{rep + 1}: {describe(sample, w)}")
-        if routers is not None:
-            result["routers"] = routers.statuses()
+            elif action == "stop" and routers is not None:
+                result["routers"][routers.group] = routers.statuses()
+                routers.stop()
+                routers = None
+            elif action == "measure":
+                i += 1
+                sample = measure(h, w, mode, rep, routers if mode == "bypass" else None)
+                result["samples"].append(sample)
+                step(i, n, f"{w.key} {mode} #{rep + 1}: {describe(sample, w)}")
     except KeyboardInterrupt:
         result["interrupted"] = True
         progress("[bench] interrupted: cleaning up")
@@ -194,7 +242,9 @@ def run_suite(opts: BenchOptions, progress: Progress) -> dict[str, Any]:
     finally:
         if routers is not None:
             with contextlib.suppress(Exception):
-                result["router_exit_codes"] = routers.stop()
+                result["routers"][routers.group] = routers.statuses()
+            with contextlib.suppress(Exception):
+                routers.stop()
         result["logs"] = _log_tails(workdir)
         if bed is not None:
             step(0, 0, "removing the testbed")

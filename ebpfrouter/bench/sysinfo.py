@@ -43,6 +43,27 @@ def tool_version(argv: list[str]) -> str | None:
     return lines[0] if lines else None
 
 
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def source_info(root: Path = SOURCE_ROOT) -> dict[str, Any]:
+    """The git commit of the code that ran, and files that differed from it (routers run
+    from the work tree, so uncommitted changes count)."""
+    def git(*args: str) -> str | None:
+        try:
+            res = subprocess.run(["git", "-C", str(root), *args], capture_output=True,
+                                 text=True, timeout=10)
+        except (FileNotFoundError, subprocess.TimeoutExpired):
+            return None
+        return res.stdout.rstrip() if res.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no", "--", "ebpfrouter",
+                 "injector", "bpf_asm")
+    commit = git("rev-parse", "HEAD")
+    return {"commit": commit.strip() if commit else None,
+            "modified": [line[3:] for line in (status or "").splitlines()]}
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, kernel release, Python and tool versions."""
     return {
@@ -51,4 +72,5 @@ def machine_info() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "versions": {name: tool_version(argv) for name, argv in VERSION_COMMANDS.items()},
+        "source": source_info(),
     }

@@ -100,13 +100,14 @@ def test_quick_host_mode_mpi_memcached_redis_connect(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_bypass_mode_counts_swaps_and_router_cpu(tmp_path: Path) -> None:
     _need("sockperf")
-    code, result = _run(tmp_path, "sockperf", "--modes", "bypass,host")
+    code, result = _run(tmp_path, "sockperf", "--modes", "bypass,host", "--order", "grouped")
     assert code == 0, [s["failure"] for s in result["samples"]]
     (sample,) = _samples(result, "sockperf", "bypass")
     assert sample["router"]["bypassed"] >= 1, sample["router"]
     assert sample["bypass_state"] in ("bypassed", "partly bypassed")
     assert sample["router_cpu_s"] > 0
-    assert set(result["routers"]) == {"node1", "node2"}
+    assert set(result["routers"]["sockperf"]) == {"node1", "node2"}  # grouped: per workload
+    assert result["order"] == "grouped"
     row = next(r for r in result["summary"] if r["metric"] == "latency p50")
     assert row["bypass_host"] is not None
 
@@ -183,6 +184,25 @@ def test_parsers_reject_garbage_naming_the_tool() -> None:
         parsers.parse_mpi("mpirun: error\n", "mpibw")
     with pytest.raises(parsers.ParseError, match="iperf3: unable to connect"):
         parsers.parse_iperf3(json.dumps({"error": "unable to connect"}))
+
+
+def test_plan_orders() -> None:
+    from ebpfrouter.bench.runner import make_plan
+
+    a, b = make_workloads(BenchOptions(keys=["connect", "iperf3"], quick=True))
+    grouped = [(act, w.key if w else None, mode, r) for act, w, mode, r in
+               make_plan([a, b], ["overlay", "bypass", "host"], 2, "grouped")]
+    assert grouped[:6] == [("measure", "connect", "overlay", 0), ("measure", "connect",
+                                                                   "overlay", 1),
+                           ("measure", "connect", "host", 0), ("measure", "connect", "host", 1),
+                           ("start", "connect", "", 0), ("measure", "connect", "bypass", 0)]
+    assert grouped[7] == ("stop", "connect", "", 0) and len(grouped) == 16
+    phased = make_plan([a, b], ["overlay", "bypass"], 1, "phased")
+    assert [(act, mode) for act, _, mode, _ in phased] == [
+        ("measure", "overlay"), ("measure", "overlay"), ("start", ""), ("measure", "bypass"),
+        ("measure", "bypass"), ("stop", "")]
+    with pytest.raises(BenchError, match="unknown order"):
+        make_plan([a], ["overlay"], 1, "random")
 
 
 def test_unknown_workload_and_mode_are_named() -> None:
