@@ -7,6 +7,7 @@ import ctypes
 import errno
 import os
 
+from ._closing import Closing
 from .programs import Program
 from .syscall import (
     PERF_EVENT_IOC_ENABLE,
@@ -34,7 +35,7 @@ KPROBE_PMU = "/sys/bus/event_source/devices/kprobe"
 _NO_PERF_LINK = {errno.EINVAL, errno.EOPNOTSUPP, 524}
 
 
-class Link:
+class Link(Closing):
     """An attachment. `fd` is the BPF link fd (or -1 for the ioctl fallback), `perf_fd`
     the perf event if any. Closing detaches; a context manager."""
 
@@ -61,14 +62,6 @@ class Link:
         close_fd(fd)
         close_fd(perf_fd)
 
-    def __enter__(self) -> Link:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<Link {self.target} fd={self.fd} perf_fd={self.perf_fd}>"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import bpffs
+from ._closing import Closing
 from .syscall import (
     BPFError,
     Cmd,
@@ -175,7 +176,7 @@ class MapSpec:
         return Map(fd, spec)
 
 
-class Map:
+class Map(Closing):
     """A BPF map in the kernel: dict-like access, pinning, info; closes its fd on exit."""
 
     def __init__(self, fd: int, spec: MapSpec, readonly: bool = False) -> None:
@@ -254,14 +255,6 @@ class Map:
         fd, self._fd = self._fd, -1
         close_fd(fd)
 
-    def __enter__(self) -> Map:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._fd < 0 else f"fd={self._fd}"

@@ -20,6 +20,7 @@ import select
 import struct
 from dataclasses import dataclass
 
+from ._closing import Closing
 from ._mmap import PAGE_SIZE, Mapping, copy_ring
 from .maps import Map
 from .syscall import (
@@ -123,7 +124,7 @@ class _Ring:
         self.fd = -1
 
 
-class PerfBuffer:
+class PerfBuffer(Closing):
     """Reads samples from a perf_event_array map: per-CPU rings, epoll wait, lost counts.
 
     page_count: data pages per CPU ring (a power of two). cpus: which CPUs (default: all
@@ -225,12 +226,3 @@ class PerfBuffer:
         if not self._epoll.closed:
             self._epoll.close()
 
-    def __enter__(self) -> PerfBuffer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if hasattr(self, "_epoll"):
-            self.close()

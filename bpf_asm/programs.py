@@ -7,6 +7,7 @@ import errno
 from dataclasses import dataclass
 from typing import Any
 
+from ._closing import Closing
 from .syscall import (
     AttachType,
     BPFError,
@@ -96,7 +97,7 @@ class ProgramSpec:
         return Program(fd, self, ptype, log)
 
 
-class Program:
+class Program(Closing):
     """A loaded program. `.fd`, `.id`, `.info()`, `.log`; a context manager closing its fd."""
 
     def __init__(self, fd: int, spec: ProgramSpec | None, prog_type: ProgType,
@@ -162,14 +163,6 @@ class Program:
         fd, self._fd = self._fd, -1
         close_fd(fd)
 
-    def __enter__(self) -> Program:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._fd < 0 else f"fd={self._fd}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import select
 
+from ._closing import Closing
 from ._mmap import PAGE_SIZE, Mapping
 from .maps import Map
 from .syscall import MapType
@@ -23,7 +24,7 @@ DISCARD_BIT = 1 << 30
 HEADER_SIZE = 8
 
 
-class RingBuffer:
+class RingBuffer(Closing):
     """Reads records from a ringbuf map; epoll wait; a context manager.
 
     `received` counts records returned, `discarded` records the program discarded.
@@ -113,12 +114,3 @@ class RingBuffer:
         if not self._epoll.closed:
             self._epoll.close()
 
-    def __enter__(self) -> RingBuffer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if hasattr(self, "_epoll"):
-            self.close()
