@@ -6,11 +6,12 @@ redis-server in n1p0 and an iperf3 server in n1p1, then cycles until the time is
     redis-benchmark -c 20 -n 20000 -t set,get  from n2p0   (20 connections per cycle)
     iperf3 -t 5 (one data stream + its control connection)  from n2p1
 
-Every 10 s it samples each daemon's RSS, open fds and status counters. At the end (or on
-Ctrl-C / SIGTERM) it prints the samples and a summary: cycles, client errors, swaps done
-(`bypassed_client`, counted once per connection), connections left on the overlay, daemon
-restarts or crashes, processes found stopped; then removes everything. Exit status 0 when no
-client error happened, no daemon died and nothing was left stopped. Run as root:
+About every 10 s (between cycles) it samples each daemon's RSS, open fds and status
+counters. At the end (or on Ctrl-C / SIGTERM) it prints the samples and a summary: cycles,
+client errors, swaps done (`bypassed_client`, counted once per connection), connections left
+on the overlay, connections still pending, daemons that died, processes found stopped; then
+removes everything. Exit status 0 when no client error happened, no daemon died and nothing
+was left stopped. Run as root:
 
     python3 bench/soak.py --minutes 10 [--json]
 """
@@ -40,6 +41,7 @@ from ebpfrouter.testbed import Testbed  # noqa: E402
 _spec = importlib.util.spec_from_file_location("faultlib", ROOT / "tests/ebpfrouter/faultlib.py")
 assert _spec is not None and _spec.loader is not None
 faultlib = importlib.util.module_from_spec(_spec)
+sys.modules["faultlib"] = faultlib  # (dataclasses look their module up)
 _spec.loader.exec_module(faultlib)
 
 REDIS_PORT, IPERF_PORT = 6390, 5201
@@ -50,7 +52,14 @@ class Interrupted(Exception):
     """SIGTERM arrived (Ctrl-C arrives as KeyboardInterrupt)."""
 
 
+MAIN_PID = os.getpid()
+
+
 def _on_term(signum: int, frame: Any) -> None:
+    if os.getpid() != MAIN_PID:  # a forked helper (pyroute2's netns child): die as asked
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise Interrupted()
 
 
@@ -200,7 +209,9 @@ def summary(soak: Soak, interrupted: bool) -> dict[str, Any]:
         "cycles": dict(soak.cycles),
         "swaps": sum(last.get(f"{n}_swaps", 0) for n in ("node1", "node2")),
         "server_side_swaps": sum(last.get(f"{n}_server_swaps", 0) for n in ("node1", "node2")),
-        "left_on_overlay": sum(last.get(f"{n}_overlay", 0) for n in ("node1", "node2")),
+        # counted at the client side (node2) only: each connection has a row on both daemons
+        "left_on_overlay": last.get("node2_overlay", 0),
+        "pending_at_end": {n: last.get(f"{n}_pending", 0) for n in ("node1", "node2")},
         "errors": soak.errors,
         "processes_left_stopped": len(soak.stopped_seen),
         "samples": soak.samples,
@@ -231,6 +242,7 @@ def print_table(result: dict[str, Any]) -> None:
         if rss:
             print(f"{node} daemon RSS: {rss['first']} KiB at first sample, max {rss['max']}, "
                   f"last {rss['last']}")
+    print(f"connections still pending at the end: {result['pending_at_end']}")
     print(f"processes left stopped: {result['processes_left_stopped']}")
     print(f"errors: {len(result['errors'])}")
     for err in result["errors"][:20]:
