@@ -17,6 +17,7 @@ import collections
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,10 +48,12 @@ PORT = 7300
 COLUMNS = ("tried", "conns", "lost", "bytes_lost", "stopped", "bypassed", "overlay")
 TABLE: dict[str, collections.Counter[str]] = {}
 NOTES: dict[str, list[str]] = collections.defaultdict(list)
+CURRENT: dict[str, str] = {}  # the fault the running test recorded (for notes from teardown)
 
 
 def record(fault: str, **counts: int) -> None:
     """Add counts to the fault's row (`tried` counts attempts of the fault)."""
+    CURRENT["fault"] = fault
     row = TABLE.setdefault(fault, collections.Counter())
     row.update({k: v for k, v in counts.items() if v})
     for key in COLUMNS:
@@ -117,6 +120,22 @@ class Lab:
         self.procs: list[subprocess.Popen[str]] = []
         self.watch = PeerWatch(bed.node("node1").netns)
         self.prog_ids: dict[str, list[int]] = {}
+        self.log_offsets: dict[str, int] = {}
+        self.freezes_ms: list[int] = []
+
+    def scan_logs(self) -> None:
+        """Collect the daemons' "pid N was frozen for M ms" warnings (> 500 ms) logged since
+        the last scan (a restart starts a new log)."""
+        for node in ("node1", "node2"):
+            path = self.routers.log_of(node)
+            with contextlib.suppress(OSError), path.open("rb") as f:
+                start = self.log_offsets.get(node, 0)
+                if start > path.stat().st_size:
+                    start = 0
+                f.seek(start)
+                text = f.read().decode(errors="replace")
+                self.log_offsets[node] = start + len(text.encode())
+                self.freezes_ms += [int(m) for m in re.findall(r"was frozen for (\d+) ms", text)]
 
     def ensure_routers(self) -> None:
         """Both routers running and idle (restarted if one died or holds a swap)."""
@@ -132,6 +151,8 @@ class Lab:
 
     def restart_routers(self) -> None:
         self.routers.stop()
+        self.scan_logs()
+        self.log_offsets.clear()
         self.routers.start()
         self.prog_ids = {n: self.routers.status(n)["prog_ids"] for n in ("node1", "node2")}
 
@@ -189,11 +210,17 @@ def _lab(bed: Testbed) -> Iterator[Lab]:
 @pytest.fixture
 def lab(_lab: Lab, request: pytest.FixtureRequest) -> Iterator[Lab]:
     _lab.ensure_routers()
+    _lab.scan_logs()
+    _lab.freezes_ms.clear()
+    CURRENT.clear()
     failed_before = request.session.testsfailed
     try:
         yield _lab
     finally:
         _lab.cleanup(show_logs=request.session.testsfailed > failed_before)
+        _lab.scan_logs()
+        if _lab.freezes_ms and "fault" in CURRENT:
+            NOTES[CURRENT["fault"]].append(f"an app frozen {max(_lab.freezes_ms)} ms")
 
 
 class Sender:
@@ -209,8 +236,9 @@ class Sender:
         self.fds: list[int] = []
         self._out = ""
 
-    def connected(self, timeout: float = 15.0) -> list[int]:
-        """Wait for the connections; the app's fd numbers."""
+    def connected(self, timeout: float = 15.0, may_die: bool = False) -> list[int]:
+        """Wait for the connections; the app's fd numbers (none if `may_die` and a fault killed
+        the sender before it said so)."""
         assert self.proc.stdout is not None
         os.set_blocking(self.proc.stdout.fileno(), False)
         deadline = time.monotonic() + timeout
@@ -219,11 +247,28 @@ class Sender:
             exited = self.proc.poll() is not None
             with contextlib.suppress(TypeError):
                 self._out += self.proc.stdout.read() or ""
+            if exited and "\n" not in self._out and may_die:
+                return []
             assert "\n" in self._out or not exited, f"sender exited ({self.proc.returncode})"
             time.sleep(0.01)
         first, self._out = self._out.split("\n", 1)
         self.fds = json.loads(first)["fds"]
         return self.fds
+
+    def diagnose(self) -> str:
+        """Where a hung sender is: state, per-thread wchan, each stream's peer and queues."""
+        from injector.inspect import copy_socket, queue_sizes
+
+        pid = self.proc.pid
+        parts = [f"state {faultlib.proc_state(pid)}"]
+        with contextlib.suppress(OSError):
+            parts.append("wchan " + ",".join(
+                Path(f"/proc/{pid}/task/{t}/wchan").read_text()
+                for t in os.listdir(f"/proc/{pid}/task")))
+        for fd in self.fds:
+            with contextlib.suppress(Exception), copy_socket(pid, fd) as sock:
+                parts.append(f"fd {fd} -> {sock.getpeername()[0]} queues {queue_sizes(sock)}")
+        return "; ".join(parts)
 
     def peers(self) -> list[str | None]:
         """Peer address each stream's fd points at now (underlay: bypassed)."""
@@ -237,9 +282,11 @@ class Sender:
         try:
             out, _ = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            state = self.diagnose()
             self.proc.kill()
             self.proc.communicate()
-            return [{"sent": 0, "received": -1, "ok": False, "error": "sender hung"}] * self.conns
+            return [{"sent": 0, "received": -1, "ok": False,
+                     "error": f"sender hung: {state}"}] * self.conns
         text = (self._out + out).strip().splitlines()
         if not text:
             return [{"sent": 0, "received": -1, "ok": False,
@@ -448,7 +495,7 @@ def test_target_dies_mid_swap(lab: Lab, how: str, repeat: int) -> None:
 
     lab.watch.arm(lambda m: m.step == "prepare/check", act)
     sender = holder["sender"] = Sender(lab, client_pod.name, server_pod.ip, port, rate=20e6)
-    sender.connected()
+    sender.connected(may_die=how == "client killed")
     wait_for(lambda: "at" in holder, 15, "swap step prepare/check")
     survivors = [p.pid for p in (sender.proc, srv) if p.poll() is None]
     time.sleep(0.5)
