@@ -3,7 +3,7 @@
 Builds a 2-node testbed (2 pods per node), starts one `ebpf-router run` per node, a
 redis-server in n1p0 and an iperf3 server in n1p1, then cycles until the time is up:
 
-    redis-benchmark -c 20 -n 20000 -t set,get  from n2p0   (20 connections per cycle)
+    redis-benchmark -c 20 -n 20000 -t set,get  from n2p0   (20 connections per test, 40 per cycle)
     iperf3 -t 5 (one data stream + its control connection)  from n2p1
 
 About every 10 s (between cycles) it samples each daemon's RSS, open fds and status
@@ -49,7 +49,7 @@ SAMPLE_EVERY = 10.0
 
 
 class Interrupted(Exception):
-    """SIGTERM arrived (Ctrl-C arrives as KeyboardInterrupt)."""
+    """SIGTERM or SIGINT (Ctrl-C) arrived."""
 
 
 MAIN_PID = os.getpid()
@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"soak: {tool} is not installed", file=sys.stderr)
             return 2
-    signal.signal(signal.SIGTERM, _on_term)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a background launch ignores it
+        signal.signal(sig, _on_term)
     soak = Soak(args.iperf_seconds)
     interrupted = False
     try:
