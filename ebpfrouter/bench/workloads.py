@@ -337,7 +337,7 @@ class Mpi(Workload):
                 "--mca", "mpi_yield_when_idle", "1",
                 str(self.bindir / self.program), str(self.max_bytes), str(self.iterations), "1"]
         try:
-            res = h.run(places[0].target, argv, 120 if self.quick else 180,
+            res = h.run(places[0].target, argv, 30 if self.quick else 180,
                         f"mpirun {self.program}")
         finally:  # a hung or killed run leaves orted and ranks behind in the other pods
             kill_in_testbed(h.bed, {"mpirun", "orted", self.program})
