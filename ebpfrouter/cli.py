@@ -56,6 +56,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand."""
+    from .bench import add_bench_parser
     from .testbed import add_testbed_parser
 
     parser = argparse.ArgumentParser(prog="ebpf-router", description=__doc__)
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     add_testbed_parser(sub)
     _add_demo(sub)
+    add_bench_parser(sub)
     return parser
 
 
