@@ -83,3 +83,10 @@ def test_testbed_subcommand_is_wired(capsys) -> None:
 def test_demo_flags_parse() -> None:
     args = build_parser().parse_args(["demo", "--json", "--seconds", "2", "--builtin"])
     assert (args.json, args.seconds, args.builtin) == (True, 2.0, True)
+
+
+def test_bench_subcommand_is_wired(capsys) -> None:
+    args = build_parser().parse_args(["bench", "--quick", "iperf3", "sockperf"])
+    assert args.command == "bench" and args.quick and args.func is not None
+    assert main(["bench", "no-such-workload"]) == 2
+    assert "no-such-workload" in capsys.readouterr().err
