@@ -143,7 +143,8 @@ class EngineConfig:
     probe_limit: int = 20
     max_waiting: int = 10000  # traced connects waiting for a listener announcement
     listener_wait: float = 60.0  # how long a traced connect waits for that announcement
-    bind_wait: float = 10.0  # how long a traced accept waits for the client's bind
+    bind_wait: float = 10.0  # how long a traced accept waits for the client's bind, and a bind
+    # for its accept (then the bound connection is dropped: the client may have forgotten it)
     max_connections: int = 100000
     max_remote_listeners: int = 10000  # peers' announced listeners kept; new ones refused past it
     migrate: bool = True  # carry unread overlay bytes over (False: unread bytes mean busy)
@@ -206,6 +207,15 @@ class Conn:
     peer_len: int = 0  # the peer's unread overlay bytes (we echo them)
     bounced: bool = False  # a Bounce with bytes ran: this host connection is single-use
     peer_replaced: bool = False  # client: ready(replaced) came while still bouncing
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Log every state change at DEBUG (`conn <cid> <tuple>: <old> -> <new>`)."""
+        if name == "state" and log.isEnabledFor(logging.DEBUG):
+            old = self.__dict__.get("state")
+            if old is not value:
+                log.debug("conn %s %s: %s -> %s", self.cid.hex()[:8], self.tuple,
+                          old.value if old is not None else "new", value.value)
+        object.__setattr__(self, name, value)
 
     @property
     def matched(self) -> bool:
@@ -433,6 +443,8 @@ class Engine:
         accepted = self.accepts.pop(tup, None)
         if accepted is not None:
             self._match(conn, accepted)
+        else:  # the client may forget it (app closed during its host connect): expire it
+            self._emit(StartTimer(("bind", cid), self.config.bind_wait))
 
     def _on_HostClosed(self, ev: HostClosed) -> None:
         conn = next((c for c in self.conns.values() if c.host_sock == ev.sock), None)
@@ -913,6 +925,9 @@ class Engine:
         if len(key) == 4 and key[0] in ("waiting", "accept"):
             self._unmatched_expired(key)
             return
+        if len(key) == 2 and key[0] == "bind":
+            self._bind_expired(key[1])
+            return
         if len(key) == 2 and key[0] == "rate":
             self.freezes[key[1]] -= 1
             if self.freezes[key[1]] <= 0:
@@ -955,6 +970,17 @@ class Engine:
                     self.stats["accepts_expired"] += 1
                     return
         self.stats["stale_timer"] += 1
+
+    def _bind_expired(self, cid: bytes) -> None:
+        """A bind never met its accept within `bind_wait`: close the host socket, forget it."""
+        conn = self.conns.get(cid)
+        if (conn is None or conn.role is not Role.SERVER or conn.matched
+                or conn.state is not State.IDLE or conn.outstanding is not None):
+            return  # matched (or gone) meanwhile: nothing to do
+        self.stats["binds_expired"] += 1
+        log.info("connection %s: no accept within %.1f s of its bind; dropped", conn.tuple,
+                 self.config.bind_wait)
+        self._finish(conn, notify=True)  # conn_closed: a client still waiting stops retrying
 
     def _on_ActionFailed(self, ev: ActionFailed) -> None:
         entry = self._refs.get(ev.ref)
@@ -1098,6 +1124,9 @@ class Engine:
                 self._emit(CloseSocket(sock))
         conn.overlay_sock = conn.host_sock = None
         self.conns.pop(conn.cid, None)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("conn %s %s: %s -> forgotten", conn.cid.hex()[:8], conn.tuple,
+                      conn.state.value)
         if conn.pid is not None and self.by_fd.get((conn.pid, conn.fd or -1)) == conn.cid:
             del self.by_fd[(conn.pid, conn.fd or -1)]
         if conn.state is not State.SWAPPED:

@@ -26,6 +26,7 @@ from ebpfrouter.engine import (  # noqa: E402
     BounceDone,
     CheckQueues,
     CloseSocket,
+    CloseTraced,
     ConnectTraced,
     Engine,
     EngineConfig,
@@ -33,6 +34,9 @@ from ebpfrouter.engine import (  # noqa: E402
     Freeze,
     FreezeDone,
     HostAccepted,
+    HostClosed,
+    HostConnect,
+    HostConnected,
     ListenTraced,
     OpenHostListener,
     PeerLost,
@@ -643,3 +647,97 @@ def test_unmatched_connects_and_accepts_expire() -> None:
     assert server.handle(TimerFired(("accept", acc.pid, acc.fd, acc.inode))) == [
         CloseSocket(acc.sock)]
     assert not server.accepts and server.stats["accepts_expired"] == 1
+
+
+TUP2 = FourTuple("10.244.1.2", 40001, "10.244.2.2", 5201)  # a bind no traced accept matches
+
+
+def test_unmatched_bind_expires_and_its_host_socket_is_closed() -> None:
+    """A bind whose accept never comes is dropped after `bind_wait`; a matched one is kept."""
+    server = _server_engine()
+    cid = b"\x07" * 16
+    (timer,) = server.handle(HostAccepted(900, 960, 99, CLIENT, {"cid": cid, **TUP2.to_body()}))
+    assert timer == StartTimer(("bind", cid), server.config.bind_wait)
+    assert server.summary()["pending"] == 1
+    acts = server.handle(TimerFired(timer.key))
+    assert SendPeer(CLIENT, "conn_closed", {"cid": cid}) in acts and CloseSocket(960) in acts
+    assert not server.conns and server.stats["binds_expired"] == 1
+    assert server.summary()["pending"] == 0
+    assert server.handle(TimerFired(timer.key)) == []  # once only
+    # a bind that finds its accept starts no timer; one matched later outlives its timer
+    matched = b"\x08" * 16
+    bind = {"cid": matched, **TUP.to_body()}
+    assert server.handle(HostAccepted(900, 961, 98, CLIENT, bind)) == []
+    late = b"\x09" * 16
+    (timer,) = server.handle(HostAccepted(900, 962, 97, CLIENT, {"cid": late, **TUP2.to_body()}))
+    server.handle(AcceptTraced(200, 10, 89, TUP2, 902))
+    assert server.handle(TimerFired(timer.key)) == []
+    assert server.conns[late].matched and server.stats["binds_expired"] == 1
+
+
+def test_host_closed_before_the_accept_cleans_up() -> None:
+    server = _server_engine()
+    cid = b"\x07" * 16
+    (timer,) = server.handle(HostAccepted(900, 960, 99, CLIENT, {"cid": cid, **TUP2.to_body()}))
+    acts = server.handle(HostClosed(960))
+    assert CloseSocket(960) in acts and not server.conns
+    assert server.stats["host_closed_by_peer"] == 1
+    assert server.handle(TimerFired(timer.key)) == [] and server.stats["binds_expired"] == 0
+
+
+def test_client_closed_during_host_connect_says_conn_closed() -> None:
+    """The app closes while the host connect runs: once connected, the client tells the peer
+    and closes both its sockets."""
+    client = Engine(EngineConfig(CLIENT), lambda ip: CLIENT if ip.startswith("10.244.1.")
+                    else SERVER if ip.startswith("10.244.2.") else None)
+    client.handle(PeerMessage(SERVER, "listener_add", {
+        "overlay_addr": "10.244.2.2", "overlay_port": 5201, "host_addr": "192.168.77.2",
+        "host_port": 41000}))
+    (connect,) = client.handle(ConnectTraced(100, 7, 4, TUP, 40))
+    assert isinstance(connect, HostConnect)
+    assert client.handle(CloseTraced(100, 7)) == []  # decided; acted on when connected
+    acts = client.handle(HostConnected(connect.ref, 41, 5))
+    assert SendPeer(SERVER, "conn_closed", {"cid": connect.cid}) in acts
+    assert CloseSocket(40) in acts and CloseSocket(41) in acts and not client.conns
+
+
+@pytest.mark.parametrize("host_closed", [True, False])
+def test_close_during_host_connect_leaves_no_server_state(host_closed: bool) -> None:
+    """Both apps close while the client's host connect runs; conn_closed overtakes the bind.
+    The server forgets the bind on HostClosed, or (no EOF seen) when its timer fires."""
+    world = World()
+    while not any(isinstance(a, HostConnect) for _, a in world.pending):
+        assert world.step_default()
+    world.app_close(CLIENT, 0)
+    world.app_close(SERVER, 0)
+    for node in (CLIENT, SERVER):
+        while world.inbox[node]:
+            world.deliver_inbox(node)
+    world.complete(next(i for i, (_, a) in enumerate(world.pending)
+                        if isinstance(a, HostConnect)))
+    world.deliver(CLIENT)  # conn_closed, before the bind: an unknown connection
+    world.deliver_inbox(SERVER)  # the bind (HostAccepted): no accept left to match
+    server = world.daemons[SERVER].engine
+    assert len(server.conns) == 1 and not next(iter(server.conns.values())).matched
+    if not host_closed:
+        world.inbox[SERVER] = [e for e in world.inbox[SERVER] if not isinstance(e, HostClosed)]
+    world.drain()
+    assert world.check_final() == ["closed"]
+    assert not server.conns and server.summary()["pending"] == 0
+    assert [s.kind for s in world.daemons[SERVER].handles.values()] == ["listener"]
+    assert server.stats["binds_expired"] == (0 if host_closed else 1)
+    assert server.stats["host_closed_by_peer"] == (1 if host_closed else 0)
+
+
+def test_state_changes_are_logged_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG", logger="ebpfrouter.engine.machine")
+    world = World()
+    world.drain()
+    lines = [r.getMessage() for r in caplog.records]
+    head = f"conn {'01' * 4} {TUP}: "
+    for change in ("new -> connecting", "connecting -> idle", "replacing -> swapped"):
+        assert head + change in lines
+    caplog.clear()
+    caplog.set_level("INFO", logger="ebpfrouter.engine.machine")
+    World().drain()
+    assert not any(" -> " in r.getMessage() for r in caplog.records)
