@@ -58,6 +58,7 @@ from .engine.events import (
     FourTuple,
     FreezeDone,
     HostAccepted,
+    HostClosed,
     HostConnected,
     HostListenerOpened,
     ListenTraced,
@@ -249,6 +250,7 @@ class Daemon:
         self.injector = _Injector(options.freeze_timeout)
         self.socks: dict[int, socket.socket] = {}
         self.listen_tasks: dict[int, asyncio.Task[None]] = {}
+        self.host_watch: set[int] = set()  # held host sockets watched for EOF (before handover)
         self.tasks: set[asyncio.Task[Any]] = set()
         self.host_addr = ""
         self.node = ""
@@ -482,6 +484,8 @@ class Daemon:
         for task in list(self.tasks) + list(self.listen_tasks.values()):
             with contextlib.suppress(BaseException):
                 await task
+        for ref in list(self.host_watch):
+            self._unwatch_host(ref)
         for client in self.clients.values():
             await client.close()
         if self.server is not None:
@@ -591,6 +595,7 @@ class Daemon:
         elif isinstance(action, CheckQueues):
             self._spawn(self._check_queues(action))
         elif isinstance(action, Bounce):
+            self._unwatch_host(action.host_sock)  # the bounce reads it now
             self._spawn(self._bounce(action))
         elif isinstance(action, ProbeConn):
             self._later(ConnProbed(action.ref, _peer_closed(self.socks[action.overlay_sock]),
@@ -601,7 +606,11 @@ class Daemon:
             self._injector_call(action.ref, FreezeDone(action.ref), self.injector.freeze,
                                 action.pid)
         elif isinstance(action, Thaw):
-            self.injector.submit(self.injector.thaw, action.pid)
+            log.debug("injector thaw pid %d: start", action.pid)
+            future = self.injector.submit(self.injector.thaw, action.pid)
+            if log.isEnabledFor(logging.DEBUG):
+                future.add_done_callback(lambda f, pid=action.pid: log.debug(
+                    "injector thaw pid %d: %s", pid, "failed" if f.exception() else "done"))
         elif isinstance(action, ReplaceFd):
             self._replace(action)
         elif isinstance(action, OpenHostListener):
@@ -612,6 +621,7 @@ class Daemon:
             log.error("unknown engine action %r", action)
 
     def _injector_call(self, ref: int, done: Event, fn: Any, *args: Any) -> None:
+        log.debug("injector %s pid %s: start", fn.__name__, args[0])
         future = self.injector.submit(fn, *args)
         assert self.loop is not None
         wrapped = asyncio.wrap_future(future, loop=self.loop)
@@ -619,15 +629,18 @@ class Daemon:
         def finished(fut: asyncio.Future[Any]) -> None:
             exc = fut.exception()
             if exc is None:
+                log.debug("injector %s pid %s: done", fn.__name__, args[0])
                 self.feed(done)
             else:
                 self.counters["injector_errors"] += 1
+                log.debug("injector %s pid %s: failed", fn.__name__, args[0])
                 log.info("%s: %s", fn.__name__, exc)
                 self.feed(ActionFailed(ref, str(exc)))
 
         wrapped.add_done_callback(finished)
 
     def _replace(self, action: ReplaceFd) -> None:
+        self._unwatch_host(action.sock)  # handed over: the app owns it now
         sock = self.socks[action.sock]
         new_ino = os.fstat(sock.fileno()).st_ino
         pid, fd = action.pid, action.fd
@@ -643,6 +656,7 @@ class Daemon:
         def work() -> None:
             self.injector.replace(pid, fd, sock, action.expected_inode)
 
+        log.debug("injector replace pid %d fd %d: start", pid, fd)
         future = self.injector.submit(work)
         assert self.loop is not None
         wrapped = asyncio.wrap_future(future, loop=self.loop)
@@ -650,10 +664,12 @@ class Daemon:
         def finished(fut: asyncio.Future[Any]) -> None:
             exc = fut.exception()
             if exc is None:
+                log.debug("injector replace pid %d fd %d: done", pid, fd)
                 done()
                 self.feed(ReplaceDone(action.ref))
             else:
                 self.counters["injector_errors"] += 1
+                log.debug("injector replace pid %d fd %d: failed", pid, fd)
                 log.info("replace pid %d fd %d: %s", pid, fd, exc)
                 self.feed(ActionFailed(action.ref, str(exc)))
 
@@ -667,8 +683,10 @@ class Daemon:
         trips. Bytes waiting in our own receive queue never will (our app is frozen): they
         are migrated (`Bounce`), or, with migration off, answered as busy at once.
         """
+        log.debug("check pid %d fd %d: start", action.pid, action.fd)
         sock = self.socks.get(action.sock)
         if sock is None:
+            log.debug("check pid %d fd %d: failed", action.pid, action.fd)
             self.feed(ActionFailed(action.ref, f"socket {action.sock} is gone"))
             return
         deadline = time.monotonic() + self.options.drain_wait
@@ -679,12 +697,15 @@ class Daemon:
                 await asyncio.sleep(0.001)
                 recv, send = queue_sizes(sock)
         except OSError as exc:
+            log.debug("check pid %d fd %d: failed", action.pid, action.fd)
             self.feed(ActionFailed(action.ref, f"queue sizes: {exc}"))
             return
+        log.debug("check pid %d fd %d: done (send %d, recv %d)", action.pid, action.fd, send, recv)
         self.feed(QueuesChecked(action.ref, send, recv))
 
     async def _bounce(self, action: Bounce) -> None:
         """Write our unread overlay bytes (peeked) to the host socket; echo the peer's."""
+        log.debug("bounce %d+%d bytes: start", action.send_len, action.echo_len)
         overlay, host = self.socks.get(action.overlay_sock), self.socks.get(action.host_sock)
         if overlay is None or host is None:
             self.feed(ActionFailed(action.ref, f"bounce: socket {action.overlay_sock} or "
@@ -698,12 +719,13 @@ class Daemon:
                                    self.options.bounce_timeout)
         except (OSError, EOFError, TimeoutError, ValueError) as exc:
             self.counters["bounce_failed"] += 1
+            log.debug("bounce %d+%d bytes: failed", action.send_len, action.echo_len)
             self.feed(ActionFailed(action.ref, f"bounce of {action.send_len}+{action.echo_len} "
                                                f"bytes: {type(exc).__name__}: {exc}"))
             return
         self.counters["bounces"] += 1
         self.counters["bounced_bytes"] += action.send_len
-        log.debug("bounced %d bytes, echoed %d in %.1f ms", action.send_len, action.echo_len,
+        log.debug("bounce %d+%d bytes: done in %.1f ms", action.send_len, action.echo_len,
                   (time.monotonic() - started) * 1e3)
         self.feed(BounceDone(action.ref))
 
@@ -712,7 +734,33 @@ class Daemon:
         self.socks[ref] = sock
         return ref
 
+    def _watch_host(self, ref: int) -> None:
+        """Report EOF or reset on a held host socket as `HostClosed` (until handed over)."""
+        assert self.loop is not None
+        self.loop.add_reader(ref, self._on_host_readable, ref)
+        self.host_watch.add(ref)
+
+    def _unwatch_host(self, ref: int) -> None:
+        if ref in self.host_watch:
+            self.host_watch.discard(ref)
+            if self.loop is not None:
+                with contextlib.suppress(Exception):
+                    self.loop.remove_reader(ref)
+
+    def _on_host_readable(self, ref: int) -> None:
+        """A watched host socket is readable: the other end closed it, or a swap has begun."""
+        self._unwatch_host(ref)  # either way: stop watching (no busy loop behind unread data)
+        sock = self.socks.get(ref)
+        if sock is None:
+            return
+        if _peer_closed(sock):
+            self.counters["host_closed_seen"] += 1
+            self.feed(HostClosed(ref))
+        else:  # bytes before the handover: a bounce under way; its own timeouts cover it
+            self.counters["host_watch_data"] += 1
+
     def _close_sock(self, ref: int) -> None:
+        self.host_watch.discard(ref)
         task = self.listen_tasks.pop(ref, None)
         if task is not None:
             task.cancel()
@@ -785,6 +833,7 @@ class Daemon:
         if peer_addr not in self.peer_map.hosts() | self._cluster_hosts():
             log.info("host connection from %s: not a known peer node", peer_addr)
         ref = self._add_sock(conn)
+        self._watch_host(ref)
         self.feed(HostAccepted(listener, ref, os.fstat(conn.fileno()).st_ino, peer_addr,
                                msg.body))
         await self._match_unseen_accept(listener, msg.body)
@@ -836,6 +885,7 @@ class Daemon:
                                                f"{action.host_port}: {exc}"))
             return
         ref = self._add_sock(sock)
+        self._watch_host(ref)
         self.feed(HostConnected(action.ref, ref, os.fstat(sock.fileno()).st_ino))
 
     # -- peers ------------------------------------------------------------------------------

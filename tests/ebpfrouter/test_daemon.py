@@ -15,11 +15,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ebpfrouter import hostnet
-from ebpfrouter.daemon import _carry, _peer_closed, normalize_addr, peek_unread
+from ebpfrouter.daemon import (
+    Daemon,
+    DaemonOptions,
+    _carry,
+    _peer_closed,
+    normalize_addr,
+    peek_unread,
+)
 from ebpfrouter.demo import PACKAGE_ROOT, Routers, _env, _wait_line
 from ebpfrouter.peers import Codec
 from ebpfrouter.testbed import Testbed
@@ -129,6 +137,74 @@ def test_carry_bounces_both_ways_in_stream_order() -> None:
         got_s = _read_n(s, len(r_s) + 10)
         assert got_c == r_c + b"server app"
         assert got_s == r_s + b"client app"
+
+
+def _watching_daemon() -> tuple[Daemon, Any]:
+    """A daemon object (not started) whose engine serves overlay listener 10.244.2.2:5201."""
+    from ebpfrouter.config import RouterConfig
+    from ebpfrouter.engine import Engine, EngineConfig, HostListenerOpened, ListenTraced
+
+    daemon = Daemon(DaemonOptions(RouterConfig()))
+    engine = Engine(EngineConfig("node2"), lambda ip: "node1" if ip.startswith("10.244.1.")
+                    else "node2" if ip.startswith("10.244.2.") else None)
+    (listen,) = engine.handle(ListenTraced(200, 3, 77, "10.244.2.2", 5201))
+    engine.handle(HostListenerOpened(listen.ref, 900, "192.168.77.2", 41000))
+    daemon.engine = engine
+    return daemon, engine
+
+
+@pytest.mark.parametrize("then", ["close", "data", "bounce"])
+def test_held_host_socket_eof_is_reported_before_handover_only(then: str) -> None:
+    """EOF on a held host socket (bind received, no accept yet) reaches the engine as
+    HostClosed, which drops the connection; bytes (a swap under way) or a Bounce (the daemon
+    reads the socket then) stop the watch instead, without a busy loop or a false close."""
+    import asyncio
+
+    from ebpfrouter.engine import Bounce, FourTuple, HostAccepted
+
+    daemon, engine = _watching_daemon()
+    tup = FourTuple("10.244.1.2", 40000, "10.244.2.2", 5201)
+    c, s = _tcp_pair()
+
+    async def run() -> None:
+        daemon.loop = asyncio.get_running_loop()
+        s.setblocking(False)
+        ref = daemon._add_sock(s)
+        daemon._watch_host(ref)
+        daemon.feed(HostAccepted(900, ref, os.fstat(ref).st_ino, "node1",
+                                 {"cid": b"\x07" * 16, **tup.to_body()}))
+        assert len(engine.conns) == 1 and ref in daemon.host_watch
+        if then == "close":
+            c.close()
+            for _ in range(200):
+                if not engine.conns:
+                    break
+                await asyncio.sleep(0.01)
+            assert not engine.conns and ref not in daemon.socks and not daemon.host_watch
+            assert daemon.counters["host_closed_seen"] == 1
+            assert engine.stats["host_closed_by_peer"] == 1
+            return
+        if then == "data":
+            c.sendall(b"bounced bytes")
+            for _ in range(200):
+                if daemon.counters["host_watch_data"]:
+                    break
+                await asyncio.sleep(0.01)
+            assert daemon.counters["host_watch_data"] == 1
+        else:
+            daemon._run_action(Bounce(12345, 999, ref, 0, 4))  # 999: no such overlay socket
+        assert ref not in daemon.host_watch
+        c.close()
+        await asyncio.sleep(0.2)
+        assert len(engine.conns) == 1 and daemon.counters["host_closed_seen"] == 0
+        daemon._close_sock(ref)
+
+    try:
+        asyncio.run(run())
+    finally:
+        c.close()
+        s.close()
+        daemon.injector.pool.shutdown(wait=True)
 
 
 def _read_n(sock: socket.socket, n: int) -> bytes:
