@@ -506,8 +506,10 @@ def test_target_dies_mid_swap(lab: Lab, how: str, repeat: int) -> None:
         tally(fault, results, 0, survivors)
         assert_intact(results)
     elif how == "client killed":  # the server app saw a close or a reset, and only good bytes
+        # (possibly none: the swap can start, and the client be frozen and killed, before its
+        # first write)
         (line,) = _server_lines(srv)
-        assert line["bad_at"] == -1 and line["received"] > 0, line
+        assert line["bad_at"] == -1 and line["received"] >= 0, line
         record(fault, tried=1, conns=1, overlay=1)
         NOTES[fault].append(f"server app got {line['error'] or 'EOF'} after good bytes")
     else:  # the client app saw a reset or EOF, never a hang
