@@ -9,7 +9,7 @@ drops the connection otherwise ("dropped inbound connection"). Then traffic flow
 survivor.
 
 The connecting rank sends its identifier only once its connection has been swapped (or after
-3 s): a busy rank, or one the router froze for a swap, is late the same way, so the accepting
+2 s): a busy rank, or one the router froze for a swap, is late the same way, so the accepting
 rank reads it, and checks the address, after the swap. That is the `mpibw`/`mpiall` bypass
 hang of the benchmark: the router logs show the survivor swapped, then closed by both ranks
 within milliseconds (`swapped -> forgotten` on both nodes), and `ss` shows no rank-to-rank
@@ -86,7 +86,8 @@ else:  # the higher rank's duplicate: drop the accepted one, wait for the ack on
 if keep is not None:
     keep.settimeout(5)
     try:
-        for i in range(50):
+        for i in range(300):  # 1.5 s or more: time for a swap that waits for the handshake
+            time.sleep(0.005)
             msg = struct.pack("!II", me, i) * 128
             keep.sendall(msg)
             data = keep.recv(len(msg), socket.MSG_WAITALL)
@@ -154,7 +155,7 @@ def _run_ranks(bed: Testbed, send_delay: float) -> list[dict[str, object]]:
     "peer's identifier and drops the connection when it is not the published pod IP, so a "
     "survivor swapped before that check is closed by both ranks"))
 def test_openmpi_simultaneous_connect_survivor_keeps_its_addresses(bed, routers):
-    results = _run_ranks(bed, send_delay=3.0)
+    results = _run_ranks(bed, send_delay=2.0)
     status = {n.name: routers.status(n.name)["counters"] for n in bed.nodes}
     assert status["node1"]["bypassed_client"] >= 1, status  # the survivor was swapped
     assert all(r["ok"] for r in results), (results, status)
