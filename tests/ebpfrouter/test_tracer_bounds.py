@@ -19,7 +19,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -62,20 +61,6 @@ CHILD = textwrap.dedent(
         print("done", flush=True)
     """
 )
-
-
-@pytest.fixture
-def netns_name(unique_name: str) -> Iterator[str]:
-    from pyroute2 import NetNS, netns
-
-    netns.create(unique_name)
-    try:
-        with NetNS(unique_name) as ns:
-            lo = ns.link_lookup(ifname="lo")[0]
-            ns.link("set", index=lo, state="up")
-        yield unique_name
-    finally:
-        netns.remove(unique_name)
 
 
 class Child:
