@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -199,16 +199,38 @@ def measure_iperf3(bed: Testbed, server: str, client: str, host: str, seconds: f
     return float(report["end"]["sum_received"]["bits_per_second"])
 
 
-def measure_stream(bed: Testbed, server: str, client: str, host: str,
-                   seconds: float) -> dict[str, Any]:
-    """The built-in checksummed stream from `client` to `server`."""
+def measure_stream(bed: Testbed, server: str, client: str, host: str, seconds: float,
+                   until: Callable[[], bool] | None = None,
+                   until_timeout: float = 20.0) -> dict[str, Any]:
+    """The built-in checksummed stream from `client` to `server`.
+
+    With `until`, the stream keeps going until `until()` holds (e.g. its connection was
+    bypassed) or `until_timeout` passes, then for `seconds` more: bytes cross before, during
+    and after the swap however long the swap takes.
+    """
     with _process(bed, server, _py("serve", str(STREAM_PORT)), f"stream server in {server}",
-                  wait_ready=True):
-        res = bed.run(client, _py("send", host, str(STREAM_PORT), str(seconds)),
-                      timeout=seconds + 60, env=_env(), cwd=str(PACKAGE_ROOT))
-    if res.returncode != 0:
-        raise DemoError(f"stream from {client} to {host}: {res.stderr.strip()[-300:]}")
-    return json.loads(res.stdout)
+                  wait_ready=True), tempfile.TemporaryDirectory() as tmp:
+        stop_file = os.path.join(tmp, "stop")
+        argv = _py("send", host, str(STREAM_PORT), str(seconds + until_timeout + 60),
+                   "--stop-file", stop_file)
+        sender = bed.popen(client, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=_env(), cwd=str(PACKAGE_ROOT))
+        try:
+            deadline = time.monotonic() + until_timeout
+            while until is not None and not until() and time.monotonic() < deadline:
+                if sender.poll() is not None:
+                    break
+                time.sleep(0.1)
+            time.sleep(seconds)
+            Path(stop_file).touch()
+            out, err = sender.communicate(timeout=60)
+        finally:
+            if sender.poll() is None:
+                sender.kill()
+                sender.wait()
+    if sender.returncode != 0:
+        raise DemoError(f"stream from {client} to {host}: {err.strip()[-300:]}")
+    return json.loads(out)
 
 
 # -- routers ------------------------------------------------------------------------------------
@@ -359,7 +381,8 @@ def run_demo(seconds: float = 5.0, as_json: bool = False, builtin: bool = False)
         progress("integrity: checksummed stream through the bypass")
         before = routers.bypassed()
         link_before = bed.link_stats(n2.name, "flannel.1")["tx_bytes"]
-        stream = measure_stream(bed, server.name, client.name, server.ip, max(1.0, seconds / 2))
+        stream = measure_stream(bed, server.name, client.name, server.ip, max(1.0, seconds / 2),
+                                until=lambda: routers.bypassed() > before)
         link_after = bed.link_stats(n2.name, "flannel.1")["tx_bytes"]
         stream_bypassed = routers.bypassed() - before
         result["integrity_ok"] = bool(stream["ok"])
