@@ -16,7 +16,7 @@ from typing import Any
 
 from kubernetes import client
 
-from ebpfrouter.k8s.watcher import Backoff, ListWatcher, first_attr
+from ebpfrouter.k8s.watcher import Backoff, ListWatcher, WatchedCache, first_attr
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,12 @@ def node_route_from_api(node: Any) -> NodeRoute:
     return NodeRoute(node.metadata.name, tuple(cidrs), tuple(ips))
 
 
-class NodePeerMap:
-    """Watched Node objects: overlay address → peer node's host address."""
+class NodePeerMap(WatchedCache):
+    """Watched Node objects: overlay address → peer node's host address.
+
+    `start`/`stop`/`wait_synced` and `with` come from `WatchedCache`; synced means the first
+    list of nodes has arrived.
+    """
 
     def __init__(
         self,
@@ -82,25 +86,6 @@ class NodePeerMap:
             "nodes", api.list_node, self._replace, self._event,
             watch_timeout=watch_timeout, request_timeout=request_timeout, backoff=backoff,
         )
-
-    def start(self) -> NodePeerMap:
-        """Start watching (returns at once; see `wait_synced`)."""
-        self.watcher.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop watching and join the thread."""
-        self.watcher.stop()
-
-    def wait_synced(self, timeout: float | None = None) -> bool:
-        """True once the first list of nodes has arrived."""
-        return self.watcher.wait_synced(timeout)
-
-    def __enter__(self) -> NodePeerMap:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def _replace(self, nodes: list[Any]) -> None:
         routes = {r.name: r for r in (node_route_from_api(n) for n in nodes)}

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from kubernetes import client
 
 from ebpfrouter.k8s.cgroup import identity_of_pid
-from ebpfrouter.k8s.watcher import Backoff, ListWatcher, first_attr
+from ebpfrouter.k8s.watcher import Backoff, ListWatcher, WatchedCache, first_attr
 from ebpfrouter.podmeta import PodInfo
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,12 @@ class _Entry:
     aliases: tuple[str, ...]  # other UIDs its cgroups may carry (static pods)
 
 
-class KubePodMetadata:
-    """Pod metadata of one node from the Kubernetes API (a `PodMetadataSource`)."""
+class KubePodMetadata(WatchedCache):
+    """Pod metadata of one node from the Kubernetes API (a `PodMetadataSource`).
+
+    `start`/`stop`/`wait_synced` and `with` come from `WatchedCache`; synced means the first
+    list of this node's pods has arrived.
+    """
 
     def __init__(
         self,
@@ -125,29 +129,10 @@ class KubePodMetadata:
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> KubePodMetadata:
-        """Start watching (returns at once; see `wait_synced`)."""
-        self.watcher.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop watching and join the thread."""
-        self.watcher.stop()
-
-    def wait_synced(self, timeout: float | None = None) -> bool:
-        """True once the first list of this node's pods has arrived."""
-        return self.watcher.wait_synced(timeout)
-
     @property
     def last_error(self) -> str | None:
         """The last API error (None after a successful list)."""
         return self.watcher.last_error
-
-    def __enter__(self) -> KubePodMetadata:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- cache updates (watcher thread) ------------------------------------------------------
     @staticmethod

@@ -15,7 +15,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 import urllib3
 from kubernetes import watch
@@ -207,6 +207,34 @@ class ListWatcher:
         if not self._stop.is_set():
             self.backoff.reset()
 
+
+class WatchedCache:
+    """Lifecycle of a local cache that a `ListWatcher` (`self.watcher`) keeps in sync.
+
+    Subclasses set `self.watcher` in `__init__`, pointing its callbacks at their own cache;
+    this gives them `start`, `stop`, `wait_synced` and use as a context manager.
+    """
+
+    watcher: ListWatcher
+
+    def start(self) -> Self:
+        """Start watching (returns at once; see `wait_synced`)."""
+        self.watcher.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop watching and join the thread."""
+        self.watcher.stop()
+
+    def wait_synced(self, timeout: float | None = None) -> bool:
+        """True once the first list has arrived (within `timeout` seconds)."""
+        return self.watcher.wait_synced(timeout)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def first_attr(obj: Any, *names: str) -> Any:
