@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
@@ -33,6 +32,9 @@ from ebpfrouter.tracer_programs import (
     generate_programs,
 )
 from ebpfrouter.tracer_seed import parse_proc_net_tcp
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tracer_helpers import NetnsChild, collect  # noqa: E402
 
 VMLINUX = "/sys/kernel/btf/vmlinux"
 needs_btf = pytest.mark.skipif(not os.path.exists(VMLINUX), reason="no kernel BTF")
@@ -198,8 +200,6 @@ def test_ringbuf_variant_calls_ringbuf_output() -> None:
 CHILD = textwrap.dedent(
     """
     import json, os, socket, sys
-    from pyroute2 import netns
-    netns.setns(sys.argv[1], flags=0)
     def ino(fd):
         return int(os.readlink(f"/proc/self/fd/{fd}")[8:-1])
     out = {"pid": os.getpid(), "netns": os.stat("/proc/self/ns/net").st_ino}
@@ -251,25 +251,11 @@ CHILD = textwrap.dedent(
 )
 
 
-class Child:
+class Child(NetnsChild):
     """The socket-making child process, in the test's network namespace."""
 
     def __init__(self, netns_name: str, mode: str) -> None:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, netns_name, mode],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if not line:
-            self.proc.kill()
-            self.proc.wait()
-            raise RuntimeError("child failed to start")
-        self.info = json.loads(line)
-        self.pid: int = self.info["pid"]
+        super().__init__(CHILD, netns_name, mode)
 
     def fd(self, name: str) -> int:
         return self.info[name][0]
@@ -278,12 +264,11 @@ class Child:
         return self.info[name][1]
 
     def step(self) -> str:
-        assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write("\n")
-        self.proc.stdin.flush()
-        return self.proc.stdout.readline()
+        self.send("")
+        return self.readline()
 
     def finish(self) -> None:
+        """Let the child run to its end (one more step, then EOF); kill it after 5 s."""
         if self.proc.poll() is None:
             with_stdin = self.proc.stdin
             if with_stdin:
@@ -299,19 +284,6 @@ class Child:
                 self.proc.wait()
         if self.proc.stdout:
             self.proc.stdout.close()
-
-
-def collect(tracer: Tracer, until, timeout: float = 3.0) -> list[SocketEvent]:
-    """Read events until ``until(events)`` is true or ``timeout`` passes."""
-    events: list[SocketEvent] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        events += tracer.read(timeout=0.1)
-        if until(events):
-            # Let stragglers that must NOT be there show up too.
-            events += tracer.read(timeout=0.1)
-            break
-    return events
 
 
 def host_tcp_traffic() -> None:

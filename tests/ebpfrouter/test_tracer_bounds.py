@@ -25,6 +25,9 @@ import pytest
 from ebpfrouter.tracer import EventKind, SocketEvent, Tracer
 from ebpfrouter.tracer_programs import CONFIG_VALUE
 
+sys.path.insert(0, os.path.dirname(__file__))
+from tracer_helpers import NetnsChild, collect  # noqa: E402
+
 pytestmark = pytest.mark.root
 FLAT_CONNECTIONS = int(os.environ.get("TRACER_FLAT_CONNECTIONS", "20000"))  # 100000 for issue 7
 
@@ -34,8 +37,6 @@ FLAT_CONNECTIONS = int(os.environ.get("TRACER_FLAT_CONNECTIONS", "20000"))  # 10
 CHILD = textwrap.dedent(
     """
     import json, os, socket, sys
-    from pyroute2 import netns
-    netns.setns(sys.argv[1], flags=0)
     n = int(sys.argv[2])
     srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(4096)
     port = srv.getsockname()[1]
@@ -63,49 +64,22 @@ CHILD = textwrap.dedent(
 )
 
 
-class Child:
+class Child(NetnsChild):
     """The connection-making process in the test netns."""
 
     def __init__(self, netns_name: str, n: int) -> None:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-        self.proc = subprocess.Popen([sys.executable, "-c", CHILD, netns_name, str(n)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env=env)
-        assert self.proc.stdout is not None and self.proc.stdin is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            self.finish()
-            raise RuntimeError("child failed to start")
-        info = json.loads(line)
-        self.pid: int = info["pid"]
-        self.pairs: list[tuple[int, int]] = [tuple(p) for p in info["pairs"]]
+        super().__init__(CHILD, netns_name, str(n))
+        self.pairs: list[tuple[int, int]] = [tuple(p) for p in self.info["pairs"]]
 
     def cmd(self, line: str) -> None:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
+        self.send(line)
         if line != "exit":
-            assert self.proc.stdout.readline() == "done\n"
-
-    def finish(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout):
-            if f is not None:
-                f.close()
+            assert self.readline() == "done\n"
 
 
 def drain(tracer: Tracer, pid: int, until, timeout: float = 5.0) -> list[SocketEvent]:
     """This pid's events until `until(events)` or `timeout`."""
-    events: list[SocketEvent] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        events += [e for e in tracer.read(timeout=0.05) if e.pid == pid]
-        if until(events):
-            events += [e for e in tracer.read(timeout=0.05) if e.pid == pid]
-            break
-    return events
+    return collect(tracer, until, timeout, pid=pid, poll=0.05)
 
 
 def test_map_sizes_are_fixed_and_as_configured() -> None:
@@ -158,7 +132,7 @@ def test_tracked_full_evicts_least_recent_and_new_events_still_arrive(netns_name
             assert [e.kind for e in evs] == [EventKind.EXIT]
             assert not [k for k in tracer.tracked() if k[0] == pid]
         finally:
-            child.finish()
+            child.kill()
 
 
 def _program_drops(tracer: Tracer) -> int:
@@ -194,7 +168,7 @@ def test_full_event_buffer_counts_drops_and_recovers(netns_name: str, buffer: st
             assert received <= emitted <= received + _program_drops(tracer), \
                 (received, _program_drops(tracer), emitted)
         finally:
-            child.finish()
+            child.kill()
 
 
 @pytest.mark.parametrize("buffer", [
@@ -209,7 +183,7 @@ def test_tracer_lost_counts_each_dropped_record_once(netns_name: str, buffer: st
             _fill_then_recover(tracer, child, n)
             assert tracer.lost == _program_drops(tracer), (tracer.lost, _program_drops(tracer))
         finally:
-            child.finish()
+            child.kill()
 
 
 def _rss_kib() -> int:
@@ -229,13 +203,12 @@ def test_reader_memory_and_fds_flat_over_20k_connections(netns_name: str) -> Non
 
             def round_(count: int) -> None:
                 nonlocal seen
-                child.proc.stdin.write(f"churn {count}\n")
-                child.proc.stdin.flush()
+                child.send(f"churn {count}")
                 deadline = time.monotonic() + 10 + count / 1000
                 got, lost = 0, tracer.lost
                 while got + tracer.lost - lost < 4 * count and time.monotonic() < deadline:
                     got += sum(1 for e in tracer.read(timeout=0.05) if e.pid == child.pid)
-                assert child.proc.stdout.readline() == "done\n"
+                assert child.readline() == "done\n"
                 seen += got
 
             round_(2000)  # warm-up: allocator and caches settle
@@ -251,4 +224,4 @@ def test_reader_memory_and_fds_flat_over_20k_connections(netns_name: str) -> Non
             print(f"{FLAT_CONNECTIONS} connections: RSS +{grown} KiB, fds {fds}, {elapsed:.1f}s, "
                   f"lost {tracer.lost}")
         finally:
-            child.finish()
+            child.kill()
