@@ -34,6 +34,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--scope-netns", action="append", default=[], metavar="PATH",
                      help="handle only processes in these network namespaces (repeatable; for "
                           "testbeds that run several nodes on one kernel)")
+    run.add_argument("--min-age", type=float, default=0.2, metavar="SECONDS",
+                     help="bypass a connection only once it is this old; shorter ones stay on "
+                          "the overlay and cost nothing (default 0.2; 0: at once)")
+    run.add_argument("--read-first-wait", type=float, default=3.0, metavar="SECONDS",
+                     help="swap an accepted connection once its app has read from it, or once "
+                          "it is this old (default 3; 0: do not wait for a read)")
     run.add_argument("--keep-privileges", action="store_true",
                      help="do not drop capabilities once the BPF programs are attached")
 
@@ -84,6 +90,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (config_mod.ConfigError, ValueError) as exc:
         print(f"ebpf-router run: {exc}", file=sys.stderr)
         return 2
+    for flag, value in (("--min-age", args.min_age), ("--read-first-wait", args.read_first_wait)):
+        if not 0 <= value <= 3600:
+            print(f"ebpf-router run: {flag} {value}: must be 0..3600 seconds", file=sys.stderr)
+            return 2
     logging.basicConfig(level=cfg.log_level_number,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     kubernetes = kubernetes_wanted(args.kubeconfig, disabled=args.no_kubernetes)
@@ -93,6 +103,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                             kubernetes=kubernetes, kubeconfig=args.kubeconfig,
                             kubernetes_sync_timeout=args.kubernetes_sync_timeout,
                             scope_netns=list(args.scope_netns),
+                            min_age=args.min_age, read_first_wait=args.read_first_wait,
                             drop_privileges=not args.keep_privileges)
     return run_daemon(options)
 

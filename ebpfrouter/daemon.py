@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 from injector.errors import InjectorError
-from injector.inspect import TCP_STATES, copy_socket, queue_sizes
+from injector.inspect import TCP_STATES, copy_socket, queue_sizes, tcp_info
 
 from . import hostnet
 from .config import ConfigError, RouterConfig
@@ -70,7 +70,7 @@ from .engine.events import (
     ReplaceDone,
     TimerFired,
 )
-from .engine.machine import Engine, EngineConfig, Role, State
+from .engine.machine import Conn, Engine, EngineConfig, Role, State
 from .k8s.link import ClusterLink, ClusterLinkError
 from .peers import Codec, ProtocolError
 from .peers.transport import PeerClient, PeerInfo, PeerServer
@@ -103,6 +103,9 @@ class DaemonOptions:
     kubernetes_sync_timeout: float = 30.0
     scope_netns: list[str] = dataclasses.field(default_factory=list)  # only these netns' pods
     freeze_timeout: float = 2.0
+    min_age: float = 0.2  # connections younger than this are left alone (short ones never pay)
+    read_first_wait: float = 3.0  # an accepted connection is swapped once its app has read
+    # from it, or once it is this old (0: at once); see `server_ready`
     drain_wait: float = 0.05
     bounce_timeout: float = 2.0  # carrying unread bytes over the host connection
     drop_privileges: bool = True
@@ -324,6 +327,28 @@ class Daemon:
             self.counters["ruled_out"] += 1
         return ok
 
+    def server_ready(self, conn: Conn) -> bool:
+        """Whether an accepted connection may be swapped: its app has read from it once.
+
+        After a swap `getpeername()` names host addresses. Apps that check the peer's address
+        right after reading its first message (Open MPI's TCP transport drops a connection
+        whose source is not an address the peer published) must do so before the swap, so
+        the server side waits until TCP_INFO shows a byte consumed, or until the connection
+        is `read_first_wait` old (a server whose client never writes is swapped then).
+        """
+        wait = self.options.read_first_wait
+        started = self.traced_at.get((conn.pid or 0, conn.fd or 0))
+        if wait <= 0 or started is None or time.monotonic_ns() - started >= wait * 1e9:
+            return True
+        sock = self.socks.get(conn.overlay_sock) if conn.overlay_sock is not None else None
+        if sock is None:
+            return True  # the swap's own steps will find out
+        try:
+            unread, _ = queue_sizes(sock)
+            return tcp_info(sock).bytes_received > unread
+        except OSError:
+            return True
+
     async def start(self) -> None:
         """Open everything; raise `DaemonError` naming what failed (and undo the rest)."""
         self.loop = asyncio.get_running_loop()
@@ -363,7 +388,8 @@ class Daemon:
                 raise DaemonError(str(exc)) from None
         assert cfg.key is not None
         self.codec = Codec(cfg.key)
-        self.engine = Engine(EngineConfig(node=self.node), self.peer_of, self.allow)
+        self.engine = Engine(EngineConfig(node=self.node, min_age=self.options.min_age),
+                             self.peer_of, self.allow, server_ready=self.server_ready)
         self.server = PeerServer(self.codec, self._on_peer_message, host=self.host_addr,
                                  port=cfg.router_port)
         try:
@@ -998,7 +1024,8 @@ class Daemon:
     def _feed_traced(self, event: AcceptTraced | ConnectTraced) -> None:
         """Feed a traced connection; close our copy at once if the engine did not keep it."""
         self.feed(event)
-        if event.sock not in self._referenced():
+        assert self.engine is not None
+        if not self.engine.holds_traced(event.pid, event.fd, event.sock):
             self._close_sock(event.sock)
 
     def _referenced(self) -> set[int]:
@@ -1009,6 +1036,7 @@ class Daemon:
                 if r is not None}
         refs.update(lst.sock for lst in eng.listeners.values() if lst.sock is not None)
         refs.update(w.sock for w in eng.waiting.values())
+        refs.update(y.sock for y in eng.young.values())
         refs.update(a.sock for a in eng.accepts.values())
         return refs
 

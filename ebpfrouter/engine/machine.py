@@ -98,8 +98,8 @@ from .events import (
 
 log = logging.getLogger(__name__)
 
-NOT_READY, PROCESS_BUSY = "not ready", "process busy"
-WAIT_REASONS = (NOT_READY, PROCESS_BUSY)  # server-side reasons that do not use up an attempt
+NOT_READY, PROCESS_BUSY, APP_UNREAD = "not ready", "process busy", "app has not read yet"
+WAIT_REASONS = (NOT_READY, PROCESS_BUSY, APP_UNREAD)  # server-side: do not use up an attempt
 
 
 class Role(enum.Enum):
@@ -154,6 +154,9 @@ class EngineConfig:
     max_migrate: int = 48 << 10
     max_freezes_per_second: int = 50  # per process; past it the attempt waits (process busy)
     rate_wait: float = 0.2  # how long a client waits when its process hit that cap
+    # A traced connect is bypassed only once it is this old: a connection that closes sooner
+    # costs no host connection and no freeze (0: start at once). The daemon sets 0.2 s.
+    min_age: float = 0.0
 
 
 @dataclasses.dataclass
@@ -207,6 +210,7 @@ class Conn:
     peer_len: int = 0  # the peer's unread overlay bytes (we echo them)
     bounced: bool = False  # a Bounce with bytes ran: this host connection is single-use
     peer_replaced: bool = False  # client: ready(replaced) came while still bouncing
+    peer_waiting: bool = False  # client: the server said "wait"; next attempt freezes it first
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Log every state change at DEBUG (`conn <cid> <tuple>: <old> -> <new>`)."""
@@ -232,20 +236,29 @@ class Engine:
         peer_of: Callable[[str], str | None],
         allow: Callable[[Role, int, FourTuple], bool] | None = None,
         new_cid: Callable[[], bytes] | None = None,
+        server_ready: Callable[[Conn], bool] | None = None,
     ) -> None:
         """`peer_of(overlay_ip)` names the node owning an overlay address (None: not overlay);
-        `allow(role, pid, conn)` applies the rules; `new_cid` makes 16-byte connection ids."""
+        `allow(role, pid, conn)` applies the rules; `new_cid` makes 16-byte connection ids;
+        `server_ready(conn)` says whether an accepted connection may be swapped now (the
+        daemon's policy: its app has read from it once, so an app that checks `getpeername()`
+        after its first message has done so on the overlay); False makes the client wait."""
         self.config = config
         self.node = config.node
         self.peer_of = peer_of
         self.allow = allow or (lambda role, pid, conn: True)
         self.new_cid = new_cid or (lambda: os.urandom(16))
+        self.server_ready = server_ready or (lambda conn: True)
         self.stats: collections.Counter[str] = collections.Counter()
         self.listeners: dict[tuple[int, int], Listener] = {}
         self.remote_listeners: dict[tuple[str, int], tuple[str, str, int]] = {}
         self.conns: dict[bytes, Conn] = {}
         self.by_fd: dict[tuple[int, int], bytes] = {}
         self.accepts: dict[FourTuple, AcceptTraced] = {}  # server: traced, not yet bound
+        self.accepts_by_fd: dict[tuple[int, int], FourTuple] = {}  # index of `accepts`
+        self.unbound: dict[FourTuple, bytes] = {}  # server: binds still waiting for the accept
+        self.young: collections.OrderedDict[tuple[int, int], ConnectTraced] = (
+            collections.OrderedDict())  # client: traced connects younger than `min_age`
         self.waiting: collections.OrderedDict[tuple[int, int], ConnectTraced] = (
             collections.OrderedDict())
         self.busy_pids: dict[int, bytes] = {}
@@ -301,6 +314,9 @@ class Engine:
             "listeners": len(self.listeners),
             "remote_listeners": len(self.remote_listeners),
             "connections": len(self.conns),
+            "young": len(self.young),
+            "waiting_listener": len(self.waiting),
+            "waiting_bind": len(self.accepts),
             "states": dict(states),
             "frozen_pids": sorted(self.busy_pids),
             "stats": dict(self.stats),
@@ -357,12 +373,36 @@ class Engine:
             self._emit(CloseSocket(ev.sock))
             return
         self._forget_fd(ev.pid, ev.fd)  # a reused fd number: the old state is stale
+        self._drop_unstarted(ev.pid, ev.fd)
+        if self.config.min_age > 0:  # short connections are not worth a host connection
+            self.young[(ev.pid, ev.fd)] = ev
+            self._emit(StartTimer(("young", ev.pid, ev.fd, ev.inode), self.config.min_age))
+            while len(self.young) > self.config.max_waiting:
+                _, evicted = self.young.popitem(last=False)
+                self._emit(CloseSocket(evicted.sock))
+                self.stats["young_evicted"] += 1
+            return
+        self._route_client(ev, peer)
+
+    def _grown_up(self, pid: int, fd: int, inode: int) -> None:
+        """A traced connect lived `min_age`: bypass it now."""
+        ev = self.young.get((pid, fd))
+        if ev is None or ev.inode != inode:
+            self.stats["stale_timer"] += 1
+            return
+        del self.young[(pid, fd)]
+        peer = self.peer_of(ev.conn.server_addr)
+        if peer is None or peer == self.node:  # the peer map changed meanwhile
+            self.stats["connect_not_remote"] += 1
+            self._emit(CloseSocket(ev.sock))
+            return
+        self._route_client(ev, peer)
+
+    def _route_client(self, ev: ConnectTraced, peer: str) -> None:
+        """Start the bypass if the server's listener is announced, else wait for it."""
         target = self.remote_listeners.get((ev.conn.server_addr, ev.conn.server_port))
         if target is None or target[0] != peer:
             self.stats["connect_waiting_listener"] += 1
-            old = self.waiting.pop((ev.pid, ev.fd), None)
-            if old is not None:
-                self._emit(CloseSocket(old.sock))
             self.waiting[(ev.pid, ev.fd)] = ev
             self._emit(StartTimer(("waiting", ev.pid, ev.fd, ev.inode), self.config.listener_wait))
             while len(self.waiting) > self.config.max_waiting:
@@ -371,6 +411,26 @@ class Engine:
                 self.stats["waiting_evicted"] += 1
             return
         self._start_client(ev, peer, target[1], target[2])
+
+    def _drop_unstarted(self, pid: int, fd: int) -> None:
+        """Forget a traced connect of `pid`/`fd` that has no host connection yet."""
+        for table in (self.young, self.waiting):
+            ev = table.pop((pid, fd), None)
+            if ev is not None:
+                self._emit(CloseSocket(ev.sock))
+
+    def holds_traced(self, pid: int, fd: int, sock: SockRef) -> bool:
+        """Whether the engine kept `sock`, the copy that came with a traced connect/accept."""
+        for table in (self.young, self.waiting):
+            ev = table.get((pid, fd))
+            if ev is not None and ev.sock == sock:
+                return True
+        tup = self.accepts_by_fd.get((pid, fd))
+        if tup is not None and self.accepts[tup].sock == sock:
+            return True
+        cid = self.by_fd.get((pid, fd))
+        conn = self.conns.get(cid) if cid is not None else None
+        return conn is not None and conn.overlay_sock == sock
 
     def _start_client(self, ev: ConnectTraced, peer: str, host_addr: str, host_port: int) -> None:
         if len(self.conns) >= self.config.max_connections:
@@ -399,25 +459,37 @@ class Engine:
             self.stats["accept_not_remote"] += 1
             self._emit(CloseSocket(ev.sock))
             return
-        for conn in self.conns.values():  # the bind may have come first
-            if conn.role is Role.SERVER and conn.tuple == ev.conn and not conn.matched:
-                if conn.peer != peer:
-                    self.stats["bind_peer_mismatch"] += 1
-                    self._emit(CloseSocket(ev.sock))
-                    return
-                self._match(conn, ev)
+        cid = self.unbound.get(ev.conn)  # the bind may have come first
+        conn = self.conns.get(cid) if cid is not None else None
+        if conn is not None and conn.role is Role.SERVER and not conn.matched:
+            if conn.peer != peer:
+                self.stats["bind_peer_mismatch"] += 1
+                self._emit(CloseSocket(ev.sock))
                 return
-        old = self.accepts.pop(ev.conn, None)
+            self._match(conn, ev)
+            return
+        old = self._pop_accept(ev.conn)
         if old is not None:
             self._emit(CloseSocket(old.sock))
         self.accepts[ev.conn] = ev
+        self.accepts_by_fd[(ev.pid, ev.fd)] = ev.conn
         self._emit(StartTimer(("accept", ev.pid, ev.fd, ev.inode), self.config.bind_wait))
         if len(self.accepts) > self.config.max_waiting:
-            evicted = self.accepts.pop(next(iter(self.accepts)))
+            evicted = self._pop_accept(next(iter(self.accepts)))
+            assert evicted is not None
             self._emit(CloseSocket(evicted.sock))
             self.stats["accepts_evicted"] += 1
 
+    def _pop_accept(self, tup: FourTuple) -> AcceptTraced | None:
+        """Take a traced accept that waits for its bind out of `accepts` (and its index)."""
+        acc = self.accepts.pop(tup, None)
+        if acc is not None and self.accepts_by_fd.get((acc.pid, acc.fd)) == tup:
+            del self.accepts_by_fd[(acc.pid, acc.fd)]
+        return acc
+
     def _match(self, conn: Conn, ev: AcceptTraced) -> None:
+        if self.unbound.get(conn.tuple) == conn.cid:
+            del self.unbound[conn.tuple]
         conn.pid, conn.fd, conn.inode, conn.overlay_sock = ev.pid, ev.fd, ev.inode, ev.sock
         self.by_fd[(ev.pid, ev.fd)] = conn.cid
         self.stats["bound"] += 1
@@ -440,10 +512,11 @@ class Engine:
         conn = Conn(cid, Role.SERVER, ev.peer, tup, State.IDLE, host_sock=ev.sock,
                     host_inode=ev.inode)
         self.conns[cid] = conn
-        accepted = self.accepts.pop(tup, None)
+        accepted = self._pop_accept(tup)
         if accepted is not None:
             self._match(conn, accepted)
         else:  # the client may forget it (app closed during its host connect): expire it
+            self.unbound[tup] = cid
             self._emit(StartTimer(("bind", cid), self.config.bind_wait))
 
     def _on_HostClosed(self, ev: HostClosed) -> None:
@@ -458,25 +531,27 @@ class Engine:
         self._abort(conn, "host connection closed", retry=False, notify=True)
 
     def _on_CloseTraced(self, ev: CloseTraced) -> None:
-        waiting = self.waiting.pop((ev.pid, ev.fd), None)
-        if waiting is not None:
-            self._emit(CloseSocket(waiting.sock))
+        self._drop_unstarted(ev.pid, ev.fd)
         if (ev.pid, ev.fd) in self.listeners:
             self._drop_listener((ev.pid, ev.fd))
         self._forget_fd(ev.pid, ev.fd)
-        for tup, acc in list(self.accepts.items()):
-            if (acc.pid, acc.fd) == (ev.pid, ev.fd):
-                del self.accepts[tup]
-                self._emit(CloseSocket(acc.sock))
+        tup = self.accepts_by_fd.get((ev.pid, ev.fd))
+        if tup is not None:
+            acc = self._pop_accept(tup)
+            assert acc is not None
+            self._emit(CloseSocket(acc.sock))
 
     def _on_ProcessExited(self, ev: ProcessExited) -> None:
         self.pid_waiters.pop(ev.pid, None)
         for key in [k for k in self.listeners if k[0] == ev.pid]:
             self._drop_listener(key)
-        for key in [k for k in self.waiting if k[0] == ev.pid]:
-            self._emit(CloseSocket(self.waiting.pop(key).sock))
+        for table in (self.young, self.waiting):
+            for key in [k for k in table if k[0] == ev.pid]:
+                self._emit(CloseSocket(table.pop(key).sock))
         for tup in [t for t, a in self.accepts.items() if a.pid == ev.pid]:
-            self._emit(CloseSocket(self.accepts.pop(tup).sock))
+            acc = self._pop_accept(tup)
+            assert acc is not None
+            self._emit(CloseSocket(acc.sock))
         for key in [k for k in self.by_fd if k[0] == ev.pid]:
             self._forget_fd(*key, exited=True)
 
@@ -592,7 +667,9 @@ class Engine:
             self._timer(conn, self.config.rate_wait)
             return
         conn.attempt += 1
-        conn.first = Role.CLIENT if conn.attempt % 2 else Role.SERVER
+        # after a "wait" the server goes first: if it still is not ready, nothing froze
+        conn.first = (Role.SERVER if conn.peer_waiting or not conn.attempt % 2 else Role.CLIENT)
+        conn.peer_waiting = False
         conn.prepared, conn.checks = False, 0
         self._new_attempt(conn)
         assert conn.pid is not None
@@ -614,6 +691,9 @@ class Engine:
         return True
 
     def _backoff(self, conn: Conn) -> float:
+        if conn.peer_waiting:  # the server is not ready: ask again soon, a little slower
+            return min(self.config.backoff_max,
+                       self.config.backoff_base * (1 + min(conn.waits, 3)))
         tries = min(conn.attempt - conn.waits, 16)
         return min(self.config.backoff_max, self.config.backoff_base * 2 ** max(0, tries))
 
@@ -801,6 +881,7 @@ class Engine:
         self.stats["aborted_by_peer"] += 1
         if ev.body["reason"] in WAIT_REASONS:
             conn.waits += 1
+            conn.peer_waiting = True
         self._abort(conn, "peer: " + ev.body["reason"], retry=not ev.body["final"], notify=False)
 
     # -- the swap: server side --------------------------------------------------------------
@@ -837,6 +918,10 @@ class Engine:
         if conn.pid in self.busy_pids or self._rate_limited(conn.pid):
             self.stats["pid_busy"] += 1
             self._send(conn, "swap_abort", attempt=attempt, reason=PROCESS_BUSY, final=False)
+            return
+        if not self.server_ready(conn):
+            self.stats["app_not_read"] += 1
+            self._send(conn, "swap_abort", attempt=attempt, reason=APP_UNREAD, final=False)
             return
         self.busy_pids[conn.pid] = conn.cid
         conn.checks = 0
@@ -925,6 +1010,9 @@ class Engine:
         if len(key) == 4 and key[0] in ("waiting", "accept"):
             self._unmatched_expired(key)
             return
+        if len(key) == 4 and key[0] == "young":
+            self._grown_up(key[1], key[2], key[3])
+            return
         if len(key) == 2 and key[0] == "bind":
             self._bind_expired(key[1])
             return
@@ -963,12 +1051,13 @@ class Engine:
                 self.stats["waiting_expired"] += 1
                 return
         else:
-            for tup, acc in list(self.accepts.items()):
-                if (acc.pid, acc.fd, acc.inode) == (pid, fd, inode):
-                    del self.accepts[tup]
-                    self._emit(CloseSocket(acc.sock))
-                    self.stats["accepts_expired"] += 1
-                    return
+            tup = self.accepts_by_fd.get((pid, fd))
+            if tup is not None and self.accepts[tup].inode == inode:
+                acc = self._pop_accept(tup)
+                assert acc is not None
+                self._emit(CloseSocket(acc.sock))
+                self.stats["accepts_expired"] += 1
+                return
         self.stats["stale_timer"] += 1
 
     def _bind_expired(self, cid: bytes) -> None:
@@ -1124,6 +1213,8 @@ class Engine:
                 self._emit(CloseSocket(sock))
         conn.overlay_sock = conn.host_sock = None
         self.conns.pop(conn.cid, None)
+        if self.unbound.get(conn.tuple) == conn.cid:
+            del self.unbound[conn.tuple]
         if log.isEnabledFor(logging.DEBUG):
             log.debug("conn %s %s: %s -> forgotten", conn.cid.hex()[:8], conn.tuple,
                       conn.state.value)

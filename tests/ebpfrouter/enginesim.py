@@ -70,6 +70,17 @@ class Violation(AssertionError):
     """An invariant broke during the run."""
 
 
+def check_indexes(engine: Engine) -> None:
+    """The engine's lookup indexes agree with the tables they index."""
+    by_fd = {(a.pid, a.fd): tup for tup, a in engine.accepts.items()}
+    if by_fd != engine.accepts_by_fd:
+        raise Violation(f"accepts_by_fd {engine.accepts_by_fd} != {by_fd}")
+    for tup, cid in engine.unbound.items():
+        conn = engine.conns.get(cid)
+        if conn is None or conn.matched or conn.tuple != tup:
+            raise Violation(f"unbound {tup} -> {cid!r} names no unmatched connection")
+
+
 @dataclasses.dataclass(eq=False)
 class Sock:
     kind: str  # overlay, host, listener
@@ -92,7 +103,8 @@ class Daemon:
         self.world = world
         self.node = node
         self.engine = Engine(EngineConfig(node, **config), peer_of,
-                             new_cid=lambda: next(world.cids))
+                             new_cid=lambda: next(world.cids),
+                             server_ready=lambda conn: world.app_read)
         self.handles: dict[int, Sock] = {}
         self.timers: list[tuple[Any, ...]] = []
         self.alive = True
@@ -121,6 +133,7 @@ class World:
         self.host_pairs: dict[int, tuple[Sock, Sock]] = {}
         self.host_closed_sent: set[int] = set()  # id() of socks already reported closed
         self.n = n
+        self.app_read = True  # the server app has read from its connections (server_ready)
         self.unread = {CLIENT: unread[0], SERVER: unread[1]}
         self.bounced: set[tuple[str, int]] = set()  # (node, connection) whose bounce is done
         self.overlay_pairs: dict[int, tuple[Sock, Sock]] = {}
@@ -384,7 +397,9 @@ class World:
             for conn in engine.conns.values():
                 if conn.state is not State.SWAPPED:
                     raise Violation(f"{node}: connection left in {conn.state}")
+            check_indexes(engine)
             kept = {w.sock for w in engine.waiting.values()}
+            kept |= {y.sock for y in engine.young.values()}
             kept |= {a.sock for a in engine.accepts.values()}
             leaked = [s for r, s in daemon.handles.items() if s.kind != "listener"
                       and r not in kept]

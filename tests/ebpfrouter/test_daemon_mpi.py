@@ -14,6 +14,10 @@ rank reads it, and checks the address, after the swap. That is the `mpibw`/`mpia
 hang of the benchmark: the router logs show the survivor swapped, then closed by both ranks
 within milliseconds (`swapped -> forgotten` on both nodes), and `ss` shows no rank-to-rank
 socket left in either rank (Open MPI 4.1.4 here).
+
+The fix: the accepting side is swapped only once its app has read from the connection
+(`Daemon.server_ready`, up to `--read-first-wait`), so the check sees the pod IP; the survivor
+is swapped afterwards and traffic keeps flowing.
 """
 
 from __future__ import annotations
@@ -149,11 +153,6 @@ def _run_ranks(bed: Testbed, send_delay: float) -> list[dict[str, object]]:
 
 
 @pytest.mark.root
-@pytest.mark.xfail(strict=False, reason=(
-    "the swap changes what getpeername()/getsockname() return (host addresses instead of the "
-    "pod IPs); Open MPI's TCP BTL checks the accepted socket's peer address after reading the "
-    "peer's identifier and drops the connection when it is not the published pod IP, so a "
-    "survivor swapped before that check is closed by both ranks"))
 def test_openmpi_simultaneous_connect_survivor_keeps_its_addresses(bed, routers):
     results = _run_ranks(bed, send_delay=2.0)
     status = {n.name: routers.status(n.name)["counters"] for n in bed.nodes}

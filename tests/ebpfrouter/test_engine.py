@@ -41,6 +41,7 @@ from ebpfrouter.engine import (  # noqa: E402
     OpenHostListener,
     PeerLost,
     PeerMessage,
+    ProcessExited,
     QueuesChecked,
     ReplaceFd,
     SendPeer,
@@ -489,11 +490,14 @@ def test_hostile_messages_never_act_on_untraced(data: st.DataObject) -> None:
 @given(st.data())
 def test_random_interleavings_never_one_sided(data: st.DataObject) -> None:
     world = World(n=data.draw(st.integers(1, 2)), max_attempts=4,
-                  unread=data.draw(st.sampled_from([(0, 0), (7, 3), (0, 5), (5, 0)])))
+                  unread=data.draw(st.sampled_from([(0, 0), (7, 3), (0, 5), (5, 0)])),
+                  min_age=data.draw(st.sampled_from([0.0, 0.2])))
+    world.app_read = data.draw(st.booleans())
     faults = set()
     for _ in range(data.draw(st.integers(0, 120))):
         moves = world.moves()
         extra = ["busy", "fail"] if world.pending else []
+        extra += ["read"] if not world.app_read else []
         extra += [f for f in ("cut", "crash_client", "crash_server", "close", "exit")
                   if f not in faults]
         choice = data.draw(st.integers(0, len(moves) + len(extra) - 1)) if moves or extra \
@@ -513,7 +517,9 @@ def test_random_interleavings_never_one_sided(data: st.DataObject) -> None:
             continue
         fault = extra[choice - len(moves)]
         faults.add(fault)
-        if fault in ("busy", "fail"):
+        if fault == "read":
+            world.app_read = True
+        elif fault in ("busy", "fail"):
             index = data.draw(st.integers(0, len(world.pending) - 1))
             node, action = world.pending[index]
             if fault == "fail" and _unsafe_to_fail(world, node, action):
@@ -741,3 +747,91 @@ def test_state_changes_are_logged_at_debug(caplog: pytest.LogCaptureFixture) -> 
     caplog.set_level("INFO", logger="ebpfrouter.engine.machine")
     World().drain()
     assert not any(" -> " in r.getMessage() for r in caplog.records)
+
+
+def _peer(ip: str) -> str | None:
+    return CLIENT if ip.startswith("10.244.1.") else SERVER if ip.startswith("10.244.2.") \
+        else None
+
+
+def test_young_connects_cost_nothing_until_min_age() -> None:
+    """With `min_age`, a connect is only remembered; closed before the timer, it leaves no
+    trace; a reused fd is not started by the old timer; one that grew up is bypassed."""
+    client = Engine(EngineConfig(CLIENT, min_age=0.2), _peer)
+    client.handle(PeerMessage(SERVER, "listener_add", {
+        "overlay_addr": "10.244.2.2", "overlay_port": 5201, "host_addr": "192.168.77.2",
+        "host_port": 41000}))
+    (timer,) = client.handle(ConnectTraced(100, 7, 4, TUP, 40))
+    assert timer == StartTimer(("young", 100, 7, 4), 0.2)
+    assert client.holds_traced(100, 7, 40) and client.summary()["young"] == 1
+    assert client.handle(CloseTraced(100, 7)) == [CloseSocket(40)]
+    assert client.handle(TimerFired(timer.key)) == [] and not client.conns
+    assert client.stats["stale_timer"] == 1 and not client.holds_traced(100, 7, 40)
+    (old,) = client.handle(ConnectTraced(100, 7, 5, TUP, 41))
+    (new,) = client.handle(ConnectTraced(100, 7, 6, TUP, 42))[1:]  # fd reused: 41 dropped
+    assert client.handle(TimerFired(old.key)) == [] and len(client.young) == 1
+    (connect,) = client.handle(TimerFired(new.key))
+    assert isinstance(connect, HostConnect) and connect.host_port == 41000
+    assert not client.young and client.holds_traced(100, 7, 42)
+    assert client.stats["bypass_started"] == 1
+
+
+def test_young_connects_are_bounded_and_dropped_on_exit() -> None:
+    client = Engine(EngineConfig(CLIENT, min_age=0.2, max_waiting=3), _peer)
+    for fd in range(5):
+        client.handle(ConnectTraced(100, fd, 10 + fd, TUP, 40 + fd))
+    assert list(client.young) == [(100, 2), (100, 3), (100, 4)]
+    assert client.stats["young_evicted"] == 2
+    acts = client.handle(ProcessExited(100))
+    assert sorted(a.sock for a in acts if isinstance(a, CloseSocket)) == [42, 43, 44]
+    assert not client.young
+
+
+@pytest.mark.parametrize("min_age", [0.0, 0.2])
+def test_world_with_min_age_swaps(min_age: float) -> None:
+    world = World(min_age=min_age)
+    world.drain()
+    assert world.check_final() == ["swapped"]
+
+
+def test_server_waits_for_its_app_to_read_without_freezing_anyone() -> None:
+    """`server_ready` False: the server answers "wait" before freezing; the client's next
+    attempts go server-first, so neither app is frozen again until the app has read."""
+    world = World(max_attempts=2)
+    world.app_read = False
+    server = world.daemons[SERVER].engine
+    for _ in range(2000):
+        if server.stats["app_not_read"] >= 5 or not world.step_default():
+            break
+    assert server.stats["app_not_read"] >= 5
+    freezes = [n for n, a in world.log if a == "Freeze"]
+    assert freezes == [CLIENT]  # attempt 1 froze the client first; never again
+    assert not world.procs[CLIENT].frozen and not world.procs[SERVER].frozen
+    world.app_read = True
+    world.drain()
+    assert world.check_final() == ["swapped"]
+    assert world.daemons[CLIENT].engine.stats["gave_up"] == 0
+
+
+def test_server_never_ready_gives_up_after_max_waits() -> None:
+    world = World(max_waits=6)
+    world.app_read = False
+    world.drain()
+    assert world.check_final() == ["overlay"]
+    assert world.daemons[CLIENT].engine.stats["gave_up"] == 1
+    assert world.daemons[SERVER].engine.stats["app_not_read"] == 6
+
+
+def test_accept_and_bind_indexes_follow_closes() -> None:
+    """Closing an accepted fd that waits for its bind goes through the fd index; a bind that
+    came first is found by its tuple when the accept arrives, and leaves the index."""
+    server = _server_engine()  # one traced accept (pid 200, fd 9) waits for its bind
+    assert server.accepts_by_fd == {(200, 9): TUP} and server.holds_traced(200, 9, 901)
+    assert server.handle(CloseTraced(200, 9)) == [CloseSocket(901)]
+    assert not server.accepts and not server.accepts_by_fd
+    cid = b"\x07" * 16
+    server.handle(HostAccepted(900, 960, 99, CLIENT, {"cid": cid, **TUP2.to_body()}))
+    assert server.unbound == {TUP2: cid}
+    assert server.handle(AcceptTraced(200, 10, 89, TUP2, 902)) == []
+    assert server.conns[cid].matched and not server.unbound and not server.accepts
+    assert server.holds_traced(200, 10, 902) and not server.holds_traced(200, 10, 903)
