@@ -18,6 +18,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import ipaddress
+import itertools
 import logging
 import os
 import signal
@@ -252,6 +253,10 @@ class Daemon:
         self.metrics = Metrics()
         self.injector = _Injector(options.freeze_timeout)
         self.socks: dict[int, socket.socket] = {}
+        # traced sockets not copied yet: ref -> (pid, fd, inode); copied on first use (`_sock`),
+        # so a connection that closes young costs no pidfd_getfd and its FIN is not held back
+        self.uncopied: dict[int, tuple[int, int, int]] = {}
+        self._uncopied_refs = itertools.count(-1, -1)  # never an fd number
         self.listen_tasks: dict[int, asyncio.Task[None]] = {}
         self.host_watch: set[int] = set()  # held host sockets watched for EOF (before handover)
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -340,7 +345,7 @@ class Daemon:
         started = self.traced_at.get((conn.pid or 0, conn.fd or 0))
         if wait <= 0 or started is None or time.monotonic_ns() - started >= wait * 1e9:
             return True
-        sock = self.socks.get(conn.overlay_sock) if conn.overlay_sock is not None else None
+        sock = self._sock(conn.overlay_sock) if conn.overlay_sock is not None else None
         if sock is None:
             return True  # the swap's own steps will find out
         try:
@@ -520,6 +525,7 @@ class Daemon:
             with contextlib.suppress(OSError):
                 sock.close()
         self.socks.clear()
+        self.uncopied.clear()
         if self.tracer is not None:
             self.tracer.close()
             self.tracer = None
@@ -624,8 +630,9 @@ class Daemon:
             self._unwatch_host(action.host_sock)  # the bounce reads it now
             self._spawn(self._bounce(action))
         elif isinstance(action, ProbeConn):
-            self._later(ConnProbed(action.ref, _peer_closed(self.socks[action.overlay_sock]),
-                                   _peer_closed(self.socks[action.host_sock])))
+            overlay, host = self._sock(action.overlay_sock), self._sock(action.host_sock)
+            self._later(ConnProbed(action.ref, overlay is None or _peer_closed(overlay),
+                                   host is None or _peer_closed(host)))
         elif isinstance(action, Freeze) and self.draining:
             self._later(ActionFailed(action.ref, "the router is shutting down"))
         elif isinstance(action, Freeze):
@@ -710,7 +717,7 @@ class Daemon:
         are migrated (`Bounce`), or, with migration off, answered as busy at once.
         """
         log.debug("check pid %d fd %d: start", action.pid, action.fd)
-        sock = self.socks.get(action.sock)
+        sock = self._sock(action.sock)
         if sock is None:
             log.debug("check pid %d fd %d: failed", action.pid, action.fd)
             self.feed(ActionFailed(action.ref, f"socket {action.sock} is gone"))
@@ -732,7 +739,7 @@ class Daemon:
     async def _bounce(self, action: Bounce) -> None:
         """Write our unread overlay bytes (peeked) to the host socket; echo the peer's."""
         log.debug("bounce %d+%d bytes: start", action.send_len, action.echo_len)
-        overlay, host = self.socks.get(action.overlay_sock), self.socks.get(action.host_sock)
+        overlay, host = self._sock(action.overlay_sock), self.socks.get(action.host_sock)
         if overlay is None or host is None:
             self.feed(ActionFailed(action.ref, f"bounce: socket {action.overlay_sock} or "
                                                f"{action.host_sock} is gone"))
@@ -785,7 +792,23 @@ class Daemon:
         else:  # bytes before the handover: a bounce under way; its own timeouts cover it
             self.counters["host_watch_data"] += 1
 
+    def _sock(self, ref: int) -> socket.socket | None:
+        """The daemon's copy of a socket, taken now if it was not yet (None: it is gone)."""
+        sock = self.socks.get(ref)
+        if sock is None and ref in self.uncopied:
+            pid, fd, inode = self.uncopied.pop(ref)
+            try:
+                sock = copy_socket(pid, fd, inode)
+            except (InjectorError, OSError) as exc:
+                self.counters["copy_failed"] += 1
+                log.info("pid %d fd %d: cannot copy the socket: %s", pid, fd, exc)
+                return None
+            self.socks[ref] = sock
+        return sock
+
     def _close_sock(self, ref: int) -> None:
+        if self.uncopied.pop(ref, None) is not None:
+            return
         self.host_watch.discard(ref)
         task = self.listen_tasks.pop(ref, None)
         if task is not None:
@@ -995,9 +1018,7 @@ class Daemon:
             if not self._local(laddr):
                 return
             conn = FourTuple(str(raddr), ev.rport, str(laddr), ev.lport)
-            sock = self._copy(ev)
-            if sock is None:
-                return
+            sock = self._copy_later(ev)
             self.counters["seen"] += 1
             self.traced_at[(ev.pid, ev.fd)] = ev.ts_ns
             self._feed_traced(AcceptTraced(ev.pid, ev.fd, ev.sock_ino, conn, sock))
@@ -1005,11 +1026,12 @@ class Daemon:
         if kind == EventKind.CONNECT:
             if raddr is None or not self._local(laddr) and laddr not in (None, "0.0.0.0"):
                 return
-            sock = self._copy(ev)
-            if sock is None:
-                return
-            if not laddr or laddr == "0.0.0.0" or not ev.lport:
-                laddr, lport = self.socks[sock].getsockname()[:2]
+            sock = self._copy_later(ev)
+            if not laddr or laddr == "0.0.0.0" or not ev.lport:  # not bound yet at the event
+                copy = self._sock(sock)
+                if copy is None:
+                    return
+                laddr, lport = copy.getsockname()[:2]
                 laddr = normalize_addr(laddr)
             else:
                 lport = ev.lport
@@ -1044,20 +1066,17 @@ class Daemon:
         """Close copies the engine dropped without a `CloseSocket` (seen unreferenced twice)."""
         if self.engine is None:
             return
-        unreferenced = set(self.socks) - self._referenced()
+        unreferenced = (set(self.socks) | set(self.uncopied)) - self._referenced()
         for ref in unreferenced & self._unreferenced:
             self.counters["socks_collected"] += 1
             self._close_sock(ref)
         self._unreferenced = unreferenced
 
-    def _copy(self, ev: SocketEvent) -> int | None:
-        try:
-            sock = copy_socket(ev.pid, ev.fd, ev.sock_ino)
-        except (InjectorError, OSError) as exc:
-            self.counters["copy_failed"] += 1
-            log.info("pid %d fd %d: cannot copy the socket: %s", ev.pid, ev.fd, exc)
-            return None
-        return self._add_sock(sock)
+    def _copy_later(self, ev: SocketEvent) -> int:
+        """A handle for the traced socket; the copy itself is taken on first use."""
+        ref = next(self._uncopied_refs)
+        self.uncopied[ref] = (ev.pid, ev.fd, ev.sock_ino)
+        return ref
 
     def _listen_addrs(self, pid: int, laddr: str | None) -> list[str]:
         if laddr and laddr not in ("0.0.0.0", "::"):
@@ -1076,6 +1095,8 @@ class Daemon:
         for name, help_text in (("connections_seen", "overlay connections traced on this node"),
                                 ("connections_bypassed", "connections moved to the host network"),
                                 ("connections_failed", "connections left on the overlay"),
+                                ("connections_short", "connections closed before min_age "
+                                                      "(never tried)"),
                                 ("peer_frames_rejected", "peer frames rejected")):
             self.metrics.declare(name, "counter", help_text)
         self.metrics.declare("connections_pending", "gauge", "connections being swapped")
@@ -1101,12 +1122,14 @@ class Daemon:
             "bypassed_server": self.counters["swapped_server"],
             "pending": pending,
             "failed": stats.get("left_on_overlay", 0),
+            "short": stats.get("closed_young", 0),  # closed before `min_age`: never tried
             "peer_rejected": sum(rejected.values()) + self.counters["host_conn_rejected"],
             "ruled_out": self.counters["ruled_out"],
         }
         self.metrics.set("connections_seen", counters["seen"])
         self.metrics.set("connections_bypassed", counters["bypassed"])
         self.metrics.set("connections_failed", counters["failed"])
+        self.metrics.set("connections_short", counters["short"])
         self.metrics.set("connections_pending", pending)
         self.metrics.set("peer_frames_rejected", counters["peer_rejected"])
         freezes = sorted(self.injector.freeze_ns)
@@ -1135,6 +1158,7 @@ class Daemon:
             "rules_loaded": not self.rules.rules.closed if self.rules is not None else False,
             "kubernetes": self.cluster.status() if self.cluster is not None else None,
             "daemon_socks": len(self.socks),
+            "traced_uncopied": len(self.uncopied),
             "prog_ids": self.tracer.prog_ids if self.tracer is not None else [],
             "capabilities": self.privileges,
             "frozen_now": self.injector.frozen_pids(),

@@ -311,6 +311,7 @@ class Engine:
             "bypassed": self.stats["swapped"],
             "pending": sum(n for state, n in states.items() if state != State.SWAPPED.value),
             "failed": self.stats["left_on_overlay"],
+            "short": self.stats["closed_young"],  # closed younger than `min_age`: left alone
             "listeners": len(self.listeners),
             "remote_listeners": len(self.remote_listeners),
             "connections": len(self.conns),
@@ -418,6 +419,8 @@ class Engine:
             ev = table.pop((pid, fd), None)
             if ev is not None:
                 self._emit(CloseSocket(ev.sock))
+                if table is self.young:
+                    self.stats["closed_young"] += 1
 
     def holds_traced(self, pid: int, fd: int, sock: SockRef) -> bool:
         """Whether the engine kept `sock`, the copy that came with a traced connect/accept."""
@@ -548,6 +551,8 @@ class Engine:
         for table in (self.young, self.waiting):
             for key in [k for k in table if k[0] == ev.pid]:
                 self._emit(CloseSocket(table.pop(key).sock))
+                if table is self.young:
+                    self.stats["closed_young"] += 1
         for tup in [t for t, a in self.accepts.items() if a.pid == ev.pid]:
             acc = self._pop_accept(tup)
             assert acc is not None
