@@ -108,7 +108,7 @@ class DaemonOptions:
     read_first_wait: float = 3.0  # an accepted connection is swapped once its app has read
     # from it, or once it is this old (0: at once); see `server_ready`
     drain_wait: float = 0.05
-    bounce_timeout: float = 2.0  # carrying unread bytes over the host connection
+    bounce_timeout: float = 1.0  # carrying unread bytes over the host connection (frozen)
     drop_privileges: bool = True
     bind_timeout: float = 5.0
     rules_poll: float = 2.0

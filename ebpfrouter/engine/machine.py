@@ -138,7 +138,8 @@ class EngineConfig:
     max_waits: int = 50  # retries because the process or the peer's side was not ready
     backoff_base: float = 0.05
     backoff_max: float = 2.0
-    message_timeout: float = 2.0  # waiting for the peer's next swap message
+    message_timeout: float = 0.5  # waiting for the peer's next swap message (our app is
+    # usually frozen meanwhile: a lost peer costs the app this pause, then a retry)
     probe_interval: float = 0.5
     probe_limit: int = 20
     max_waiting: int = 10000  # traced connects waiting for a listener announcement
