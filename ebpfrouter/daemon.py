@@ -37,6 +37,7 @@ from .control import ControlError, ControlServer, HealthServer, Metrics
 from .engine.actions import (
     Action,
     Bounce,
+    CancelTimer,
     CheckQueues,
     CloseSocket,
     Freeze,
@@ -257,6 +258,9 @@ class Daemon:
         # so a connection that closes young costs no pidfd_getfd and its FIN is not held back
         self.uncopied: dict[int, tuple[int, int, int]] = {}
         self._uncopied_refs = itertools.count(-1, -1)  # never an fd number
+        # the engine's pending timers by key (several may share one), so it can cancel them
+        self.timers: dict[tuple[Any, ...], dict[int, asyncio.TimerHandle]] = {}
+        self._timer_tokens = itertools.count()
         self.listen_tasks: dict[int, asyncio.Task[None]] = {}
         self.host_watch: set[int] = set()  # held host sockets watched for EOF (before handover)
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -612,6 +616,14 @@ class Daemon:
         live = set(self.engine.conns)
         self.swapped_seen &= live
 
+    def _timer_fired(self, key: tuple[Any, ...], token: int) -> None:
+        handles = self.timers.get(key)
+        if handles is not None:
+            handles.pop(token, None)
+            if not handles:
+                del self.timers[key]
+        self.feed(TimerFired(key))
+
     def _later(self, event: Event) -> None:
         assert self.loop is not None
         self.loop.call_soon(self.feed, event)
@@ -621,7 +633,12 @@ class Daemon:
             self._send_peer(action)
         elif isinstance(action, StartTimer):
             assert self.loop is not None
-            self.loop.call_later(action.delay, self.feed, TimerFired(action.key))
+            token = next(self._timer_tokens)
+            self.timers.setdefault(action.key, {})[token] = self.loop.call_later(
+                action.delay, self._timer_fired, action.key, token)
+        elif isinstance(action, CancelTimer):
+            for handle in self.timers.pop(action.key, {}).values():
+                handle.cancel()
         elif isinstance(action, CloseSocket):
             self._close_sock(action.sock)
         elif isinstance(action, CheckQueues):
@@ -1122,7 +1139,8 @@ class Daemon:
             "bypassed_server": self.counters["swapped_server"],
             "pending": pending,
             "failed": stats.get("left_on_overlay", 0),
-            "short": stats.get("closed_young", 0),  # closed before `min_age`: never tried
+            "short": stats.get("traced_short", 0),  # closed before anything was tried
+            "skipped": stats.get("traced_skipped", 0),  # left alone by decision (not remote..)
             "peer_rejected": sum(rejected.values()) + self.counters["host_conn_rejected"],
             "ruled_out": self.counters["ruled_out"],
         }
@@ -1159,6 +1177,7 @@ class Daemon:
             "kubernetes": self.cluster.status() if self.cluster is not None else None,
             "daemon_socks": len(self.socks),
             "traced_uncopied": len(self.uncopied),
+            "timers": sum(len(h) for h in self.timers.values()),
             "prog_ids": self.tracer.prog_ids if self.tracer is not None else [],
             "capabilities": self.privileges,
             "frozen_now": self.injector.frozen_pids(),

@@ -3,6 +3,7 @@
 from .actions import (
     Action,
     Bounce,
+    CancelTimer,
     CheckQueues,
     CloseSocket,
     Freeze,
@@ -41,7 +42,8 @@ from .events import (
 from .machine import Conn, Engine, EngineConfig, Listener, Role, State
 
 __all__ = [
-    "AcceptTraced", "Action", "ActionFailed", "Bounce", "BounceDone", "CheckQueues",
+    "AcceptTraced", "Action", "ActionFailed", "Bounce", "BounceDone", "CancelTimer",
+    "CheckQueues",
     "CloseSocket", "CloseTraced",
     "Conn", "ConnProbed", "ConnectTraced", "Engine", "EngineConfig", "Event", "FourTuple",
     "Freeze", "FreezeDone", "HostAccepted", "HostClosed", "HostConnect", "HostConnected",

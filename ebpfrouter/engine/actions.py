@@ -129,3 +129,11 @@ class StartTimer(Action):
 
     key: tuple[Any, ...]
     delay: float
+
+
+@dataclasses.dataclass(frozen=True)
+class CancelTimer(Action):
+    """Drop every pending timer started with `key` (nothing if none): the engine no longer
+    needs it, and a timer per traced connection would otherwise pile up under a flood."""
+
+    key: tuple[Any, ...]

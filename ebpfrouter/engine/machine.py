@@ -60,6 +60,7 @@ from typing import Any
 from .actions import (
     Action,
     Bounce,
+    CancelTimer,
     CheckQueues,
     CloseSocket,
     Freeze,
@@ -312,7 +313,8 @@ class Engine:
             "bypassed": self.stats["swapped"],
             "pending": sum(n for state, n in states.items() if state != State.SWAPPED.value),
             "failed": self.stats["left_on_overlay"],
-            "short": self.stats["closed_young"],  # closed younger than `min_age`: left alone
+            "short": self.stats["traced_short"],  # closed before anything was tried
+            "skipped": self.stats["traced_skipped"],  # left alone by decision (see `_let_go`)
             "listeners": len(self.listeners),
             "remote_listeners": len(self.remote_listeners),
             "connections": len(self.conns),
@@ -367,12 +369,10 @@ class Engine:
         self.stats["connects_traced"] += 1
         peer = self.peer_of(ev.conn.server_addr)
         if peer is None or peer == self.node:
-            self.stats["connect_not_remote"] += 1
-            self._emit(CloseSocket(ev.sock))
+            self._let_go(ev, None, "connect_not_remote")
             return
         if not self.allow(Role.CLIENT, ev.pid, ev.conn):
-            self.stats["connect_ruled_out"] += 1
-            self._emit(CloseSocket(ev.sock))
+            self._let_go(ev, None, "connect_ruled_out")
             return
         self._forget_fd(ev.pid, ev.fd)  # a reused fd number: the old state is stale
         self._drop_unstarted(ev.pid, ev.fd)
@@ -381,10 +381,20 @@ class Engine:
             self._emit(StartTimer(("young", ev.pid, ev.fd, ev.inode), self.config.min_age))
             while len(self.young) > self.config.max_waiting:
                 _, evicted = self.young.popitem(last=False)
-                self._emit(CloseSocket(evicted.sock))
-                self.stats["young_evicted"] += 1
+                self._let_go(evicted, "young", "young_evicted")
             return
         self._route_client(ev, peer)
+
+    def _let_go(self, ev: ConnectTraced | AcceptTraced, timer: str | None, why: str,
+                short: bool = False) -> None:
+        """Leave a traced connection alone before any attempt: cancel its `timer` (the table
+        it waited in), close our copy, count `why` and the outcome: short (closed before
+        anything was tried) or skipped (a decision: not remote, ruled out, expired, full)."""
+        if timer is not None:
+            self._emit(CancelTimer((timer, ev.pid, ev.fd, ev.inode)))
+        self._emit(CloseSocket(ev.sock))
+        self.stats[why] += 1
+        self.stats["traced_short" if short else "traced_skipped"] += 1
 
     def _grown_up(self, pid: int, fd: int, inode: int) -> None:
         """A traced connect lived `min_age`: bypass it now."""
@@ -395,8 +405,7 @@ class Engine:
         del self.young[(pid, fd)]
         peer = self.peer_of(ev.conn.server_addr)
         if peer is None or peer == self.node:  # the peer map changed meanwhile
-            self.stats["connect_not_remote"] += 1
-            self._emit(CloseSocket(ev.sock))
+            self._let_go(ev, None, "connect_not_remote")
             return
         self._route_client(ev, peer)
 
@@ -409,19 +418,23 @@ class Engine:
             self._emit(StartTimer(("waiting", ev.pid, ev.fd, ev.inode), self.config.listener_wait))
             while len(self.waiting) > self.config.max_waiting:
                 _, evicted = self.waiting.popitem(last=False)
-                self._emit(CloseSocket(evicted.sock))
-                self.stats["waiting_evicted"] += 1
+                self._let_go(evicted, "waiting", "waiting_evicted")
             return
         self._start_client(ev, peer, target[1], target[2])
 
     def _drop_unstarted(self, pid: int, fd: int) -> None:
         """Forget a traced connect of `pid`/`fd` that has no host connection yet."""
-        for table in (self.young, self.waiting):
-            ev = table.pop((pid, fd), None)
-            if ev is not None:
-                self._emit(CloseSocket(ev.sock))
-                if table is self.young:
-                    self.stats["closed_young"] += 1
+        ev = self.young.pop((pid, fd), None)
+        if ev is not None:
+            self._let_go(ev, "young", "closed_young", short=True)
+        ev = self.waiting.pop((pid, fd), None)
+        if ev is not None:
+            self._let_go(ev, "waiting", "closed_waiting_listener")
+        tup = self.accepts_by_fd.get((pid, fd))
+        if tup is not None:
+            acc = self._pop_accept(tup)
+            assert acc is not None
+            self._let_go(acc, "accept", "closed_before_bind", short=True)
 
     def holds_traced(self, pid: int, fd: int, sock: SockRef) -> bool:
         """Whether the engine kept `sock`, the copy that came with a traced connect/accept."""
@@ -438,8 +451,7 @@ class Engine:
 
     def _start_client(self, ev: ConnectTraced, peer: str, host_addr: str, host_port: int) -> None:
         if len(self.conns) >= self.config.max_connections:
-            self.stats["too_many_connections"] += 1
-            self._emit(CloseSocket(ev.sock))
+            self._let_go(ev, None, "too_many_connections")
             return
         cid = self.new_cid()
         conn = Conn(cid, Role.CLIENT, peer, ev.conn, State.CONNECTING, pid=ev.pid, fd=ev.fd,
@@ -454,35 +466,33 @@ class Engine:
     def _on_AcceptTraced(self, ev: AcceptTraced) -> None:
         self.stats["accepts_traced"] += 1
         self._forget_fd(ev.pid, ev.fd)
+        self._drop_unstarted(ev.pid, ev.fd)
         if self.peer_of(ev.conn.server_addr) != self.node:
-            self.stats["accept_not_local"] += 1
-            self._emit(CloseSocket(ev.sock))
+            self._let_go(ev, None, "accept_not_local")
             return
         peer = self.peer_of(ev.conn.client_addr)
         if peer is None or peer == self.node:
-            self.stats["accept_not_remote"] += 1
-            self._emit(CloseSocket(ev.sock))
+            self._let_go(ev, None, "accept_not_remote")
             return
         cid = self.unbound.get(ev.conn)  # the bind may have come first
         conn = self.conns.get(cid) if cid is not None else None
         if conn is not None and conn.role is Role.SERVER and not conn.matched:
             if conn.peer != peer:
-                self.stats["bind_peer_mismatch"] += 1
-                self._emit(CloseSocket(ev.sock))
+                self._let_go(ev, None, "bind_peer_mismatch")
                 return
+            self._emit(CancelTimer(("bind", conn.cid)))
             self._match(conn, ev)
             return
         old = self._pop_accept(ev.conn)
         if old is not None:
-            self._emit(CloseSocket(old.sock))
+            self._let_go(old, "accept", "accept_duplicate")
         self.accepts[ev.conn] = ev
         self.accepts_by_fd[(ev.pid, ev.fd)] = ev.conn
         self._emit(StartTimer(("accept", ev.pid, ev.fd, ev.inode), self.config.bind_wait))
         if len(self.accepts) > self.config.max_waiting:
             evicted = self._pop_accept(next(iter(self.accepts)))
             assert evicted is not None
-            self._emit(CloseSocket(evicted.sock))
-            self.stats["accepts_evicted"] += 1
+            self._let_go(evicted, "accept", "accepts_evicted")
 
     def _pop_accept(self, tup: FourTuple) -> AcceptTraced | None:
         """Take a traced accept that waits for its bind out of `accepts` (and its index)."""
@@ -518,6 +528,7 @@ class Engine:
         self.conns[cid] = conn
         accepted = self._pop_accept(tup)
         if accepted is not None:
+            self._emit(CancelTimer(("accept", accepted.pid, accepted.fd, accepted.inode)))
             self._match(conn, accepted)
         else:  # the client may forget it (app closed during its host connect): expire it
             self.unbound[tup] = cid
@@ -539,25 +550,16 @@ class Engine:
         if (ev.pid, ev.fd) in self.listeners:
             self._drop_listener((ev.pid, ev.fd))
         self._forget_fd(ev.pid, ev.fd)
-        tup = self.accepts_by_fd.get((ev.pid, ev.fd))
-        if tup is not None:
-            acc = self._pop_accept(tup)
-            assert acc is not None
-            self._emit(CloseSocket(acc.sock))
 
     def _on_ProcessExited(self, ev: ProcessExited) -> None:
         self.pid_waiters.pop(ev.pid, None)
         for key in [k for k in self.listeners if k[0] == ev.pid]:
             self._drop_listener(key)
-        for table in (self.young, self.waiting):
-            for key in [k for k in table if k[0] == ev.pid]:
-                self._emit(CloseSocket(table.pop(key).sock))
-                if table is self.young:
-                    self.stats["closed_young"] += 1
-        for tup in [t for t, a in self.accepts.items() if a.pid == ev.pid]:
-            acc = self._pop_accept(tup)
-            assert acc is not None
-            self._emit(CloseSocket(acc.sock))
+        fds = {k for k in self.young if k[0] == ev.pid} | {k for k in self.waiting
+                                                             if k[0] == ev.pid}
+        fds |= {k for k in self.accepts_by_fd if k[0] == ev.pid}
+        for key in fds:
+            self._drop_unstarted(*key)
         for key in [k for k in self.by_fd if k[0] == ev.pid]:
             self._forget_fd(*key, exited=True)
 
@@ -617,6 +619,7 @@ class Engine:
         for fd_key, waiting in list(self.waiting.items()):  # clients that connected early
             if (waiting.conn.server_addr, waiting.conn.server_port) == key:
                 del self.waiting[fd_key]
+                self._emit(CancelTimer(("waiting", waiting.pid, waiting.fd, waiting.inode)))
                 self._start_client(waiting, ev.peer, ev.body["host_addr"], ev.body["host_port"])
 
     def _msg_listener_remove(self, ev: PeerMessage) -> None:
@@ -1053,16 +1056,14 @@ class Engine:
             waiting = self.waiting.get((pid, fd))
             if waiting is not None and waiting.inode == inode:
                 del self.waiting[(pid, fd)]
-                self._emit(CloseSocket(waiting.sock))
-                self.stats["waiting_expired"] += 1
+                self._let_go(waiting, None, "waiting_expired")
                 return
         else:
             tup = self.accepts_by_fd.get((pid, fd))
             if tup is not None and self.accepts[tup].inode == inode:
                 acc = self._pop_accept(tup)
                 assert acc is not None
-                self._emit(CloseSocket(acc.sock))
-                self.stats["accepts_expired"] += 1
+                self._let_go(acc, None, "accepts_expired")
                 return
         self.stats["stale_timer"] += 1
 
@@ -1221,10 +1222,13 @@ class Engine:
         self.conns.pop(conn.cid, None)
         if self.unbound.get(conn.tuple) == conn.cid:
             del self.unbound[conn.tuple]
+            self._emit(CancelTimer(("bind", conn.cid)))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("conn %s %s: %s -> forgotten", conn.cid.hex()[:8], conn.tuple,
                       conn.state.value)
         if conn.pid is not None and self.by_fd.get((conn.pid, conn.fd or -1)) == conn.cid:
             del self.by_fd[(conn.pid, conn.fd or -1)]
         if conn.state is not State.SWAPPED:
-            self.stats["left_on_overlay"] += 1
+            # a bind whose accept never came is no traced connection of ours
+            self.stats["left_on_overlay" if conn.role is Role.CLIENT or conn.matched
+                       else "binds_dropped"] += 1

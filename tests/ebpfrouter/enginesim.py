@@ -18,6 +18,7 @@ from ebpfrouter.engine import (
     ActionFailed,
     Bounce,
     BounceDone,
+    CancelTimer,
     CheckQueues,
     CloseSocket,
     CloseTraced,
@@ -68,6 +69,20 @@ def peer_of(ip: str) -> str | None:
 
 class Violation(AssertionError):
     """An invariant broke during the run."""
+
+
+def check_accounting(engine: Engine) -> None:
+    """Every traced connect/accept is in exactly one place: swapped, left on the overlay,
+    short, skipped, still in a connection, or still waiting in a table."""
+    stats = engine.stats
+    traced = stats["connects_traced"] + stats["accepts_traced"]
+    live = sum(1 for c in engine.conns.values() if c.state is not State.SWAPPED
+               and (c.role.value == "client" or c.matched))
+    placed = (stats["swapped"] + stats["left_on_overlay"] + stats["traced_short"]
+              + stats["traced_skipped"] + live + len(engine.young) + len(engine.waiting)
+              + len(engine.accepts))
+    if traced != placed:
+        raise Violation(f"{traced} traced, {placed} accounted for: {dict(stats)}")
 
 
 def check_indexes(engine: Engine) -> None:
@@ -198,6 +213,8 @@ class World:
             del daemon.handles[action.sock]
         elif isinstance(action, StartTimer):
             daemon.timers.append(action.key)
+        elif isinstance(action, CancelTimer):
+            daemon.timers = [k for k in daemon.timers if k != action.key]
         else:
             self.pending.append((node, action))
 
@@ -398,6 +415,7 @@ class World:
                 if conn.state is not State.SWAPPED:
                     raise Violation(f"{node}: connection left in {conn.state}")
             check_indexes(engine)
+            check_accounting(engine)
             kept = {w.sock for w in engine.waiting.values()}
             kept |= {y.sock for y in engine.young.values()}
             kept |= {a.sock for a in engine.accepts.values()}

@@ -132,6 +132,9 @@ def test_flood_leaves_tables_fds_and_memory_as_they_were(flood: dict[str, Any]) 
         status = after["status"]
         assert _drained(status), (node, status["engine"], status["traced_uncopied"])
         assert status["daemon_socks"] == before["status"]["daemon_socks"], node  # listeners
+        # no timer per traced connection left behind (the engine cancels what it let go);
+        # the per-process freeze-rate timers of the long streams live 1 s
+        assert status["timers"] <= before["status"]["timers"] + 8, (node, status["timers"])
         assert abs(after["fds"] - before["fds"]) <= FD_SLACK, (node, before["fds"], after["fds"])
         grown = after["rss_kib"] - before["rss_kib"]
         assert grown < RSS_BOUND_KIB, f"{node}: RSS grew {grown} KiB over {made} connections"
@@ -147,20 +150,21 @@ def test_flood_leaves_tables_fds_and_memory_as_they_were(flood: dict[str, Any]) 
 @pytest.mark.root
 @pytest.mark.slow
 def test_flood_every_connection_accounted_on_the_client_side(flood: dict[str, Any]) -> None:
-    """seen == short + bypassed + failed + pending on node2 (the connecting side), and the
-    flood's connections (each closed within a millisecond or so) end as `short`."""
+    """seen == short + skipped + bypassed + failed + pending on node2 (the connecting side),
+    and the flood's connections (each closed within a millisecond or so) end as `short`."""
     counters = flood["after"]["node2"]["status"]["counters"]
-    assert counters["seen"] == (counters["short"] + counters["bypassed"] + counters["failed"]
-                                + counters["pending"]), counters
+    assert counters["seen"] == (counters["short"] + counters["skipped"] + counters["bypassed"]
+                                + counters["failed"] + counters["pending"]), counters
     # a close handled after `min_age` (the daemon lagging) is tried and ends `failed`: rare
     assert _delta(flood, "node2", "short") >= 0.99 * _delta(flood, "node2", "seen"), counters
 
 
 @pytest.mark.root
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="engine/machine.py counts an accept closed before its "
-                   "bind (or expired) in none of short/bypassed/failed/pending")
 def test_flood_every_connection_accounted_on_the_server_side(flood: dict[str, Any]) -> None:
+    """The accepting side: an accept whose connection closed before the client's bind counts
+    as short too."""
     counters = flood["after"]["node1"]["status"]["counters"]
-    assert counters["seen"] == (counters["short"] + counters["bypassed"] + counters["failed"]
-                                + counters["pending"]), counters
+    assert counters["seen"] == (counters["short"] + counters["skipped"] + counters["bypassed"]
+                                + counters["failed"] + counters["pending"]), counters
+    assert _delta(flood, "node1", "short") >= 0.99 * _delta(flood, "node1", "seen"), counters

@@ -24,6 +24,7 @@ from ebpfrouter.engine import (  # noqa: E402
     ActionFailed,
     Bounce,
     BounceDone,
+    CancelTimer,
     CheckQueues,
     CloseSocket,
     CloseTraced,
@@ -357,8 +358,9 @@ def test_peer_cannot_act_on_untraced_or_foreign_connections() -> None:
     acts = engine.handle(HostAccepted(900, 951, 99, "node3", {"cid": cid, **TUP.to_body()}))
     assert [type(a).__name__ for a in acts] == ["CloseSocket"]
     assert engine.stats["bind_rejected"] == 2
-    # a good bind; then another peer cannot drive it
-    assert engine.handle(HostAccepted(900, 952, 99, CLIENT, {"cid": cid, **TUP.to_body()})) == []
+    # a good bind (it meets the traced accept, whose timer goes); another peer cannot drive it
+    assert engine.handle(HostAccepted(900, 952, 99, CLIENT, {"cid": cid, **TUP.to_body()})) == [
+        CancelTimer(("accept", 200, 9, 88))]
     assert engine.handle(PeerMessage("node3", "swap_prepare", prepare)) == []
     # the wrong 4-tuple for this id is ignored
     bad = {**prepare, "server_port": 5202}
@@ -392,8 +394,9 @@ def test_rules_and_scoping() -> None:
     acts = engine.handle(PeerMessage(SERVER, "listener_add", {
         "overlay_addr": "10.244.2.2", "overlay_port": 5201, "host_addr": "192.168.77.2",
         "host_port": 41000}))
-    assert [type(a).__name__ for a in acts] == ["HostConnect"]
-    assert (acts[0].host_addr, acts[0].host_port) == ("192.168.77.2", 41000)
+    assert acts[0] == CancelTimer(("waiting", 100, 7, 4))
+    assert [type(a).__name__ for a in acts] == ["CancelTimer", "HostConnect"]
+    assert (acts[1].host_addr, acts[1].host_port) == ("192.168.77.2", 41000)
     # listen on an address that is not a local pod: not announced
     assert engine.handle(ListenTraced(100, 9, 5, "10.244.2.2", 80)) == []
 
@@ -673,11 +676,12 @@ def test_unmatched_bind_expires_and_its_host_socket_is_closed() -> None:
     # a bind that finds its accept starts no timer; one matched later outlives its timer
     matched = b"\x08" * 16
     bind = {"cid": matched, **TUP.to_body()}
-    assert server.handle(HostAccepted(900, 961, 98, CLIENT, bind)) == []
+    assert server.handle(HostAccepted(900, 961, 98, CLIENT, bind)) == [
+        CancelTimer(("accept", 200, 9, 88))]
     late = b"\x09" * 16
     (timer,) = server.handle(HostAccepted(900, 962, 97, CLIENT, {"cid": late, **TUP2.to_body()}))
-    server.handle(AcceptTraced(200, 10, 89, TUP2, 902))
-    assert server.handle(TimerFired(timer.key)) == []
+    assert server.handle(AcceptTraced(200, 10, 89, TUP2, 902)) == [CancelTimer(timer.key)]
+    assert server.handle(TimerFired(timer.key)) == []  # had it fired anyway: ignored
     assert server.conns[late].matched and server.stats["binds_expired"] == 1
 
 
@@ -764,11 +768,14 @@ def test_young_connects_cost_nothing_until_min_age() -> None:
     (timer,) = client.handle(ConnectTraced(100, 7, 4, TUP, 40))
     assert timer == StartTimer(("young", 100, 7, 4), 0.2)
     assert client.holds_traced(100, 7, 40) and client.summary()["young"] == 1
-    assert client.handle(CloseTraced(100, 7)) == [CloseSocket(40)]
+    assert client.handle(CloseTraced(100, 7)) == [CancelTimer(timer.key), CloseSocket(40)]
+    assert client.summary()["short"] == 1
     assert client.handle(TimerFired(timer.key)) == [] and not client.conns
     assert client.stats["stale_timer"] == 1 and not client.holds_traced(100, 7, 40)
     (old,) = client.handle(ConnectTraced(100, 7, 5, TUP, 41))
-    (new,) = client.handle(ConnectTraced(100, 7, 6, TUP, 42))[1:]  # fd reused: 41 dropped
+    acts = client.handle(ConnectTraced(100, 7, 6, TUP, 42))  # fd reused: 41 dropped
+    assert acts[:2] == [CancelTimer(old.key), CloseSocket(41)]
+    (new,) = acts[2:]
     assert client.handle(TimerFired(old.key)) == [] and len(client.young) == 1
     (connect,) = client.handle(TimerFired(new.key))
     assert isinstance(connect, HostConnect) and connect.host_port == 41000
@@ -827,11 +834,12 @@ def test_accept_and_bind_indexes_follow_closes() -> None:
     came first is found by its tuple when the accept arrives, and leaves the index."""
     server = _server_engine()  # one traced accept (pid 200, fd 9) waits for its bind
     assert server.accepts_by_fd == {(200, 9): TUP} and server.holds_traced(200, 9, 901)
-    assert server.handle(CloseTraced(200, 9)) == [CloseSocket(901)]
-    assert not server.accepts and not server.accepts_by_fd
+    assert server.handle(CloseTraced(200, 9)) == [CancelTimer(("accept", 200, 9, 88)),
+                                                  CloseSocket(901)]
+    assert not server.accepts and not server.accepts_by_fd and server.summary()["short"] == 1
     cid = b"\x07" * 16
     server.handle(HostAccepted(900, 960, 99, CLIENT, {"cid": cid, **TUP2.to_body()}))
     assert server.unbound == {TUP2: cid}
-    assert server.handle(AcceptTraced(200, 10, 89, TUP2, 902)) == []
+    assert server.handle(AcceptTraced(200, 10, 89, TUP2, 902)) == [CancelTimer(("bind", cid))]
     assert server.conns[cid].matched and not server.unbound and not server.accepts
     assert server.holds_traced(200, 10, 902) and not server.holds_traced(200, 10, 903)
