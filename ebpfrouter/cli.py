@@ -39,7 +39,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                           "the overlay and cost nothing (default 0.2; 0: at once)")
     run.add_argument("--read-first-wait", type=float, default=3.0, metavar="SECONDS",
                      help="swap an accepted connection once its app has read from it, or once "
-                          "it is this old (default 3; 0: do not wait for a read)")
+                          "it is this old (default 3, at most 8; 0: do not wait for a read)")
     run.add_argument("--keep-privileges", action="store_true",
                      help="do not drop capabilities once the BPF programs are attached")
 
@@ -90,9 +90,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (config_mod.ConfigError, ValueError) as exc:
         print(f"ebpf-router run: {exc}", file=sys.stderr)
         return 2
-    for flag, value in (("--min-age", args.min_age), ("--read-first-wait", args.read_first_wait)):
-        if not 0 <= value <= 3600:
-            print(f"ebpf-router run: {flag} {value}: must be 0..3600 seconds", file=sys.stderr)
+    # a server that keeps saying "not read yet" is given up on after the client's max_waits
+    # (about 10 s of waiting), so a longer read-first wait would mean "never"
+    for flag, value, most in (("--min-age", args.min_age, 3600.0),
+                              ("--read-first-wait", args.read_first_wait, 8.0)):
+        if not 0 <= value <= most:
+            print(f"ebpf-router run: {flag} {value}: must be 0..{most:g} seconds",
+                  file=sys.stderr)
             return 2
     logging.basicConfig(level=cfg.log_level_number,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

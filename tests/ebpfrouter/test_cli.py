@@ -50,6 +50,17 @@ def test_run_bad_env_port(monkeypatch, capsys) -> None:
     assert "ROUTER_PORT: 70000 is out of range" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--min-age", "-1", "--min-age -1.0: must be 0..3600 seconds"),
+    ("--min-age", "nan", "--min-age nan: must be 0..3600 seconds"),
+    ("--read-first-wait", "9", "--read-first-wait 9.0: must be 0..8 seconds"),
+])
+def test_run_bad_timing_flags(monkeypatch, capsys, flag: str, value: str, message: str) -> None:
+    monkeypatch.delenv("ROUTER_PORT", raising=False)
+    assert main(["run", flag, value]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_status_without_daemon_names_the_socket(tmp_path, capsys) -> None:
     path = tmp_path / "none.sock"
     assert main(["status", "--control-socket", str(path)]) == 1
