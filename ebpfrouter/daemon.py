@@ -129,6 +129,33 @@ def normalize_addr(addr: str | None) -> str | None:
     return str(ip)
 
 
+def host_sockaddr(family: int, addr: str, port: int) -> tuple[str, int]:
+    """`(addr, port)` for a socket of `family`: IPv4 `addr` v4-mapped for an AF_INET6 one."""
+    if family == socket.AF_INET6 and ipaddress.ip_address(addr).version == 4:
+        return f"::ffff:{addr}", port
+    return addr, port
+
+
+def host_socket(family: int) -> socket.socket:
+    """A TCP socket for a host connection or listener; AF_INET6 ones are dual-stack.
+
+    A swap hands the app a host socket of its own socket's family: a dual-stack app (Go,
+    Java, `dualstack_ipv6=True`, nginx `listen [::]`) keeps an AF_INET6 socket that talks
+    IPv4 through v4-mapped addresses (`::ffff:<host ip>`), so `getsockname()` still returns a
+    sockaddr_in6 and IPPROTO_IPV6 options still work.
+    """
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        raise ValueError(f"host socket of family {family}: only AF_INET and AF_INET6")
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    if family == socket.AF_INET6:
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        except OSError:
+            sock.close()
+            raise
+    return sock
+
+
 def _setns(path: str) -> None:
     from .testbed import setns_path
 
@@ -694,6 +721,16 @@ class Daemon:
         sock = self.socks[action.sock]
         new_ino = os.fstat(sock.fileno()).st_ino
         pid, fd = action.pid, action.fd
+        app_family = self._app_family(pid, fd)
+        if app_family is not None and app_family != sock.family:
+            # a host listener serves one family; an accept of the other family (two overlay
+            # listeners of different families on one port) cannot be given one of its sockets
+            self.counters["family_mismatch"] += 1
+            self._later(ActionFailed(action.ref, f"replace pid {pid} fd {fd}: the app's socket "
+                                                 f"is {_family_name(app_family)}, the host "
+                                                 f"socket {_family_name(sock.family)}; a swap "
+                                                 "would change its family"))
+            return
 
         def done() -> None:
             # the tracer keys its tracked fds by (pid, fd) and does not see dup3: re-register
@@ -779,6 +816,29 @@ class Daemon:
                   (time.monotonic() - started) * 1e3)
         self.feed(BounceDone(action.ref))
 
+    def _app_family(self, pid: int, fd: int) -> int | None:
+        """Family of the app's overlay socket at `pid`/`fd` (our copy; None if unknown)."""
+        assert self.engine is not None
+        cid = self.engine.by_fd.get((pid, fd))
+        conn = self.engine.conns.get(cid) if cid is not None else None
+        if conn is None or conn.overlay_sock is None:
+            return None
+        sock = self._sock(conn.overlay_sock)
+        return sock.family if sock is not None else None
+
+    def _listener_family(self, ref: int) -> int:
+        """Family of the overlay listener behind `OpenHostListener(ref)` (AF_INET if gone)."""
+        assert self.engine is not None
+        lst = next((x for x in self.engine.listeners.values() if x.ref == ref), None)
+        if lst is None:
+            return socket.AF_INET
+        try:
+            with copy_socket(lst.pid, lst.fd) as sock:
+                return sock.family
+        except (InjectorError, OSError) as exc:
+            log.info("pid %d fd %d: cannot copy the listener: %s", lst.pid, lst.fd, exc)
+            return socket.AF_INET
+
     def _add_sock(self, sock: socket.socket) -> int:
         ref = sock.fileno()
         self.socks[ref] = sock
@@ -840,12 +900,15 @@ class Daemon:
     # -- host listeners (server side) ------------------------------------------------------
 
     def _open_listener(self, action: OpenHostListener) -> None:
+        """A host listener of the overlay listener's family: what it accepts replaces what
+        the app accepts (AF_INET6: dual-stack, bound to `::ffff:<host ip>`)."""
+        family = self._listener_family(action.ref)
         sock = None
         for port in (action.port_hint, 0):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock = host_socket(family)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind((self.host_addr, port))
+                sock.bind(host_sockaddr(family, self.host_addr, port))
                 sock.listen(1024)
                 break
             except OSError as exc:
@@ -874,7 +937,7 @@ class Daemon:
                 log.warning("host listener %s: accept: %s", listener.getsockname(), exc)
                 await asyncio.sleep(0.1)
                 continue
-            self._spawn(self._read_bind(ref, conn, address[0]))
+            self._spawn(self._read_bind(ref, conn, str(normalize_addr(address[0]))))
 
     async def _read_bind(self, listener: int, conn: socket.socket, peer_addr: str) -> None:
         """Read exactly the `bind` frame (never a byte of application data behind it)."""
@@ -936,16 +999,23 @@ class Daemon:
     # -- host connect (client side) --------------------------------------------------------
 
     async def _host_connect(self, action: HostConnect) -> None:
-        assert self.loop is not None and self.codec is not None
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        """Connect to the peer's host listener with a socket of the app's family."""
+        assert self.loop is not None and self.codec is not None and self.engine is not None
+        conn = self.engine.conns.get(action.cid)
+        overlay = self._sock(conn.overlay_sock) if conn and conn.overlay_sock is not None \
+            else None
+        family = overlay.family if overlay is not None else socket.AF_INET
+        sock = None
         try:
+            sock = host_socket(family)
             sock.setblocking(False)
-            sock.bind((self.host_addr, 0))
-            await asyncio.wait_for(self.loop.sock_connect(sock, (action.host_addr,
-                                                                 action.host_port)), 5.0)
+            sock.bind(host_sockaddr(family, self.host_addr, 0))
+            await asyncio.wait_for(self.loop.sock_connect(
+                sock, host_sockaddr(family, action.host_addr, action.host_port)), 5.0)
             await self.loop.sock_sendall(sock, self.codec.encode("bind", action.bind))
         except (OSError, TimeoutError, ValueError) as exc:
-            sock.close()
+            if sock is not None:
+                sock.close()
             self.counters["host_connect_failed"] += 1
             self.feed(ActionFailed(action.ref, f"host connect to {action.host_addr}:"
                                                f"{action.host_port}: {exc}"))
@@ -1167,7 +1237,8 @@ class Daemon:
             "traced_to_swapped_ms_p99": _pct(swaps, 0.99),
             "connections": conns,
             "listeners": [{"overlay": f"{lst.addr}:{lst.port}",
-                           "host": f"{lst.host_addr}:{lst.host_port}", "pid": lst.pid}
+                           "host": f"{lst.host_addr}:{lst.host_port}", "pid": lst.pid,
+                           "family": _family_name(self.socks.get(lst.sock))}
                           for lst in self.engine.listeners.values()],
             "tracer_lost": self.tracer.lost if self.tracer is not None else 0,
             "rules": len(self.rules.rules) if self.rules is not None else 0,
@@ -1209,6 +1280,14 @@ def _in_thread(fn: Any) -> None:
     thread.join()
     if error:
         raise error[0]
+
+
+def _family_name(what: socket.socket | int | None) -> str | None:
+    """'inet' / 'inet6' for a socket or a family number (None for None)."""
+    if what is None:
+        return None
+    family = what.family if isinstance(what, socket.socket) else what
+    return {socket.AF_INET: "inet", socket.AF_INET6: "inet6"}.get(family, str(family))
 
 
 def _pct(values: list[int], q: float) -> float | None:
