@@ -14,9 +14,12 @@ On failure before step 4 the deleted registrations are added back and the tempor
 after step 4 the old socket is handed back in the same way and put back at the fd.
 
 Carried: socket options (`inspect.SocketOptions`), O_NONBLOCK, FD_CLOEXEC, O_ASYNC with its
-SIGIO owner and signal, epoll events and data. Not carried: bytes still queued on the old
-socket (swap only quiet connections: `inspect.queue_sizes`), other fds of the process that
-share the old file (a `dup`), io_uring registered files, epoll sets of other processes.
+SIGIO owner and signal, epoll events and data. The new socket may be of the other family (an
+AF_INET6 one for an AF_INET one or back): the only family-specific option carried, IP_TOS /
+IPV6_TCLASS, is read as the old socket's and set as the new one's, so no option of the other
+family can fail the swap. Not carried: bytes still queued on the old socket (swap only quiet
+connections: `inspect.queue_sizes`), other fds of the process that share the old file (a
+`dup`), io_uring registered files, epoll sets of other processes.
 """
 
 from __future__ import annotations

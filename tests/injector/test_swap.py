@@ -435,6 +435,42 @@ def test_signal_driven_io_carried(target):
     assert_running(t.pid)
 
 
+def _v4mapped_pair() -> tuple[socket.socket, socket.socket]:
+    """(server side, client side) of a new AF_INET6 loopback connection over ::ffff:127.0.0.1."""
+    with socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True) as lst:
+        c2 = socket.socket(socket.AF_INET6)
+        c2.connect(("::ffff:127.0.0.1", lst.getsockname()[1]))
+        s2, _ = lst.accept()
+    return s2, c2
+
+
+def test_options_of_the_other_family_never_fail_the_swap(target):
+    """The one family-specific option carried, IP_TOS / IPV6_TCLASS, is set as the new
+    socket's family's: AF_INET -> AF_INET6 (v4-mapped) -> AF_INET, bytes flowing each time."""
+    t = target
+    c, fd = t.connect()
+    with copy_socket(t.pid, fd) as cp:
+        assert cp.family == socket.AF_INET
+        cp.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 0x28)
+    for make, family, level, opt in (
+        (_v4mapped_pair, socket.AF_INET6, socket.IPPROTO_IPV6, socket.IPV6_TCLASS),
+        (fresh_pair, socket.AF_INET, socket.IPPROTO_IP, socket.IP_TOS),
+    ):
+        s2, c2 = make()
+        with s2:
+            replace_fd(t.pid, fd, s2, expected_inode=socket_inode(t.pid, fd)).close()
+        c.close()
+        c = c2
+        with copy_socket(t.pid, fd) as cp:
+            assert cp.family == family and cp.getsockopt(level, opt) == 0x28
+        c.sendall(b"fam")
+        assert bytes.fromhex(t.cmd("recv", fd, 3)) == b"fam"
+        assert t.cmd("send", fd, b"ok".hex()) == "2"
+        assert recv_exact(c, 2) == b"ok"
+    c.close()
+    assert_running(t.pid)
+
+
 def test_fd_reused_by_app_is_refused_and_target_untouched(target):
     t = target
     c, fd = target.connect()
