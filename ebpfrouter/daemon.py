@@ -118,8 +118,8 @@ class DaemonOptions:
 
 def normalize_addr(addr: str | None) -> str | None:
     """IPv4-mapped IPv6 (`::ffff:a.b.c.d`, a dual-stack socket) as plain IPv4."""
-    if not addr:
-        return addr
+    if not addr or ":" not in addr:
+        return addr  # IPv4 (or nothing): as is
     try:
         ip = ipaddress.ip_address(addr)
     except ValueError:
@@ -284,6 +284,7 @@ class Daemon:
         # traced sockets not copied yet: ref -> (pid, fd, inode); copied on first use (`_sock`),
         # so a connection that closes young costs no pidfd_getfd and its FIN is not held back
         self.uncopied: dict[int, tuple[int, int, int]] = {}
+        self._addr_memo: dict[tuple[str, str | None], Any] = {}  # see `_memo`
         self._uncopied_refs = itertools.count(-1, -1)  # never an fd number
         # the engine's pending timers by key (several may share one), so it can cancel them
         self.timers: dict[tuple[Any, ...], dict[int, asyncio.TimerHandle]] = {}
@@ -333,8 +334,22 @@ class Daemon:
         raise DaemonError(f"OVERLAY_IF {self.config.overlay_if}: cannot find this node's pod "
                           "CIDR (no bridge route holds its address); give --pod-cidr")
 
+    def _memo(self, kind: str, addr: str | None, compute: Any) -> Any:
+        """`compute(addr)`, remembered until the next housekeeping tick (the peer map, pod
+        CIDRs and Nodes change slowly; every traced connection asks about two addresses)."""
+        key = (kind, addr)
+        if key in self._addr_memo:
+            return self._addr_memo[key]
+        if len(self._addr_memo) >= 4096:
+            self._addr_memo.clear()
+        value = self._addr_memo[key] = compute(addr)
+        return value
+
     def peer_of(self, addr: str) -> str | None:
         """The node (its host address) owning overlay address `addr`; None if not overlay."""
+        return self._memo("peer", addr, self._peer_of)  # type: ignore[no-any-return]
+
+    def _peer_of(self, addr: str) -> str | None:
         if hostnet.in_any(addr, self.pod_cidrs):
             return self.node
         if self.cluster is not None:  # Node objects first, then --peer and overlay routes
@@ -479,6 +494,7 @@ class Daemon:
             self.counters["kubernetes_errors"] += 1
         if not self.options.pod_cidrs and self.cluster.local_pod_cidrs():
             self.pod_cidrs = self.cluster.local_pod_cidrs()
+            self._addr_memo.clear()
         if not self.pod_cidrs:
             self._no_pod_cidr()
 
@@ -585,6 +601,7 @@ class Daemon:
             self.counters["loop_lag_max_ms"] = max(self.counters["loop_lag_max_ms"],
                                                    int(lag * 1000))
             self.status()  # refreshes the metrics
+            self._addr_memo.clear()  # peer map, pod CIDRs or Nodes may have changed
             assert self.rules is not None
             if self.rules.poll():
                 self.counters["rules_reloads"] += 1
@@ -1075,7 +1092,8 @@ class Daemon:
                 self.counters["tracer_errors"] += 1
 
     def _local(self, addr: str | None) -> bool:
-        return hostnet.in_any(addr, self.pod_cidrs)
+        return self._memo("local", addr,  # type: ignore[no-any-return]
+                          lambda a: hostnet.in_any(a, self.pod_cidrs))
 
     def _on_socket_event(self, ev: SocketEvent) -> None:
         kind = ev.kind
