@@ -394,6 +394,8 @@ def run_demo(seconds: float = 5.0, as_json: bool = False, builtin: bool = False)
         statuses = {n.name: routers.status(n.name) for n in bed.nodes}
         result["traced_to_swapped_ms_p50"] = max(
             (s.get("traced_to_swapped_ms_p50") or 0.0 for s in statuses.values()), default=None)
+        result["traced_to_swapped_ms_p99"] = max(
+            (s.get("traced_to_swapped_ms_p99") or 0.0 for s in statuses.values()), default=None)
         result["freeze_ms_p99"] = max(
             (s.get("freeze_ms_p99") or 0.0 for s in statuses.values()), default=None)
         result["router_exit_codes"] = routers.stop()
@@ -449,6 +451,9 @@ def _print_table(r: dict[str, Any]) -> None:
         if r.get("traced_to_swapped_ms_p50"):
             print(f"  {'connect() to swapped, p50 (ms)':<38} "
                   f"{r['traced_to_swapped_ms_p50']:7.1f}")
+        if r.get("traced_to_swapped_ms_p99"):
+            print(f"  {'connect() to swapped, p99 (ms)':<38} "
+                  f"{r['traced_to_swapped_ms_p99']:7.1f}")
         if r.get("freeze_ms_p99"):
             print(f"  {'app frozen, p99 (ms)':<38} {r['freeze_ms_p99']:7.1f}")
     elif not bypassed:

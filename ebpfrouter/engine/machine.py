@@ -371,12 +371,10 @@ class Engine:
         if peer is None or peer == self.node:
             self._let_go(ev, None, "connect_not_remote")
             return
-        if not self.allow(Role.CLIENT, ev.pid, ev.conn):
-            self._let_go(ev, None, "connect_ruled_out")
-            return
         self._forget_fd(ev.pid, ev.fd)  # a reused fd number: the old state is stale
         self._drop_unstarted(ev.pid, ev.fd)
         if self.config.min_age > 0:  # short connections are not worth a host connection
+            # (nor a look at the rules: they are applied when the connection has grown up)
             self.young[(ev.pid, ev.fd)] = ev
             self._emit(StartTimer(("young", ev.pid, ev.fd, ev.inode), self.config.min_age))
             while len(self.young) > self.config.max_waiting:
@@ -410,7 +408,11 @@ class Engine:
         self._route_client(ev, peer)
 
     def _route_client(self, ev: ConnectTraced, peer: str) -> None:
-        """Start the bypass if the server's listener is announced, else wait for it."""
+        """Apply the rules; start the bypass if the server's listener is announced, else wait
+        for it."""
+        if not self.allow(Role.CLIENT, ev.pid, ev.conn):
+            self._let_go(ev, None, "connect_ruled_out")
+            return
         target = self.remote_listeners.get((ev.conn.server_addr, ev.conn.server_port))
         if target is None or target[0] != peer:
             self.stats["connect_waiting_listener"] += 1
