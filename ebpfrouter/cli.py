@@ -56,6 +56,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                                        "bypass and node to node, plus an integrity check")
     demo.add_argument("--json", action="store_true", help="print one JSON object at the end")
     demo.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
+    demo.add_argument("--rounds", type=int, default=3,
+                      help="bypass and node-to-node runs, alternating (default 3; medians)")
     demo.add_argument("--builtin", action="store_true",
                       help="use the built-in stream even if iperf3 is installed")
 
@@ -128,7 +130,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(seconds=args.seconds, as_json=args.json, builtin=args.builtin)
+    if not 1 <= args.rounds <= 20:
+        print(f"ebpf-router demo: --rounds {args.rounds}: must be 1..20", file=sys.stderr)
+        return 2
+    return run_demo(seconds=args.seconds, as_json=args.json, builtin=args.builtin,
+                    rounds=args.rounds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,6 +61,11 @@ def test_run_bad_timing_flags(monkeypatch, capsys, flag: str, value: str, messag
     assert message in capsys.readouterr().err
 
 
+def test_demo_bad_rounds(capsys) -> None:
+    assert main(["demo", "--rounds", "0"]) == 2
+    assert "--rounds 0: must be 1..20" in capsys.readouterr().err
+
+
 def test_status_without_daemon_names_the_socket(tmp_path, capsys) -> None:
     path = tmp_path / "none.sock"
     assert main(["status", "--control-socket", str(path)]) == 1

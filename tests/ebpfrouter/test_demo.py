@@ -47,11 +47,14 @@ def test_demo_json_iperf3() -> None:
     result = run_demo("--seconds", "2")
     assert result["tool"] == "iperf3"
     check(result)
+    # three alternating bypass / node-to-node runs, medians reported
+    assert len(result["bypass_runs_bps"]) == len(result["host_runs_bps"]) == 3
+    assert sorted(result["bypass_runs_bps"])[1] == result["bypass_bps"]
     assert result["bypassed_connections"] >= 2  # iperf3 control + data connections, + stream
 
 
 @pytest.mark.root
 def test_demo_json_builtin_stream() -> None:
-    result = run_demo("--seconds", "2", "--builtin")
+    result = run_demo("--seconds", "2", "--builtin", "--rounds", "1")
     assert result["tool"] == "built-in stream"
     check(result)
