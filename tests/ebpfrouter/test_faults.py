@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -627,11 +628,23 @@ def _flood_results(procs: list[subprocess.Popen[str]], seconds: float) -> tuple[
 def test_short_connection_flood_during_swaps(lab: Lab, repeat: int) -> None:
     """Short connections (connect, 200 checked bytes, close) as fast as this machine goes from
     4 processes, while 4 long streams (2 processes) connect and get swapped. The rate without
-    routers is measured first (3 s), with the same long streams running, on the same machine."""
+    routers is measured first, as long, with the same long streams running, on the same
+    machine."""
     fault = "short-connection flood + 4 long streams swapped"
     port_short, port_long = PORT + 5, PORT + 6
-    srv_short = lab.server("n1p1", port_short)
     srv_long = lab.server("n1p0", port_long)
+
+    def short_server(port: int) -> subprocess.Popen[str]:
+        """A fresh checking server per phase: it starts a thread per connection and prints a
+        line from each, so it slows down over tens of thousands of connections (threads and
+        memory pile up: 94 GB virtual seen when its pipe went unread); a server shared by
+        both phases made whichever came second look slow."""
+        srv = lab.server("n1p1", port)
+        assert srv.stdout is not None
+        threading.Thread(target=collections.deque, args=(srv.stdout, 0), daemon=True).start()
+        return srv
+
+    srv_base = short_server(PORT + 7)
     # The flooding client closes first: each connection leaves a TIME_WAIT socket in n2p1 for
     # 60 s, and past ~15,000 of them (half the default port range) connect() slows 4-5x,
     # router or not, which made whichever phase ran second look slow. Let the load generator
@@ -640,12 +653,14 @@ def test_short_connection_flood_during_swaps(lab: Lab, repeat: int) -> None:
                                "net.ipv4.ip_local_port_range=1024 65535"])
     assert res.returncode == 0, res.stderr
     lab.routers.stop()
-    flooders = _flood(lab, port_short, 3.0)
+    flooders = _flood(lab, PORT + 7, FLOOD_SECONDS)  # the same length as the measured phase
     time.sleep(1.0)
     longs = [Sender(lab, "n2p0", lab.bed.pod("n1p0").ip, port_long, conns=2, rate=10e6)
              for _ in range(2)]
-    _, _, baseline = _flood_results(flooders, 3.0)
+    _, _, baseline = _flood_results(flooders, FLOOD_SECONDS)
     assert_intact([r for s in longs for r in s.result()])
+    srv_base.kill()
+    srv_short = short_server(port_short)
     lab.restart_routers()
     wait_listener(lab, "node1", port_short)
     wait_listener(lab, "node1", port_long)
