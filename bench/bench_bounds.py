@@ -43,6 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ebpfrouter.bench.process import interrupt_on, usage  # noqa: E402
 from ebpfrouter.demo import PACKAGE_ROOT, Routers, _env, _wait_line, _wait_port  # noqa: E402
 from ebpfrouter.testbed import Testbed  # noqa: E402
 
@@ -50,21 +51,6 @@ CONNRATE_PORT, ECHO_PORT = 7210, 7211
 NODES = ("node1", "node2")
 TABLES = ("connections", "young", "waiting_listener", "waiting_bind", "daemon_socks",
           "traced_uncopied")
-MAIN_PID = os.getpid()
-
-
-class Interrupted(Exception):
-    """SIGTERM or SIGINT (Ctrl-C) arrived."""
-
-
-def _on_term(signum: int, frame: Any) -> None:
-    if os.getpid() != MAIN_PID:  # a forked helper (pyroute2's netns child): die as asked
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        return
-    raise Interrupted()
-
-
 def progress(text: str) -> None:
     print(f"[bounds] {text}", file=sys.stderr, flush=True)
 
@@ -119,21 +105,6 @@ def echo_send(host: str, port: int, count: int, stop_file: str) -> dict[str, Any
 
 
 # -- the measurement ------------------------------------------------------------------------------
-
-
-def proc_figures(pid: int) -> dict[str, int]:
-    """VmRSS (KiB), threads and open fds of `pid` (zeros if it is gone)."""
-    out = {"rss_kib": 0, "threads": 0, "fds": 0}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                out["rss_kib"] = int(line.split()[1])
-            elif line.startswith("Threads:"):
-                out["threads"] = int(line.split()[1])
-        out["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        pass
-    return out
 
 
 class Bounds:
@@ -216,7 +187,7 @@ class Bounds:
         row: dict[str, Any] = {"phase": phase, "done": self.done if done is None else done,
                                "t": round(self.flood_seconds, 1)}
         for node, proc in self.routers.procs.items():
-            fig = proc_figures(proc.pid) if proc.poll() is None else {}
+            fig = usage(proc.pid) if proc.poll() is None else {}
             try:
                 st = self.routers.status(node)
             except Exception as exc:  # noqa: BLE001 - recorded: the row shows the node is gone
@@ -343,13 +314,13 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
         result["empty_after_close"] = empty
         result["empty_seconds"] = round(waited, 1)
         result["long"] = bounds.long_result
-    except (KeyboardInterrupt, Interrupted):
+    except KeyboardInterrupt:
         interrupted = True
         progress("interrupted: cleaning up")
     except Exception as exc:  # noqa: BLE001 - reported, then cleaned up
         bounds.errors.append(f"{type(exc).__name__}: {exc}")
     finally:
-        with contextlib.suppress(KeyboardInterrupt, Interrupted):
+        with contextlib.suppress(KeyboardInterrupt):
             bounds.close()
     result["connections_done"] = bounds.done
     result["flood_seconds"] = round(bounds.flood_seconds, 1)
@@ -440,9 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench_bounds: needs root", file=sys.stderr)
         return 2
-    for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a background launch ignores it
-        signal.signal(sig, _on_term)
-    result, interrupted = run(args)
+    with interrupt_on(signal.SIGTERM, signal.SIGINT):
+        result, interrupted = run(args)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     print_table(result, interrupted)

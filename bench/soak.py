@@ -35,6 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ebpfrouter.bench.process import interrupt_on, usage  # noqa: E402
 from ebpfrouter.demo import Routers, _wait_port  # noqa: E402
 from ebpfrouter.testbed import Testbed  # noqa: E402
 
@@ -46,29 +47,6 @@ _spec.loader.exec_module(faultlib)
 
 REDIS_PORT, IPERF_PORT = 6390, 5201
 SAMPLE_EVERY = 10.0
-
-
-class Interrupted(Exception):
-    """SIGTERM or SIGINT (Ctrl-C) arrived."""
-
-
-MAIN_PID = os.getpid()
-
-
-def _on_term(signum: int, frame: Any) -> None:
-    if os.getpid() != MAIN_PID:  # a forked helper (pyroute2's netns child): die as asked
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        return
-    raise Interrupted()
-
-
-def fd_count(pid: int) -> int:
-    """Open fds of `pid` (0 if gone)."""
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return 0
 
 
 class Soak:
@@ -107,8 +85,8 @@ class Soak:
         row: dict[str, Any] = {"t": round(time.monotonic() - self.started)}
         for node, proc in self.routers.procs.items():
             alive = proc.poll() is None
-            row[f"{node}_rss_kib"] = faultlib.rss_kib(proc.pid) if alive else 0
-            row[f"{node}_fds"] = fd_count(proc.pid) if alive else 0
+            figures = usage(proc.pid) if alive else {"rss_kib": 0, "fds": 0}
+            row[f"{node}_rss_kib"], row[f"{node}_fds"] = figures["rss_kib"], figures["fds"]
             if not alive:
                 self.errors.append(f"router on {node} exited with {proc.returncode}")
                 continue
@@ -262,22 +240,21 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"soak: {tool} is not installed", file=sys.stderr)
             return 2
-    for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a background launch ignores it
-        signal.signal(sig, _on_term)
-    soak = Soak(args.iperf_seconds)
-    interrupted = False
-    try:
-        soak.up()
-        soak.sample()
-        soak.run(args.minutes * 60)
-    except (KeyboardInterrupt, Interrupted):
-        interrupted = True
-        progress("interrupted: cleaning up")
-    except Exception as exc:  # noqa: BLE001 - reported, then cleaned up
-        soak.errors.append(f"{type(exc).__name__}: {exc}")
-    finally:
-        with contextlib.suppress(KeyboardInterrupt, Interrupted):
-            soak.close()
+    with interrupt_on(signal.SIGTERM, signal.SIGINT):  # SIGINT: background jobs ignore it
+        soak = Soak(args.iperf_seconds)
+        interrupted = False
+        try:
+            soak.up()
+            soak.sample()
+            soak.run(args.minutes * 60)
+        except KeyboardInterrupt:
+            interrupted = True
+            progress("interrupted: cleaning up")
+        except Exception as exc:  # noqa: BLE001 - reported, then cleaned up
+            soak.errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            with contextlib.suppress(KeyboardInterrupt):
+                soak.close()
     result = summary(soak, interrupted)
     if args.json:
         print(json.dumps(result))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import shlex
 import signal
 import sys
@@ -14,6 +13,7 @@ from typing import Any
 
 from . import report
 from .harness import BenchError
+from .process import interrupt_on
 from .report import MODES
 from .workloads import WORKLOADS
 
@@ -53,17 +53,6 @@ def _progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-_MAIN_PID = os.getpid()
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    """SIGTERM = Ctrl-C in the bench process; forked helpers (pyroute2's netns children
-    inherit this handler) just die as SIGTERM would kill them."""
-    if os.getpid() != _MAIN_PID:
-        os._exit(128 + signum)
-    raise KeyboardInterrupt
-
-
 def run_bench(args: argparse.Namespace) -> int:
     """Run the bench for parsed args; write JSON, Markdown and PNGs; print the table.
 
@@ -88,16 +77,12 @@ def run_bench(args: argparse.Namespace) -> int:
                         rule_files=args.rule, command=command,
                         router_loglevel=args.router_loglevel,
                         order=args.order or ("phased" if args.quick else "grouped"))
-    global _MAIN_PID
-    _MAIN_PID = os.getpid()
-    old = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        result = run_suite(opts, _progress)
+        with interrupt_on(signal.SIGTERM):  # SIGTERM = Ctrl-C: the runner cleans up
+            result = run_suite(opts, _progress)
     except BenchError as exc:
         print(f"ebpf-router bench: {exc}", file=sys.stderr)
         return 2
-    finally:
-        signal.signal(signal.SIGTERM, old)
     paths = report.write(result, out)
     print((out / "results.md").read_text())
     _progress(f"[bench] wrote {', '.join(str(p) for p in paths.values())}")

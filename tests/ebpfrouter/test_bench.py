@@ -275,3 +275,40 @@ def test_mpi_agent_maps_addresses_to_namespaces() -> None:
         netns_for_host(bed, "10.9.9.9")
     assert agent_main(["hostname-only"]) == 255
     assert agent_main(["--id", "ebtb000001", "10.244.1.2"]) == 255  # no command
+
+
+def test_interrupt_on_raises_in_this_process_and_kills_forked_children() -> None:
+    """SIGTERM inside `interrupt_on` is a KeyboardInterrupt here (so clean-up runs), a forked
+    child that inherited the handler dies of it, and the old handler comes back."""
+    import os
+    import signal
+
+    from ebpfrouter.bench.process import interrupt_on
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), interrupt_on(signal.SIGTERM):
+        ready_r, ready_w = os.pipe()
+        child = os.fork()
+        if child == 0:  # the child: say it runs Python code, then wait to be terminated
+            os.write(ready_w, b"1")  # (a signal during fork's own clean-up would be lost)
+            signal.pause()
+            os._exit(0)
+        assert os.read(ready_r, 1) == b"1"
+        os.close(ready_r)
+        os.close(ready_w)
+        os.kill(child, signal.SIGTERM)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGTERM
+        signal.raise_signal(signal.SIGTERM)  # to this thread (os.kill may pick another one)
+        pytest.fail("SIGTERM did not raise KeyboardInterrupt")
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_usage_of_this_process_and_of_a_gone_one() -> None:
+    import os
+
+    from ebpfrouter.bench.process import usage
+
+    mine = usage(os.getpid())
+    assert mine["rss_kib"] > 1000 and mine["threads"] >= 1 and mine["fds"] >= 3
+    assert usage(2**22 + 12345) == {"rss_kib": 0, "threads": 0, "fds": 0}
