@@ -313,6 +313,20 @@ class Stream:
 
 
 @contextlib.contextmanager
+def redis_server(bed: Testbed, pod: str, port: int):
+    """redis-server in `pod` on its pod IP (no persistence), killed on the way out."""
+    ip = bed.pod(pod).ip
+    proc = bed.popen(pod, ["redis-server", "--port", str(port), "--bind", ip, "--save", "",
+                           "--appendonly", "no", "--protected-mode", "no"],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
 def stream_server(bed: Testbed, pod: str, port: int = PORT, clients: int = 1):
     proc = bed.popen(pod, [sys.executable, "-m", "ebpfrouter.demo", "serve", str(port),
                            "--clients", str(clients)],
@@ -465,10 +479,7 @@ def test_redis_benchmark_many_connections_zero_errors(bed, shared):
     routers = shared
     server, client = bed.pod("n1p1"), bed.pod("n2p1")
     before = counters(routers, "node2")
-    redis = bed.popen(server.name, ["redis-server", "--port", "6390", "--bind", server.ip,
-                                    "--save", "", "--appendonly", "no", "--protected-mode", "no"],
-                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with redis_server(bed, server.name, 6390) as redis:
         wait_listener_announced(routers, "node1", 6390)
         res = bed.run(client.name, ["redis-benchmark", "-h", server.ip, "-p", "6390", "-c", "20",
                                     "-n", "20000", "-t", "set,get", "-q"], timeout=120)
@@ -486,9 +497,6 @@ def test_redis_benchmark_many_connections_zero_errors(bed, shared):
                              and st["counters"]["pending"] == 0 for node in ("node1", "node2")),
                  15, "both routers idle, nothing frozen")
         assert_not_stopped(redis.pid)
-    finally:
-        redis.kill()
-        redis.wait()
 
 
 @pytest.mark.root
@@ -832,10 +840,7 @@ def test_redis_benchmark_50_connections_bypassed_zero_errors(bed, shared):
     routers = shared
     server, client = bed.pod("n1p0"), bed.pod("n2p0")
     before = counters(routers, "node2")
-    redis = bed.popen(server.name, ["redis-server", "--port", "6391", "--bind", server.ip,
-                                    "--save", "", "--appendonly", "no", "--protected-mode", "no"],
-                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with redis_server(bed, server.name, 6391) as redis:
         wait_listener_announced(routers, "node1", 6391)
         res = bed.run(client.name, ["redis-benchmark", "-h", server.ip, "-p", "6391", "-c", "50",
                                     "-n", "150000", "-t", "get", "-q"], timeout=120)
@@ -854,9 +859,6 @@ def test_redis_benchmark_50_connections_bypassed_zero_errors(bed, shared):
         assert seen >= 50
         assert bypassed >= 0.8 * 50, (bypassed, seen, routers.status("node2")["engine"])
         assert_not_stopped(redis.pid)
-    finally:
-        redis.kill()
-        redis.wait()
 
 
 @pytest.mark.root
