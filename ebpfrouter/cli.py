@@ -37,6 +37,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--min-age", type=float, default=0.2, metavar="SECONDS",
                      help="bypass a connection only once it is this old; shorter ones stay on "
                           "the overlay and cost nothing (default 0.2; 0: at once)")
+    run.add_argument("--swap-batch", type=int, default=4, metavar="N",
+                     help="swaps of one process that may share one freeze (default 4; 1: one "
+                          "per freeze; more: fewer, longer stops)")
     run.add_argument("--read-first-wait", type=float, default=3.0, metavar="SECONDS",
                      help="swap an accepted connection once its app has read from it, or once "
                           "it is this old (default 3, at most 8; 0: do not wait for a read)")
@@ -100,6 +103,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"ebpf-router run: {flag} {value}: must be 0..{most:g} seconds",
                   file=sys.stderr)
             return 2
+    if not 1 <= args.swap_batch <= 64:
+        print(f"ebpf-router run: --swap-batch {args.swap_batch}: must be 1..64", file=sys.stderr)
+        return 2
     logging.basicConfig(level=cfg.log_level_number,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     kubernetes = kubernetes_wanted(args.kubeconfig, disabled=args.no_kubernetes)
@@ -110,6 +116,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                             kubernetes_sync_timeout=args.kubernetes_sync_timeout,
                             scope_netns=list(args.scope_netns),
                             min_age=args.min_age, read_first_wait=args.read_first_wait,
+                            swap_batch=args.swap_batch,
                             drop_privileges=not args.keep_privileges)
     return run_daemon(options)
 

@@ -106,6 +106,7 @@ class DaemonOptions:
     scope_netns: list[str] = dataclasses.field(default_factory=list)  # only these netns' pods
     freeze_timeout: float = 2.0
     min_age: float = 0.2  # connections younger than this are left alone (short ones never pay)
+    swap_batch: int = 4  # swaps of one process that may share one freeze
     read_first_wait: float = 3.0  # an accepted connection is swapped once its app has read
     # from it, or once it is this old (0: at once); see `server_ready`
     drain_wait: float = 0.05
@@ -439,7 +440,8 @@ class Daemon:
                 raise DaemonError(str(exc)) from None
         assert cfg.key is not None
         self.codec = Codec(cfg.key)
-        self.engine = Engine(EngineConfig(node=self.node, min_age=self.options.min_age),
+        self.engine = Engine(EngineConfig(node=self.node, min_age=self.options.min_age,
+                                          max_swaps_per_process=self.options.swap_batch),
                              self.peer_of, self.allow, server_ready=self.server_ready)
         self.server = PeerServer(self.codec, self._on_peer_message, host=self.host_addr,
                                  port=cfg.router_port)

@@ -155,6 +155,11 @@ class EngineConfig:
     # growing to ~64 KiB as data arrives); the schema allows up to 64 MiB.
     max_migrate: int = 48 << 10
     max_freezes_per_second: int = 50  # per process; past it the attempt waits (process busy)
+    # Swaps of one process that may share one freeze (the injector counts holds): a server
+    # with many new connections is stopped once for a batch of them instead of once per
+    # connection. A batch closes when it has this many; later ones wait for the thaw, so one
+    # stop lasts at most a batch. 1: one swap per stop.
+    max_swaps_per_process: int = 4
     rate_wait: float = 0.2  # how long a client waits when its process hit that cap
     # A traced connect is bypassed only once it is this old: a connection that closes sooner
     # costs no host connection and no freeze (0: start at once). The daemon sets 0.2 s.
@@ -263,7 +268,9 @@ class Engine:
             collections.OrderedDict())  # client: traced connects younger than `min_age`
         self.waiting: collections.OrderedDict[tuple[int, int], ConnectTraced] = (
             collections.OrderedDict())
-        self.busy_pids: dict[int, bytes] = {}
+        self.busy_pids: dict[int, set[bytes]] = {}  # pid -> swaps holding it now
+        self.batch: collections.Counter[int] = collections.Counter()  # pid -> swaps that
+        # joined since it was last free (at most max_swaps_per_process)
         self.pid_waiters: dict[int, collections.deque[bytes]] = {}  # clients queued per pid
         self.freezes: collections.Counter[int] = collections.Counter()  # per pid, last second
         self._refs: dict[int, tuple[str, Any]] = {}
@@ -663,7 +670,7 @@ class Engine:
             conn.told_final = True
             self._finish(conn, notify=False)
             return
-        if conn.pid in self.busy_pids:  # another swap holds this process: queue up
+        if self._pid_full(conn.pid):  # enough swaps hold this process: queue up
             self.stats["pid_busy"] += 1
             conn.attempt += 1
             conn.waits += 1
@@ -672,7 +679,8 @@ class Engine:
                 waiters.append(conn.cid)
             self._timer(conn, self.config.backoff_max)  # woken sooner when the process is free
             return
-        if self._rate_limited(conn.pid):  # frozen often enough lately: let it run a while
+        if self._rate_limited(conn.pid) and not self._held_frozen(conn.pid):
+            # frozen often enough lately: let it run a while (unless it is stopped anyway)
             conn.attempt += 1
             conn.waits += 1
             self._timer(conn, self.config.rate_wait)
@@ -684,7 +692,7 @@ class Engine:
         conn.prepared, conn.checks = False, 0
         self._new_attempt(conn)
         assert conn.pid is not None
-        self.busy_pids[conn.pid] = conn.cid
+        self._hold_pid(conn.pid, conn.cid)
         self.stats["attempts"] += 1
         if conn.first is Role.CLIENT:
             self._freeze(conn)
@@ -718,11 +726,13 @@ class Engine:
 
     def _freeze(self, conn: Conn) -> None:
         assert conn.pid is not None
+        new_stop = not self._held_frozen(conn.pid)  # else it shares a stop already there
         conn.state = State.FREEZING
         conn.outstanding = self._ref("conn", conn.cid)
         self._emit(Freeze(conn.outstanding, conn.pid))
-        self.freezes[conn.pid] += 1  # one second later the window forgets this freeze
-        self._emit(StartTimer(("rate", conn.pid), 1.0))
+        if new_stop:
+            self.freezes[conn.pid] += 1  # one second later the window forgets this freeze
+            self._emit(StartTimer(("rate", conn.pid), 1.0))
 
     def _check(self, conn: Conn) -> None:
         assert conn.pid is not None and conn.fd is not None and conn.overlay_sock is not None
@@ -787,8 +797,8 @@ class Engine:
         conn = self._result_conn(ev.ref)
         if conn is None:
             if entry is not None and entry[0] == "pid":  # freeze of a forgotten connection
-                self._release_pid(entry[1])
-                self._emit(Thaw(entry[1]))
+                self._release_pid(*entry[1])
+                self._emit(Thaw(entry[1][0]))
             return
         conn.frozen = True
         if conn.pending_abort:
@@ -926,7 +936,8 @@ class Engine:
             self._send(conn, "swap_abort", attempt=attempt, reason="ruled out", final=True)
             self._finish(conn, notify=False)
             return
-        if conn.pid in self.busy_pids or self._rate_limited(conn.pid):
+        if self._pid_full(conn.pid) or (self._rate_limited(conn.pid)
+                                        and not self._held_frozen(conn.pid)):
             self.stats["pid_busy"] += 1
             self._send(conn, "swap_abort", attempt=attempt, reason=PROCESS_BUSY, final=False)
             return
@@ -934,7 +945,7 @@ class Engine:
             self.stats["app_not_read"] += 1
             self._send(conn, "swap_abort", attempt=attempt, reason=APP_UNREAD, final=False)
             return
-        self.busy_pids[conn.pid] = conn.cid
+        self._hold_pid(conn.pid, conn.cid)
         conn.checks = 0
         self._freeze(conn)
 
@@ -1084,7 +1095,7 @@ class Engine:
         entry = self._refs.get(ev.ref)
         if entry is not None and entry[0] == "pid":
             self._take_ref(ev.ref)
-            self._release_pid(entry[1])
+            self._release_pid(*entry[1])
             return
         if entry is not None and entry[0] == "listener":
             self._take_ref(ev.ref)
@@ -1181,16 +1192,38 @@ class Engine:
             self._timer(conn, self._backoff(conn))
 
     def _thaw(self, conn: Conn) -> None:
-        if conn.pid is not None and self.busy_pids.get(conn.pid) == conn.cid:
-            self._release_pid(conn.pid)
+        if conn.pid is not None and conn.cid in self.busy_pids.get(conn.pid, ()):
+            self._release_pid(conn.pid, conn.cid)
         if conn.frozen:
             assert conn.pid is not None
             conn.frozen = False
             self._emit(Thaw(conn.pid))
 
-    def _release_pid(self, pid: int) -> None:
-        """The process is free again: wake the first client connection queued for it."""
-        self.busy_pids.pop(pid, None)
+    def _pid_full(self, pid: int | None) -> bool:
+        return self.batch[pid or 0] >= self.config.max_swaps_per_process
+
+    def _held_frozen(self, pid: int | None) -> bool:
+        """Another swap holds `pid` frozen (or is freezing it): a new freeze adds no stop."""
+        for cid in self.busy_pids.get(pid or 0, ()):
+            conn = self.conns.get(cid)
+            if conn is None or conn.frozen or conn.state is State.FREEZING:
+                return True  # (an orphaned freeze, without a connection, counts too)
+        return False
+
+    def _hold_pid(self, pid: int, token: bytes) -> None:
+        holders = self.busy_pids.setdefault(pid, set())
+        if token not in holders:
+            holders.add(token)
+            self.batch[pid] += 1
+
+    def _release_pid(self, pid: int, token: bytes) -> None:
+        """A swap lets go of the process: wake a client connection queued for it."""
+        holders = self.busy_pids.get(pid)
+        if holders is not None:
+            holders.discard(token)
+            if not holders:  # free again: the next batch may start
+                del self.busy_pids[pid]
+                self.batch.pop(pid, None)
         waiters = self.pid_waiters.get(pid)
         while waiters:
             conn = self.conns.get(waiters.popleft())
@@ -1206,14 +1239,15 @@ class Engine:
         orphan_freeze = None
         if conn.outstanding is not None:  # a result will arrive: undo a freeze if need be
             if conn.outstanding in self._refs and conn.state is State.FREEZING:
-                self._refs[conn.outstanding] = ("pid", conn.pid)
+                self._refs[conn.outstanding] = ("pid", (conn.pid, b"orphan" + conn.cid))
                 orphan_freeze = conn.pid
             else:
                 self._refs.pop(conn.outstanding, None)
             conn.outstanding = None
         self._thaw(conn)
         if orphan_freeze is not None:
-            self.busy_pids[orphan_freeze] = b""  # held until the late freeze result arrives
+            # held until the late freeze result arrives
+            self._hold_pid(orphan_freeze, b"orphan" + conn.cid)
         if (notify and not conn.told_final and conn.state is not State.SWAPPED
                 and conn.host_sock is not None):
             self._send(conn, "conn_closed")

@@ -109,7 +109,7 @@ class Proc:
     pid: int
     node: str
     fds: dict[int, Sock]
-    frozen: bool = False
+    frozen: int = 0  # holds: swaps sharing one stop (the injector counts them the same way)
     alive: bool = True
 
 
@@ -206,7 +206,7 @@ class World:
         elif isinstance(action, Thaw):
             proc = self.procs[node]
             assert proc.pid == action.pid
-            proc.frozen = False
+            proc.frozen = max(0, proc.frozen - 1)
         elif isinstance(action, CloseSocket):
             if action.sock not in daemon.handles:
                 raise Violation(f"{node}: CloseSocket of unknown handle {action.sock}")
@@ -250,9 +250,7 @@ class World:
             if not proc.alive:
                 self.feed(node, ActionFailed(ref, "no such process"))
                 return
-            if proc.frozen:
-                raise Violation(f"{node}: Freeze of an already frozen process")
-            proc.frozen = True
+            proc.frozen += 1
             self.feed(node, FreezeDone(ref))
         elif isinstance(action, CheckQueues):
             self.feed(node, QueuesChecked(ref, 1 if busy else 0, self.unread[node]))
@@ -337,7 +335,7 @@ class World:
         daemon.alive = False
         daemon.handles.clear()
         daemon.timers.clear()
-        self.procs[node].frozen = False
+        self.procs[node].frozen = 0
         self.pending = [(n, a) for n, a in self.pending if n != node]
         self.inbox[node].clear()
         self.link_up = False
@@ -355,7 +353,7 @@ class World:
     def app_exit(self, node: str) -> None:
         proc = self.procs[node]
         proc.alive = False
-        proc.frozen = False
+        proc.frozen = 0
         proc.fds.clear()
         self.inbox[node].append(ProcessExited(proc.pid))
 

@@ -61,6 +61,12 @@ def test_run_bad_timing_flags(monkeypatch, capsys, flag: str, value: str, messag
     assert message in capsys.readouterr().err
 
 
+def test_run_bad_swap_batch(monkeypatch, capsys) -> None:
+    monkeypatch.delenv("ROUTER_PORT", raising=False)
+    assert main(["run", "--swap-batch", "0"]) == 2
+    assert "--swap-batch 0: must be 1..64" in capsys.readouterr().err
+
+
 def test_demo_bad_rounds(capsys) -> None:
     assert main(["demo", "--rounds", "0"]) == 2
     assert "--rounds 0: must be 1..20" in capsys.readouterr().err

@@ -194,7 +194,7 @@ def test_peer_lost_mid_bounce(fault: str, done: str) -> None:
 
 def test_freezes_per_process_are_capped() -> None:
     """Past max_freezes_per_second the process is left alone until the window moves on."""
-    world = World(n=3, max_freezes_per_second=2)
+    world = World(n=3, max_freezes_per_second=2, max_swaps_per_process=1)
     peak = seen = 0
     while True:
         # the one-second windows expire before the client's next retry (0.2 s and more)
@@ -423,15 +423,29 @@ def test_rollback_failure_thaws_and_tells_the_peer() -> None:
 
 
 def test_two_connections_same_processes_serialise() -> None:
-    world = World(n=2)
+    world = World(n=2, max_swaps_per_process=1)
     world.drain()
     assert world.check_final() == ["swapped", "swapped"]
+
+
+@pytest.mark.parametrize("limit", [1, 2, 8])
+def test_swaps_of_one_process_share_its_freeze_up_to_the_limit(limit: int) -> None:
+    """Eight connections between the same two processes: up to `limit` swaps hold each
+    process at once (the injector counts holds), and all end swapped."""
+    world = World(n=8, max_swaps_per_process=limit)
+    peak = {CLIENT: 0, SERVER: 0}
+    while world.step_default():
+        for node, daemon in world.daemons.items():
+            holders = daemon.engine.busy_pids.get(world.procs[node].pid, ())
+            peak[node] = max(peak[node], len(holders))
+    assert world.check_final() == ["swapped"] * 8
+    assert peak[CLIENT] == limit and peak[SERVER] <= limit
 
 
 def test_connections_queue_for_a_busy_process_and_are_woken_in_turn() -> None:
     """Eight connections of one client process: each waits once, queued, and is woken when the
     process is free (a zero-delay timer), instead of polling until max_waits runs out."""
-    world = World(n=8, max_waits=2, unread=(7, 3))
+    world = World(n=8, max_waits=2, unread=(7, 3), max_swaps_per_process=1)
     world.drain()
     assert world.check_final() == ["swapped"] * 8
     engine = world.daemons[CLIENT].engine
