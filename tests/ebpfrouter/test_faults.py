@@ -319,8 +319,11 @@ def wait_listener(lab: Lab, node: str, port: int) -> None:
                          for lst in lab.routers.status(node)["listeners"]), 10, "host listener")
 
 
-def tally(fault: str, results: list[dict[str, Any]], bypassed: int, pids: list[int]) -> None:
-    """Record streams' outcome; lost connections and bytes are counted, not asserted here."""
+def tally(fault: str, results: list[dict[str, Any]], peers: list[str | None],
+          pids: list[int]) -> None:
+    """Record streams' outcome (`peers`: each stream's peer address at the end, a host one
+    meaning bypassed); lost connections and bytes are counted, not asserted here."""
+    bypassed = sum(1 for p in peers if p and p.startswith(UNDERLAY))
     lost = sum(1 for r in results if not r["ok"])
     bytes_lost = sum(max(0, r["sent"] - max(0, r["received"])) for r in results)
     left = sum(1 for pid in pids if faultlib.stuck(pid, 0.5))
@@ -379,13 +382,12 @@ def _kill_at(lab: Lab, victim: str, step: str, fault: str) -> None:
     sender.connected()
     fired = wait_for(lambda: killed_at, 15, f"swap step {step}")
     lab.routers.procs[node].wait(10)
-    time.sleep(2.2)  # the survivor's timeouts (message 2 s) run their course; bytes keep flowing
+    time.sleep(2.2)  # the survivor's timeouts (message 0.5 s, probes) run their course
     peers = sender.peers()
     pids = [sender.proc.pid, srv.pid]
     assert_running(pids)
     results = sender.result()
-    bypassed = sum(1 for p in peers if p and p.startswith(UNDERLAY))
-    tally(fault, results, bypassed, pids)
+    tally(fault, results, peers, pids)
     NOTES[fault].append(f"killed after {fired[0]}")
     assert_intact(results)
     # the survivor serves, holds nothing frozen; the victim's BPF programs went with it
@@ -449,8 +451,7 @@ def test_underlay_cut_during_swap(lab: Lab, step: str, repeat: int) -> None:
     pids = [sender.proc.pid, srv.pid]
     assert_running(pids)
     results = sender.result()
-    bypassed = sum(1 for p in peers if p and p.startswith(UNDERLAY))
-    tally(fault, results, bypassed, pids)
+    tally(fault, results, peers, pids)
     assert_intact(results)
     for node in ("node1", "node2"):
         assert lab.routers.procs[node].poll() is None, f"router on {node} died"
@@ -504,7 +505,7 @@ def test_target_dies_mid_swap(lab: Lab, how: str, repeat: int) -> None:
     results = sender.result()
     if how == "client exits":
         srv.kill()
-        tally(fault, results, 0, survivors)
+        tally(fault, results, [], survivors)
         assert_intact(results)
     elif how == "client killed":  # the server app saw a close or a reset, and only good bytes
         # (possibly none: the swap can start, and the client be frozen and killed, before its
@@ -550,8 +551,7 @@ def test_closed_before_swap_fd_reused(lab: Lab, repeat: int) -> None:
     peers = sender.peers()
     results = sender.result()
     pids = [sender.proc.pid, srv.pid]
-    bypassed = sum(1 for p in peers if p and p.startswith(UNDERLAY))
-    tally(fault, results, bypassed, pids)
+    tally(fault, results, peers, pids)
     record(fault, conns=20)
     NOTES[fault].append("20 closed at once + 3 streams")
     assert_intact(results)
@@ -591,8 +591,7 @@ def test_fifty_simultaneous_swaps(lab: Lab, repeat: int) -> None:
     pids = [s.proc.pid for s in senders] + [srv1.pid, srv2.pid]
     assert_running(pids)
     results = [r for s in senders for r in s.result()]
-    bypassed = sum(1 for p in peers if p and p.startswith(UNDERLAY))
-    tally(fault, results, bypassed, pids)
+    tally(fault, results, peers, pids)
     assert len(results) == 50
     assert_intact(results)
     assert settled(), "swaps still pending 20 s after the connections opened"
@@ -675,8 +674,7 @@ def test_short_connection_flood_during_swaps(lab: Lab, repeat: int) -> None:
     pids = [s.proc.pid for s in longs] + [srv_short.pid, srv_long.pid]
     assert_running(pids)
     results = [r for s in longs for r in s.result()]
-    bypassed = sum(1 for p in peers if p and p.startswith(UNDERLAY))
-    tally(fault, results, bypassed, pids)
+    tally(fault, results, peers, pids)
     record(fault, conns=short_ok + short_err, lost=short_err)
     NOTES[fault].append(f"{short_ok + short_err} short connections at {rate:.0f}/s "
                         f"(without routers: {baseline:.0f}/s), {short_err} failed")
