@@ -16,14 +16,30 @@ What each daemon operation needs (kernel 5.8+; each line is checked by
     attach a tracepoint (perf_event_open)  CAP_PERFMON
     use maps, ring/perf buffers, links     nothing: the fds carry the right
     ptrace-seize another process           CAP_SYS_PTRACE (unless same uid *and* the target's
-    pidfd_getfd, /proc/PID/{fd,fdinfo,ns}    capabilities are a subset of ours: after a drop,
+    pidfd_getfd, /proc/PID/ns                capabilities are a subset of ours: after a drop,
                                               any root process with more caps needs it)
+    list /proc/PID/fd, read /proc/PID/fd/N CAP_DAC_READ_SEARCH + CAP_SYS_PTRACE for a process
+    and /proc/PID/fdinfo/N of another uid    of another uid: those directories are mode 0500,
+                                              owned by the process's euid, and their permission
+                                              hook asks generic_permission() (DAC) before the
+                                              ptrace check; only CAP_DAC_READ_SEARCH or
+                                              CAP_DAC_OVERRIDE passes the DAC part
     setns into a pod's network namespace   CAP_SYS_ADMIN
     bind a host listener below port 1024   CAP_NET_BIND_SERVICE (the overlay port is reused)
 
-So once the tracer is open the daemon needs CAP_SYS_PTRACE, CAP_SYS_ADMIN and
-CAP_NET_BIND_SERVICE; CAP_BPF and CAP_PERFMON only while it may still load or attach programs.
-CAP_NET_ADMIN is not needed today (it will be for TCP_REPAIR queue migration).
+So once the tracer is open the daemon keeps CAP_SYS_PTRACE, CAP_SYS_ADMIN,
+CAP_DAC_READ_SEARCH and CAP_NET_BIND_SERVICE; CAP_BPF and CAP_PERFMON only while it may still
+load or attach programs. `CAPABILITIES` below is the one list: the daemon keeps what it names
+for after start-up, and the Helm chart adds exactly its names (a chart test checks
+`securityContext.capabilities` against `chart_capabilities()`).
+
+CAP_DAC_READ_SEARCH, not CAP_DAC_OVERRIDE: the router only reads and searches (listing fds,
+reading fdinfo for flags and epoll registrations); it never writes another user's files. Its
+marginal power is small next to CAP_SYS_PTRACE over every process (which already reads any
+process's memory), but it is not nothing: it lets the daemon read any file on the node and
+call open_by_handle_at(2). CAP_NET_ADMIN is not kept: a socket with a non-zero SO_MARK
+cannot be swapped after the drop (the replacement's mark cannot be set); it is refused, not
+half done.
 """
 
 from __future__ import annotations
@@ -46,6 +62,23 @@ CAP_NAMES = (
 )
 CAP_NUMBERS = {name: i for i, name in enumerate(CAP_NAMES)}
 
+# Every capability the router holds, with the calls that need it; "start-up" ones are
+# dropped once the BPF programs are attached, the rest are kept (see `daemon_required`).
+CAPABILITIES: dict[str, tuple[str, str]] = {
+    "CAP_BPF": ("start-up", "bpf(2): load the tracer programs, create its maps"),
+    "CAP_PERFMON": ("start-up", "perf_event_open(2): attach programs to tracepoints; "
+                                "tracing programs' helpers"),
+    "CAP_SYS_PTRACE": ("kept", "PTRACE_SEIZE/INTERRUPT (freeze, syscalls inside the app), "
+                               "pidfd_getfd(2) (socket copies), /proc/PID/ns/net and the "
+                               "ptrace check of /proc/PID/fd and /proc/PID/fdinfo"),
+    "CAP_DAC_READ_SEARCH": ("kept", "list /proc/PID/fd, read /proc/PID/fd/N and "
+                                    "/proc/PID/fdinfo/N of processes of another uid (mode 0500)"),
+    "CAP_SYS_ADMIN": ("kept", "setns(2) into a pod's network namespace (the hand-off socket, "
+                              "the pod's addresses)"),
+    "CAP_NET_BIND_SERVICE": ("kept", "bind a host listener on the overlay port when it is "
+                                     "below 1024"),
+}
+
 # Which capability each operation of the daemon needs (see the module docstring).
 OPERATION_CAPS: dict[str, frozenset[str]] = {
     "bpf_load_tracing_program": frozenset({"CAP_BPF", "CAP_PERFMON"}),
@@ -54,6 +87,7 @@ OPERATION_CAPS: dict[str, frozenset[str]] = {
     "perf_event_open_tracepoint": frozenset({"CAP_PERFMON"}),
     "ptrace_seize_other_process": frozenset({"CAP_SYS_PTRACE"}),
     "pidfd_getfd": frozenset({"CAP_SYS_PTRACE"}),
+    "read_proc_fd_other_uid": frozenset({"CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"}),
     "setns_network": frozenset({"CAP_SYS_ADMIN"}),
     "bind_port_below_1024": frozenset({"CAP_NET_BIND_SERVICE"}),
 }
@@ -193,12 +227,17 @@ def daemon_required(tracer_open: bool = True, low_ports: bool = True) -> set[str
     rights), so CAP_BPF and CAP_PERFMON can go too. `low_ports`: host listeners may reuse an
     overlay port below 1024.
     """
-    keep = {"CAP_SYS_PTRACE", "CAP_SYS_ADMIN"}
-    if not tracer_open:
-        keep |= {"CAP_BPF", "CAP_PERFMON"}
-    if low_ports:
-        keep.add("CAP_NET_BIND_SERVICE")
+    keep = {name for name, (when, _) in CAPABILITIES.items()
+            if when == "kept" or not tracer_open}
+    if not low_ports:
+        keep.discard("CAP_NET_BIND_SERVICE")
     return keep
+
+
+def chart_capabilities() -> list[str]:
+    """The Kubernetes spelling (no ``CAP_``) of `CAPABILITIES`, in that order: what the Helm
+    chart adds to the router container (all others dropped)."""
+    return [name.removeprefix("CAP_") for name in CAPABILITIES]
 
 
 def drop_privileges(keep: set[str] | frozenset[str]) -> DroppedReport:

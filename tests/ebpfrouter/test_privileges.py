@@ -85,7 +85,8 @@ def _nothing() -> None:
     return None
 
 
-def operations(target_pid: int, netns_pid: int) -> dict[str, tuple[Callable, Callable]]:
+def operations(target_pid: int, netns_pid: int,
+               other_uid_pid: int = 1) -> dict[str, tuple[Callable, Callable]]:
     """operation name -> (prepare with full privileges, act after the drop)."""
     from bpf_asm.attach import attach_tracepoint
     from bpf_asm.maps import Map
@@ -141,6 +142,14 @@ def operations(target_pid: int, netns_pid: int) -> dict[str, tuple[Callable, Cal
         if libc.unshare(0x40000000) != 0:
             raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
 
+    def other_uid_fds(_: Any) -> None:
+        # the router's view of a non-root pod's process: list its fds, read one, its fdinfo
+        names = os.listdir(f"/proc/{other_uid_pid}/fd")
+        assert names
+        os.readlink(f"/proc/{other_uid_pid}/fd/{names[0]}")
+        with open(f"/proc/{other_uid_pid}/fdinfo/{names[0]}") as f:
+            f.read()
+
     def low_bind(_: Any) -> None:
         with socket.socket() as s:
             s.bind(("0.0.0.0", 80))
@@ -153,6 +162,7 @@ def operations(target_pid: int, netns_pid: int) -> dict[str, tuple[Callable, Cal
         "ptrace_seize_other_process": (_nothing, seize),
         "pidfd_getfd": (_nothing, pidfd),
         "setns_network": (open_ns, enter_ns),
+        "read_proc_fd_other_uid": (_nothing, other_uid_fds),
         "bind_port_below_1024": (own_netns, low_bind),
     }
 
@@ -161,9 +171,23 @@ def test_every_operation_is_tested() -> None:
     assert set(operations(1, 1)) == set(OPERATION_CAPS)
 
 
+@pytest.fixture(scope="module")
+def other_uid_proc() -> Iterator[subprocess.Popen]:
+    """A process of uid/gid 65534 (nobody), dumpable: its /proc/PID/fd is 0500 and its own."""
+    proc = subprocess.Popen(["sleep", "60"], user=65534, group=65534, extra_groups=[])
+    deadline = time.monotonic() + 5
+    while os.stat(f"/proc/{proc.pid}/fd").st_uid != 65534:  # until the exec is done
+        assert time.monotonic() < deadline, "the uid 65534 process did not start"
+        time.sleep(0.01)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
 @pytest.mark.parametrize("name", sorted(OPERATION_CAPS))
-def test_operation_needs_exactly_its_capabilities(name: str, target, netns_proc) -> None:
-    prepare, act = operations(target.pid, netns_proc.pid)[name]
+def test_operation_needs_exactly_its_capabilities(name: str, target, netns_proc,
+                                                  other_uid_proc) -> None:
+    prepare, act = operations(target.pid, netns_proc.pid, other_uid_proc.pid)[name]
     needs = set(OPERATION_CAPS[name])
     result = in_child(prepare, needs, act)
     assert result[0] == "ok", f"{name} with {sorted(needs)}: {result}"

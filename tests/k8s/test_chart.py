@@ -10,6 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from ebpfrouter.privileges import chart_capabilities
 from ebpfrouter.rules import RuleSet
 
 HERE = Path(__file__).resolve().parent
@@ -17,7 +18,7 @@ FULL_VALUES = HERE / "values-full.yaml"
 KUBE_VERSION = "1.33.0"
 # Kinds the Kubernetes schemas do not cover (CRDs); checked by hand below.
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
-CAPABILITIES = ["BPF", "PERFMON", "SYS_PTRACE", "NET_ADMIN", "SYS_ADMIN"]
+CAPABILITIES = chart_capabilities()  # the router's one list (ebpfrouter/privileges.py)
 
 
 def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
