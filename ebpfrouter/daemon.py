@@ -17,6 +17,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import ipaddress
 import itertools
 import logging
@@ -29,7 +30,7 @@ import time
 from typing import Any
 
 from injector.errors import InjectorError
-from injector.inspect import TCP_STATES, copy_socket, queue_sizes, tcp_info
+from injector.inspect import TCP_STATES, copy_socket, getfd, queue_sizes, tcp_info
 
 from . import hostnet
 from .config import ConfigError, RouterConfig
@@ -57,6 +58,7 @@ from .engine.events import (
     ConnectTraced,
     ConnProbed,
     Event,
+    FdMoved,
     FourTuple,
     FreezeDone,
     HostAccepted,
@@ -73,6 +75,7 @@ from .engine.events import (
     TimerFired,
 )
 from .engine.machine import Conn, Engine, EngineConfig, Role, State
+from .holders import SocketHolders
 from .k8s.link import ClusterLink, ClusterLinkError
 from .peers import Codec, ProtocolError
 from .peers.transport import PeerClient, PeerInfo, PeerServer
@@ -314,6 +317,9 @@ class Daemon:
         self._stop: asyncio.Event | None = None
         self._ready = False
         self.privileges: list[str] | None = None  # capabilities kept after the drop
+        self.holders = SocketHolders()  # which processes hold each traced socket (forks)
+        self.uninspectable: dict[int, str] = {}  # pid -> why it cannot be inspected (logged
+        # once per pid; see `_note_uninspectable`)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -401,6 +407,36 @@ class Daemon:
         except OSError:
             return True
 
+    def shared(self, conn: Conn) -> bool:
+        """Whether another process holds `conn`'s overlay socket too (just forked): a swap
+        would replace only one holder's fd. Holders whose fd no longer is that socket (closed
+        without a traced close: close-on-exec, close_range) are dropped first."""
+        if conn.inode is None or len(self.holders.holders(conn.inode)) <= 1:
+            return False
+        return len(self.holders.prune(conn.inode, _still_holds)) > 1
+
+    def _note_uninspectable(self, pid: int, exc: OSError) -> None:
+        """Count and log (once per pid) a process whose fds the router may not read."""
+        if pid in self.uninspectable:
+            return
+        try:
+            uid: int | str = os.stat(f"/proc/{pid}").st_uid
+            netns = os.stat(f"/proc/{pid}/ns/net").st_ino
+        except OSError:
+            uid, netns = "?", None
+        if self.local_netns is not None and netns not in self.local_netns:
+            return  # not one of this node's pods: none of our business
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        self.uninspectable[pid] = name
+        if len(self.uninspectable) > 4096:  # remembered to log once, not for ever
+            self.uninspectable.pop(next(iter(self.uninspectable)))
+        self.counters["uninspectable"] += 1
+        log.warning("pid %d (uid %s): cannot inspect its sockets: %s (%s); its connections "
+                    "stay on the overlay%s", pid, uid, name, exc.strerror or exc,
+                    " (the router was started without the capabilities it needs: "
+                    "see docs/kubernetes.md, Capabilities)"
+                    if exc.errno in (errno.EACCES, errno.EPERM) else "")
+
     async def start(self) -> None:
         """Open everything; raise `DaemonError` naming what failed (and undo the rest)."""
         self.loop = asyncio.get_running_loop()
@@ -442,7 +478,8 @@ class Daemon:
         self.codec = Codec(cfg.key)
         self.engine = Engine(EngineConfig(node=self.node, min_age=self.options.min_age,
                                           max_swaps_per_process=self.options.swap_batch),
-                             self.peer_of, self.allow, server_ready=self.server_ready)
+                             self.peer_of, self.allow, server_ready=self.server_ready,
+                             shared=self.shared)
         self.server = PeerServer(self.codec, self._on_peer_message, host=self.host_addr,
                                  port=cfg.router_port)
         try:
@@ -475,7 +512,7 @@ class Daemon:
         self.loop.add_reader(self.tracer.fileno(), self._on_tracer_readable)
         for host in sorted(self.peer_map.hosts() | self._cluster_hosts()):
             self._ensure_client(host)
-        seeded = self.tracer.seed()
+        seeded = self.tracer.seed(on_denied=self._note_uninspectable)
         for ev in seeded:
             self._on_socket_event(ev)
         log.info("seeded %d existing sockets (pod netns %s)", len(seeded),
@@ -608,6 +645,9 @@ class Daemon:
             if self.rules.poll():
                 self.counters["rules_reloads"] += 1
             self._gc_socks()
+            gone = [pid for pid in self.holders.pids() if not os.path.exists(f"/proc/{pid}")]
+            if gone:  # exits the tracer could not report (its pids map is LRU)
+                self.counters["holders_pruned"] += self.holders.drop_pids(gone)
             for host in self._cluster_hosts():
                 self._ensure_client(host)
             if time.monotonic() - last_peers >= self.options.peer_refresh:
@@ -897,6 +937,8 @@ class Daemon:
                 sock = copy_socket(pid, fd, inode)
             except (InjectorError, OSError) as exc:
                 self.counters["copy_failed"] += 1
+                if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM):
+                    self._note_uninspectable(pid, exc)
                 log.info("pid %d fd %d: cannot copy the socket: %s", pid, fd, exc)
                 return None
             self.socks[ref] = sock
@@ -1101,15 +1143,23 @@ class Daemon:
         kind = ev.kind
         if kind == EventKind.EXIT:
             self.addr_cache.pop(ev.pid, None)
+            for fd, _, left in self.holders.exited(ev.pid):
+                if left:
+                    self._moved(ev.pid, fd, left)
             for key in [k for k in self.traced_at if k[0] == ev.pid]:
                 del self.traced_at[key]
             self.feed(ProcessExited(ev.pid))
             return
+        if kind == EventKind.FORK:
+            self._forked(ev)
+            return
+        if kind == EventKind.EXEC:
+            self._execed(ev.pid)
+            return
         if kind == EventKind.CLOSE:
             if self.local_netns is not None and ev.netns not in self.local_netns:
                 return
-            self.traced_at.pop((ev.pid, ev.fd), None)
-            self.feed(CloseTraced(ev.pid, ev.fd))
+            self._closed(ev.pid, ev.fd)
             return
         if ev.ret < 0 and not (kind == EventKind.CONNECT and ev.ret == -115):  # EINPROGRESS
             return
@@ -1119,6 +1169,7 @@ class Daemon:
         if kind == EventKind.LISTEN:
             for addr in self._listen_addrs(ev.pid, laddr):
                 self.counters["listens"] += 1
+                self.holders.add(ev.pid, ev.fd, ev.sock_ino)  # pre-forked workers inherit it
                 self.feed(ListenTraced(ev.pid, ev.fd, ev.sock_ino, addr, ev.lport))
             return
         if kind == EventKind.ACCEPT:
@@ -1154,8 +1205,71 @@ class Daemon:
         """Feed a traced connection; close our copy at once if the engine did not keep it."""
         self.feed(event)
         assert self.engine is not None
-        if not self.engine.holds_traced(event.pid, event.fd, event.sock):
+        if self.engine.holds_traced(event.pid, event.fd, event.sock):
+            self.holders.add(event.pid, event.fd, event.inode)  # followed through forks
+        else:
             self._close_sock(event.sock)
+
+    # -- sockets that change process ---------------------------------------------------------
+
+    def _closed(self, pid: int, fd: int) -> None:
+        """A traced close: the end of the socket, or of one holder's copy of it."""
+        removed = self.holders.remove(pid, fd)
+        if removed is not None and removed[1]:
+            self._moved(pid, fd, removed[1])
+            return
+        self.traced_at.pop((pid, fd), None)
+        self.feed(CloseTraced(pid, fd))
+
+    def _moved(self, pid: int, fd: int, left: set[tuple[int, int]]) -> None:
+        """`pid` let go of the socket at `fd`; a process in `left` still holds it: carry the
+        connection (or listener) over to the newest holder that really has it."""
+        inode = None
+        for holder in sorted(left, key=lambda h: h[0]):
+            inode = inode or self.holders.inode_of(*holder)
+        alive = self.holders.prune(inode, _still_holds) if inode is not None else set()
+        if not alive:  # the other holders are gone too: the socket was closed
+            self.traced_at.pop((pid, fd), None)
+            self.feed(CloseTraced(pid, fd))
+            return
+        new_pid, new_fd = self.holders.successor(alive)
+        self.counters["fd_moves"] += 1
+        log.info("pid %d fd %d: the socket lives on in pid %d fd %d", pid, fd, new_pid, new_fd)
+        for ref, (p, f, ino) in list(self.uncopied.items()):
+            if (p, f) == (pid, fd):
+                self.uncopied[ref] = (new_pid, new_fd, ino)
+        started = self.traced_at.pop((pid, fd), None)
+        if started is not None:
+            self.traced_at[(new_pid, new_fd)] = started
+        self.feed(FdMoved(pid, fd, new_pid, new_fd))
+
+    def _forked(self, ev: SocketEvent) -> None:
+        """A process holding traced sockets forked: the child holds them too (same fds)."""
+        child = ev.child_pid
+        if child is None or child == ev.pid:
+            return
+        tgid = _tgid(child)
+        if tgid != child:  # a new thread (same fd table), or already gone
+            if self.tracer is not None:
+                self.tracer.forget_pid(child)
+            return
+        got = self.holders.forked(ev.pid, child)
+        if not got:
+            return
+        self.counters["forks_followed"] += 1
+        if self.tracer is not None:
+            for fd, inode in got:  # so the child's closes and exit are reported
+                with contextlib.suppress(Exception):
+                    self.tracer.track(child, fd, inode=inode, netns=ev.netns)
+
+    def _execed(self, pid: int) -> None:
+        """After exec, close-on-exec fds are gone without a traced close: check each."""
+        for fd, inode in self.holders.held_by(pid):
+            if not _still_holds(pid, fd, inode):
+                if self.tracer is not None:
+                    with contextlib.suppress(Exception):
+                        self.tracer.untrack(pid, fd)
+                self._closed(pid, fd)
 
     def _referenced(self) -> set[int]:
         """Every socket handle the engine holds (the rest of `socks` may be closed)."""
@@ -1300,6 +1414,30 @@ def _in_thread(fn: Any) -> None:
     thread.join()
     if error:
         raise error[0]
+
+
+def _tgid(pid: int) -> int | None:
+    """The thread group of task `pid` (== pid for a process), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _still_holds(pid: int, fd: int, inode: int) -> bool:
+    """Whether fd `fd` of `pid` is socket `inode` now (a pidfd_getfd copy, closed at once)."""
+    try:
+        copy = getfd(pid, fd)
+    except (InjectorError, OSError):
+        return False
+    try:
+        return os.fstat(copy).st_ino == inode
+    finally:
+        os.close(copy)
 
 
 def _family_name(what: socket.socket | int | None) -> str | None:

@@ -19,7 +19,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from bpf_asm.attach import Link, attach_tracepoint
@@ -88,6 +88,7 @@ class SocketEvent:
     raddr: str | None = None
     rport: int = 0
     listen_fd: int | None = None
+    child_pid: int | None = None  # FORK: the new task (a process, or a thread of `pid`)
 
     @classmethod
     def decode(cls, data: bytes) -> SocketEvent:
@@ -121,6 +122,7 @@ class SocketEvent:
             raddr=ra,
             rport=socket.ntohs(rport),
             listen_fd=arg if k == EventKind.ACCEPT else None,
+            child_pid=arg if k == EventKind.FORK else None,
         )
 
 
@@ -320,6 +322,12 @@ class Tracer:
         self._map("tracked")[TRACKED_KEY.pack(pid, fd)] = TRACKED_VALUE.pack(inode, netns, 0)
         self._map("pids")[pid.to_bytes(4, "little")] = (1).to_bytes(4, "little")
 
+    def forget_pid(self, pid: int) -> None:
+        """Stop reporting `pid`'s exit and forks (the fork program adds every child, threads
+        too; user space tells them apart)."""
+        with contextlib.suppress(KeyError, BPFError):
+            self._map("pids").delete(pid.to_bytes(4, "little"))
+
     def untrack(self, pid: int, fd: int) -> bool:
         """Stop tracking (pid, fd); True if it was tracked."""
         return bool(self._map("tracked").delete(TRACKED_KEY.pack(pid, fd)))
@@ -333,15 +341,17 @@ class Tracer:
             out[(pid, fd)] = (ino, netns)
         return out
 
-    def seed(self, track: bool = True, pids: Iterable[int] | None = None) -> list[SocketEvent]:
+    def seed(self, track: bool = True, pids: Iterable[int] | None = None,
+             on_denied: Callable[[int, OSError], None] | None = None) -> list[SocketEvent]:
         """Events for TCP sockets that already existed outside the host namespace (from
         /proc; see :mod:`ebpfrouter.tracer_seed`), tracked unless ``track=False``.
+        ``on_denied(pid, error)`` hears of every process whose fds could not be read.
 
         Call it after the tracer is open, so nothing falls between the scan and the
         programs; a socket made in between may then be reported twice.
         """
         out = []
-        for kind, pid, fd, netns, row in existing_sockets(self.host_netns, pids):
+        for kind, pid, fd, netns, row in existing_sockets(self.host_netns, pids, on_denied):
             if track:
                 self.track(pid, fd, row.inode, netns)
             out.append(

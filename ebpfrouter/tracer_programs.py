@@ -1,9 +1,9 @@
 """The socket tracer's BPF programs, generated with `bpf_asm.Builder` (no clang).
 
-Eleven tracepoint programs watch ``listen``, ``accept``, ``accept4``, ``connect`` and
-``close`` (enter and exit each) and ``sched_process_exit``. Every struct offset comes from
-the kernel's BTF (:class:`KernelLayout`) and every tracepoint argument offset from tracefs
-(:class:`TracepointArgs`), so nothing here depends on a kernel version.
+Thirteen tracepoint programs watch ``listen``, ``accept``, ``accept4``, ``connect`` and
+``close`` (enter and exit each) and ``sched_process_{exit,fork,exec}``. Every struct offset
+comes from the kernel's BTF (:class:`KernelLayout`) and every tracepoint argument offset from
+tracefs (:class:`TracepointArgs`), so nothing here depends on a kernel version.
 
 Flow of one traced syscall:
 
@@ -22,6 +22,11 @@ Flow of one traced syscall:
   tracepoint has it, else the leader's exit) and the process is in ``pids``, emit.
   User space then drops the process's ``tracked`` entries (a BPF program cannot cheaply
   walk a hash map; the maps are LRU so nothing can fill them up for good).
+* **fork**: a process in ``pids`` forks (or makes a thread: the tracepoint cannot tell, user
+  space can): emit the child's pid in ``arg`` and add the child to ``pids``, so its exit is
+  reported even if it exits before user space has tracked the fds it inherited.
+* **exec**: a process in ``pids`` execs (its close-on-exec fds are gone without a close):
+  emit, so user space can check which of its tracked fds survived.
 
 The socket inode is read as ``file->f_inode->i_ino``: that works for any file, needs no
 assumption that ``struct socket`` is embedded in ``struct socket_alloc`` next to its inode
@@ -66,13 +71,15 @@ class EventKind(IntEnum):
     CONNECT = 3
     CLOSE = 4
     EXIT = 5
+    FORK = 6  # arg: the child's pid (a process, or a thread of the same process)
+    EXEC = 7
 
 
 # ----------------------------------------------------------------------------- records
 #
 # The record every program emits (native byte order, 88 bytes):
 #   0 u32 kind      4 u32 pid (tgid)    8 u32 tid        12 s32 fd
-#  16 u32 netns    20 s32 arg (accept: listening fd; else -1)
+#  16 u32 netns    20 s32 arg (accept: listening fd; fork: child pid; else -1)
 #  24 u64 sock_ino  32 s64 ret          40 u64 ktime_ns
 #  48 u16 family   50 u16 lport (host order)  52 u16 rport (network order)  54 u16 pad
 #  56 u8 laddr[16] 72 u8 raddr[16]      (IPv4: first 4 bytes)
@@ -186,6 +193,7 @@ class TracepointArgs:
     enter_fd: dict[str, tuple[int, int]]  # syscall -> (offset, size) of its fd argument
     exit_ret: dict[str, tuple[int, int]]  # syscall -> (offset, size) of ret
     group_dead: tuple[int, int] | None  # sched_process_exit.group_dead, if present
+    fork_child_pid: tuple[int, int]  # sched_process_fork.child_pid
 
     @classmethod
     def from_tracefs(cls, formats: dict[str, EventFormat] | None = None) -> TracepointArgs:
@@ -210,7 +218,8 @@ class TracepointArgs:
             group_dead: tuple[int, int] | None = (g.offset, g.size)
         except KeyError:
             group_dead = None
-        return cls(enter, exit_, group_dead)
+        c = fmt("sched", "sched_process_fork").field("child_pid")
+        return cls(enter, exit_, group_dead, (c.offset, c.size))
 
 
 SYSCALLS = ("listen", "accept", "accept4", "connect", "close")
@@ -241,7 +250,9 @@ class ProgramDef:
 TRACEPOINTS: tuple[tuple[str, str, str], ...] = tuple(
     [(f"er_en_{sc}", "syscalls", f"sys_enter_{sc}") for sc in SYSCALLS]
     + [(f"er_ex_{sc}", "syscalls", f"sys_exit_{sc}") for sc in SYSCALLS]
-    + [("er_proc_exit", "sched", "sched_process_exit")]
+    + [("er_proc_exit", "sched", "sched_process_exit"),
+       ("er_proc_fork", "sched", "sched_process_fork"),
+       ("er_proc_exec", "sched", "sched_process_exec")]
 )
 
 
@@ -602,6 +613,48 @@ def _process_exit_program(lay: KernelLayout, args: TracepointArgs, ringbuf: bool
     return b
 
 
+def _process_event_program(lay: KernelLayout, args: TracepointArgs, kind: EventKind,
+                           ringbuf: bool) -> Builder:
+    """sched_process_fork / sched_process_exec of a process in ``pids``: emit (fork: the
+    child's pid in ``arg``, and the child goes into ``pids`` too). r6 ctx, r7 pid_tgid, r8
+    task / netns, r9 child pid."""
+    g = _Gen(lay, ringbuf)
+    b = g.b
+    b.mov64(R6, R1)
+    b.call("get_current_pid_tgid").mov64(R7, R0)
+    b.mov64(R1, R7).rsh64(R1, 32)
+    b.stx(32, R10, R1, _TKEY)
+    b.ld_map_fd(R1, "pids")
+    b.mov64(R2, R10).add64(R2, _TKEY)
+    b.call("map_lookup_elem")
+    b.jeq(R0, 0, "out")
+    g.zero_record()
+    b.st(32, R10, _REC + OFF_KIND, int(kind))
+    b.stx(32, R10, R7, _REC + OFF_TID)
+    b.mov64(R1, R7).rsh64(R1, 32)
+    b.stx(32, R10, R1, _REC + OFF_PID)
+    b.st(32, R10, _REC + OFF_FD, -1)
+    if kind == EventKind.FORK:
+        g.ctx_load(R9, args.fork_child_pid)
+        b.stx(32, R10, R9, _REC + OFF_ARG)
+        b.stx(32, R10, R9, _TKEY)
+        b.st(32, R10, _SCRATCH, 1)
+        b.ld_map_fd(R1, "pids")
+        b.mov64(R2, R10).add64(R2, _TKEY)
+        b.mov64(R3, R10).add64(R3, _SCRATCH)
+        b.mov64(R4, BPF_ANY)
+        b.call("map_update_elem")
+    else:
+        b.st(32, R10, _REC + OFF_ARG, -1)
+    b.call("get_current_task").mov64(R8, R0)
+    g.netns_inum(R8, R8, "emit")
+    b.stx(32, R10, R8, _REC + OFF_NETNS)
+    b.label("emit")
+    g.emit_record()
+    g.finish()
+    return b
+
+
 def generate_programs(
     layout: KernelLayout | None = None,
     args: TracepointArgs | None = None,
@@ -627,6 +680,10 @@ def generate_programs(
                 if sc == "close"
                 else _exit_program(layout, args, sc, ringbuf)
             )
+        elif tp == "sched_process_fork":
+            b = _process_event_program(layout, args, EventKind.FORK, ringbuf)
+        elif tp == "sched_process_exec":
+            b = _process_event_program(layout, args, EventKind.EXEC, ringbuf)
         else:
             b = _process_exit_program(layout, args, ringbuf)
         out.append(ProgramDef(name, cat, tp, b))

@@ -12,11 +12,12 @@ anywhere else in /proc).
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from .tracer_programs import EventKind
@@ -90,10 +91,13 @@ def _pids() -> Iterator[int]:
 
 
 def existing_sockets(
-    host_netns: int = 0, pids: Iterable[int] | None = None
+    host_netns: int = 0, pids: Iterable[int] | None = None,
+    on_denied: Callable[[int, OSError], None] | None = None,
 ) -> list[tuple[EventKind, int, int, int, ProcSocket]]:
     """(kind, pid, fd, netns inode, socket) for every TCP socket fd of every process
-    outside ``host_netns`` (0: every namespace), or of ``pids`` only."""
+    outside ``host_netns`` (0: every namespace), or of ``pids`` only. A process whose
+    namespace or fds may not be read (EACCES, EPERM) is reported to ``on_denied``, never
+    skipped silently; one that is gone is skipped."""
     tables: dict[int, dict[int, ProcSocket]] = {}
     listening: dict[int, set[int]] = {}
     out = []
@@ -103,7 +107,9 @@ def existing_sockets(
             if host_netns and netns == host_netns:
                 continue
             fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
+        except OSError as exc:
+            if on_denied is not None and exc.errno in (errno.EACCES, errno.EPERM):
+                on_denied(pid, exc)
             continue  # gone, or a kernel thread
         if netns not in tables:
             rows = parse_proc_net_tcp(_read(f"/proc/{pid}/net/tcp"), socket.AF_INET)

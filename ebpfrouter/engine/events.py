@@ -85,6 +85,23 @@ class CloseTraced(Event):
 
 
 @dataclasses.dataclass(frozen=True)
+class FdMoved(Event):
+    """`pid` no longer holds the socket at `fd`, and `new_pid` still holds it at `new_fd`.
+
+    Sockets change process: a server accepts and forks (PostgreSQL's postmaster hands each
+    connection to a backend and closes its copy), a client connects and forks, a listener's
+    first owner exits and leaves it to pre-forked workers. The daemon follows forks and
+    reports this instead of `CloseTraced`/`ProcessExited` while another process holds the
+    socket, so the connection (or listener) carries on under its new holder.
+    """
+
+    pid: int
+    fd: int
+    new_pid: int
+    new_fd: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ProcessExited(Event):
     """A process exited."""
 

@@ -80,6 +80,7 @@ from .events import (
     ConnectTraced,
     ConnProbed,
     Event,
+    FdMoved,
     FourTuple,
     FreezeDone,
     HostAccepted,
@@ -100,7 +101,9 @@ from .events import (
 log = logging.getLogger(__name__)
 
 NOT_READY, PROCESS_BUSY, APP_UNREAD = "not ready", "process busy", "app has not read yet"
-WAIT_REASONS = (NOT_READY, PROCESS_BUSY, APP_UNREAD)  # server-side: do not use up an attempt
+SHARED = "socket held by several processes"
+WAIT_REASONS = (NOT_READY, PROCESS_BUSY, APP_UNREAD, SHARED)  # server-side: do not use up
+# an attempt
 
 
 class Role(enum.Enum):
@@ -244,18 +247,23 @@ class Engine:
         allow: Callable[[Role, int, FourTuple], bool] | None = None,
         new_cid: Callable[[], bytes] | None = None,
         server_ready: Callable[[Conn], bool] | None = None,
+        shared: Callable[[Conn], bool] | None = None,
     ) -> None:
         """`peer_of(overlay_ip)` names the node owning an overlay address (None: not overlay);
         `allow(role, pid, conn)` applies the rules; `new_cid` makes 16-byte connection ids;
         `server_ready(conn)` says whether an accepted connection may be swapped now (the
         daemon's policy: its app has read from it once, so an app that checks `getpeername()`
-        after its first message has done so on the overlay); False makes the client wait."""
+        after its first message has done so on the overlay); False makes the client wait.
+        `shared(conn)` says whether more than one process holds the connection's socket now
+        (just after a fork): replacing one fd would leave the other process on the overlay
+        socket, so such a connection waits (both sides) until one holder is left."""
         self.config = config
         self.node = config.node
         self.peer_of = peer_of
         self.allow = allow or (lambda role, pid, conn: True)
         self.new_cid = new_cid or (lambda: os.urandom(16))
         self.server_ready = server_ready or (lambda conn: True)
+        self.shared = shared or (lambda conn: False)
         self.stats: collections.Counter[str] = collections.Counter()
         self.listeners: dict[tuple[int, int], Listener] = {}
         self.remote_listeners: dict[tuple[str, int], tuple[str, str, int]] = {}
@@ -560,6 +568,48 @@ class Engine:
             self._drop_listener((ev.pid, ev.fd))
         self._forget_fd(ev.pid, ev.fd)
 
+    def _on_FdMoved(self, ev: FdMoved) -> None:
+        """Carry whatever the engine knows under (pid, fd) over to (new_pid, new_fd)."""
+        old, new = (ev.pid, ev.fd), (ev.new_pid, ev.new_fd)
+        moved = False
+        for name, table in (("young", self.young), ("waiting", self.waiting)):
+            traced = table.pop(old, None)
+            if traced is not None:  # restart its wait under the new key (a full one)
+                self._emit(CancelTimer((name, ev.pid, ev.fd, traced.inode)))
+                table[new] = dataclasses.replace(traced, pid=ev.new_pid, fd=ev.new_fd)
+                delay = self.config.min_age if name == "young" else self.config.listener_wait
+                self._emit(StartTimer((name, ev.new_pid, ev.new_fd, traced.inode), delay))
+                moved = True
+        tup = self.accepts_by_fd.pop(old, None)
+        if tup is not None:
+            acc = self.accepts[tup]
+            self._emit(CancelTimer(("accept", acc.pid, acc.fd, acc.inode)))
+            self.accepts[tup] = dataclasses.replace(acc, pid=ev.new_pid, fd=ev.new_fd)
+            self.accepts_by_fd[new] = tup
+            self._emit(StartTimer(("accept", ev.new_pid, ev.new_fd, acc.inode),
+                                  self.config.bind_wait))
+            moved = True
+        listener = self.listeners.pop(old, None)
+        if listener is not None:
+            listener.pid, listener.fd = new
+            self.listeners[new] = listener
+            if listener.ref in self._refs:
+                self._refs[listener.ref] = ("listener", new)
+            moved = True
+        cid = self.by_fd.get(old)
+        conn = self.conns.get(cid) if cid is not None else None
+        if conn is not None:
+            if conn.state in (State.IDLE, State.CONNECTING, State.SWAPPED):
+                del self.by_fd[old]
+                conn.pid, conn.fd = new
+                self.by_fd[new] = conn.cid
+                moved = True
+            else:  # mid-swap (the old holder was not frozen yet): this attempt is void
+                self.stats["moved_during_swap"] += 1
+                self._forget_fd(ev.pid, ev.fd)
+        if moved:
+            self.stats["fd_moved"] += 1
+
     def _on_ProcessExited(self, ev: ProcessExited) -> None:
         self.pid_waiters.pop(ev.pid, None)
         for key in [k for k in self.listeners if k[0] == ev.pid]:
@@ -681,6 +731,12 @@ class Engine:
             return
         if self._rate_limited(conn.pid) and not self._held_frozen(conn.pid):
             # frozen often enough lately: let it run a while (unless it is stopped anyway)
+            conn.attempt += 1
+            conn.waits += 1
+            self._timer(conn, self.config.rate_wait)
+            return
+        if self.shared(conn):  # just forked: wait until one process holds the socket
+            self.stats["socket_shared"] += 1
             conn.attempt += 1
             conn.waits += 1
             self._timer(conn, self.config.rate_wait)
@@ -940,6 +996,10 @@ class Engine:
                                         and not self._held_frozen(conn.pid)):
             self.stats["pid_busy"] += 1
             self._send(conn, "swap_abort", attempt=attempt, reason=PROCESS_BUSY, final=False)
+            return
+        if self.shared(conn):
+            self.stats["socket_shared"] += 1
+            self._send(conn, "swap_abort", attempt=attempt, reason=SHARED, final=False)
             return
         if not self.server_ready(conn):
             self.stats["app_not_read"] += 1

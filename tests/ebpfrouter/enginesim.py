@@ -27,6 +27,7 @@ from ebpfrouter.engine import (
     Engine,
     EngineConfig,
     Event,
+    FdMoved,
     FourTuple,
     Freeze,
     FreezeDone,
@@ -119,7 +120,8 @@ class Daemon:
         self.node = node
         self.engine = Engine(EngineConfig(node, **config), peer_of,
                              new_cid=lambda: next(world.cids),
-                             server_ready=lambda conn: world.app_read)
+                             server_ready=lambda conn: world.app_read,
+                             shared=lambda conn: world.shared[node])
         self.handles: dict[int, Sock] = {}
         self.timers: list[tuple[Any, ...]] = []
         self.alive = True
@@ -145,10 +147,14 @@ class World:
         self.inbox: dict[str, list[Event]] = {CLIENT: [], SERVER: []}
         self.pending: list[tuple[str, Any]] = []
         self.log: list[tuple[str, str]] = []  # (node, action/event name) in execution order
+        self.actions: list[tuple[str, Any]] = []  # (node, action) as the engines emitted them
         self.host_pairs: dict[int, tuple[Sock, Sock]] = {}
         self.host_closed_sent: set[int] = set()  # id() of socks already reported closed
         self.n = n
         self.app_read = True  # the server app has read from its connections (server_ready)
+        self.shared = {CLIENT: False, SERVER: False}  # a second process holds the sockets
+        self.handed_off: set[str] = set()  # nodes whose process forked and let go (once)
+        self.parents: dict[str, list[Proc]] = {CLIENT: [], SERVER: []}  # those who let go
         self.unread = {CLIENT: unread[0], SERVER: unread[1]}
         self.bounced: set[tuple[str, int]] = set()  # (node, connection) whose bounce is done
         self.overlay_pairs: dict[int, tuple[Sock, Sock]] = {}
@@ -184,6 +190,7 @@ class World:
         self.log.append((node, type(event).__name__))
         for action in daemon.engine.handle(event):
             self.log.append((node, type(action).__name__))
+            self.actions.append((node, action))
             self._apply(node, action)
         self._notice_closed_hosts()
 
@@ -204,8 +211,7 @@ class World:
             if self.link_up:
                 self.net[(node, OTHER[node])].append((action.type, action.body))
         elif isinstance(action, Thaw):
-            proc = self.procs[node]
-            assert proc.pid == action.pid
+            proc = self.proc_of(node, action.pid)
             proc.frozen = max(0, proc.frozen - 1)
         elif isinstance(action, CloseSocket):
             if action.sock not in daemon.handles:
@@ -226,7 +232,8 @@ class World:
         daemon = self.daemons[node]
         if not daemon.alive:
             return
-        proc = self.procs[node]
+        pid = getattr(action, "pid", None)
+        proc = self.procs[node] if pid is None else self.proc_of(node, pid)
         ref = action.ref
         if not ok:
             self.feed(node, ActionFailed(ref, "injected failure"))
@@ -256,7 +263,8 @@ class World:
             self.feed(node, QueuesChecked(ref, 1 if busy else 0, self.unread[node]))
         elif isinstance(action, Bounce):
             i = daemon.handles[action.host_sock].conn
-            if (proc.alive and not proc.frozen) or (action.send_len, action.echo_len) != (
+            frozen = any(p.frozen for p in (proc, *self.parents[node]))
+            if (proc.alive and not frozen) or (action.send_len, action.echo_len) != (
                     self.unread[node], self.unread[OTHER[node]]):
                 raise Violation(f"{node}: {action} (process frozen: {proc.frozen})")
             theirs = self.host_pairs[i][0 if node == SERVER else 1]
@@ -350,6 +358,26 @@ class World:
         if proc.fds.pop(fd, None) is not None:
             self.inbox[node].append(CloseTraced(proc.pid, fd))
 
+    def proc_of(self, node: str, pid: int) -> Proc:
+        """The process `pid` of `node`: its app, or a parent that handed the app its sockets."""
+        for proc in (self.procs[node], *self.parents[node]):
+            if proc.pid == pid:
+                return proc
+        raise Violation(f"{node}: action on pid {pid}, which never existed")
+
+    def app_hand_off(self, node: str) -> None:
+        """The app forks and the parent closes its copies (PostgreSQL's postmaster): the
+        sockets live on in the child, at the same fds, which the daemon reports as moves.
+        (A frozen process makes no syscalls: only offered while it runs and no action on it
+        is under way, since the world has one process per node and cannot keep the parent.)"""
+        proc = self.procs[node]
+        old = proc.pid
+        self.parents[node].append(Proc(old, node, {}))  # lives on, holding none of them
+        proc.pid = old + 1
+        self.handed_off.add(node)
+        for fd in sorted(proc.fds):
+            self.feed(node, FdMoved(old, fd, proc.pid, fd))
+
     def app_exit(self, node: str) -> None:
         proc = self.procs[node]
         proc.alive = False
@@ -369,6 +397,12 @@ class World:
             out += [("fire", (node, i)) for i, key in enumerate(self.daemons[node].timers)
                     if self.timer_allowed(node, key)]
         out += [("complete", (i,)) for i in range(len(self.pending))]
+        out += [("hand_off", (node,)) for node in (CLIENT, SERVER)
+                if node not in self.handed_off and self.procs[node].alive
+                and not self.procs[node].frozen and self.daemons[node].alive
+                and not any(n == node for n, _ in self.pending)
+                and not any(isinstance(e, (ConnectTraced, AcceptTraced))
+                            for e in self.inbox[node])]  # traced before the fork
         return out
 
     def step_default(self) -> bool:
@@ -401,7 +435,7 @@ class World:
         """The invariants once everything settled; returns each connection's outcome."""
         outcomes = []
         for node, proc in self.procs.items():
-            if proc.alive and proc.frozen:
+            if any(p.frozen for p in (proc, *self.parents[node]) if p.alive):
                 raise Violation(f"{node}: process left frozen")
         for node, daemon in self.daemons.items():
             if not daemon.alive:

@@ -31,6 +31,7 @@ from ebpfrouter.engine import (  # noqa: E402
     ConnectTraced,
     Engine,
     EngineConfig,
+    FdMoved,
     FourTuple,
     Freeze,
     FreezeDone,
@@ -515,6 +516,8 @@ def test_random_interleavings_never_one_sided(data: st.DataObject) -> None:
         moves = world.moves()
         extra = ["busy", "fail"] if world.pending else []
         extra += ["read"] if not world.app_read else []
+        extra += [f"share_{n}" for n in (CLIENT, SERVER) if not world.shared[n]]
+        extra += [f"unshare_{n}" for n in (CLIENT, SERVER) if world.shared[n]]
         extra += [f for f in ("cut", "crash_client", "crash_server", "close", "exit")
                   if f not in faults]
         choice = data.draw(st.integers(0, len(moves) + len(extra) - 1)) if moves or extra \
@@ -529,6 +532,8 @@ def test_random_interleavings_never_one_sided(data: st.DataObject) -> None:
                 world.deliver(*args)
             elif kind == "fire":
                 world.fire(*args)
+            elif kind == "hand_off":
+                world.app_hand_off(*args)
             else:
                 world.complete(*args)
             continue
@@ -536,6 +541,9 @@ def test_random_interleavings_never_one_sided(data: st.DataObject) -> None:
         faults.add(fault)
         if fault == "read":
             world.app_read = True
+        elif fault.startswith(("share_", "unshare_")):
+            kind, node = fault.split("_", 1)
+            world.shared[node] = kind == "share"
         elif fault in ("busy", "fail"):
             index = data.draw(st.integers(0, len(world.pending) - 1))
             node, action = world.pending[index]
@@ -553,6 +561,7 @@ def test_random_interleavings_never_one_sided(data: st.DataObject) -> None:
                 world.app_close(node, data.draw(st.integers(0, world.n - 1)))
         elif fault == "exit":
             world.app_exit(data.draw(st.sampled_from([CLIENT, SERVER])))
+    world.shared = {CLIENT: False, SERVER: False}  # the forked child let go in the end
     world.drain()
     try:
         world.check_final()
@@ -857,3 +866,67 @@ def test_accept_and_bind_indexes_follow_closes() -> None:
     assert server.handle(AcceptTraced(200, 10, 89, TUP2, 902)) == [CancelTimer(("bind", cid))]
     assert server.conns[cid].matched and not server.unbound and not server.accepts
     assert server.holds_traced(200, 10, 902) and not server.holds_traced(200, 10, 903)
+
+
+@pytest.mark.parametrize("node", [CLIENT, SERVER])
+@pytest.mark.parametrize("min_age", [0.0, 0.2])
+def test_socket_handed_to_a_child_is_swapped_there(node: str, min_age: float) -> None:
+    """Accept (or connect), fork, the parent closes: the connection is swapped in the child
+    (every freeze, replace and thaw names the child's pid; the world asserts the thaw's)."""
+    world = World(min_age=min_age)
+    world.deliver_inbox(node, 0)  # the traced accept / connect
+    world.app_hand_off(node)
+    world.drain()
+    assert world.check_final() == ["swapped"]
+    engine = world.daemons[node].engine
+    assert engine.stats["fd_moved"] >= 1 and engine.stats["moved_during_swap"] == 0
+    new_pid = world.procs[node].pid
+    pids = {a.pid for n, a in world.actions
+            if n == node and isinstance(a, (Freeze, ReplaceFd))}
+    assert pids == {new_pid}
+
+
+@pytest.mark.parametrize(("unread", "k"), STEP_CASES)
+def test_hand_off_at_every_step(unread: tuple[int, int], k: int) -> None:
+    """The server app hands its connection to a child at any step where it runs: the
+    connection ends swapped, or (moved mid-swap) on the overlay on both sides."""
+    world = World(unread=unread)
+    for _ in range(k):
+        world.step_default()
+    if not world.procs[SERVER].frozen and not any(n == SERVER for n, _ in world.pending):
+        world.app_hand_off(SERVER)
+    world.drain()
+    assert world.check_final() in (["swapped"], ["overlay"])
+
+
+def test_shared_socket_waits_both_sides_then_swaps() -> None:
+    """While two processes hold a side's socket, no one is frozen: the client waits, the
+    server answers "wait"; once one holder is left the swap goes through."""
+    for node in (CLIENT, SERVER):
+        world = World(max_attempts=2)
+        world.shared[node] = True
+        for _ in range(2000):
+            if world.daemons[node].engine.stats["socket_shared"] >= 3 \
+                    or not world.step_default():
+                break
+        assert world.daemons[node].engine.stats["socket_shared"] >= 3
+        assert not any(a == "Freeze" for n, a in world.log if n == node)
+        world.shared[node] = False
+        world.drain()
+        assert world.check_final() == ["swapped"]
+
+
+def test_moved_accept_waits_for_its_bind_under_the_new_holder() -> None:
+    """An accept waiting for its bind moves with its timer; the old (pid, fd) means nothing
+    any more, and the bind matches the new holder."""
+    server = _server_engine()  # one traced accept (pid 200, fd 9) waits for its bind
+    acts = server.handle(FdMoved(200, 9, 300, 9))
+    assert acts == [CancelTimer(("accept", 200, 9, 88)),
+                    StartTimer(("accept", 300, 9, 88), server.config.bind_wait)]
+    assert server.accepts_by_fd == {(300, 9): TUP} and server.holds_traced(300, 9, 901)
+    assert server.handle(CloseTraced(200, 9)) == []  # the parent's close: nothing
+    assert server.handle(TimerFired(("accept", 200, 9, 88))) == []
+    cid = b"\x07" * 16
+    server.handle(HostAccepted(900, 960, 99, CLIENT, {"cid": cid, **TUP.to_body()}))
+    assert server.conns[cid].pid == 300 and server.conns[cid].fd == 9
+    assert server.handle(FdMoved(1, 2, 3, 4)) == []  # unknown: ignored

@@ -45,6 +45,7 @@ FAKE_ARGS = TracepointArgs(
     enter_fd={sc: (16, 8) for sc in ("listen", "accept", "accept4", "connect", "close")},
     exit_ret={sc: (16, 8) for sc in ("listen", "accept", "accept4", "connect", "close")},
     group_dead=None,
+    fork_child_pid=(20, 4),
 )
 
 
@@ -513,3 +514,62 @@ def test_seed_finds_sockets_made_before_the_tracer(netns_name: str) -> None:
     finally:
         host.close()
         child.finish()
+
+
+FORKER = textwrap.dedent(
+    """
+    import json, os, socket, sys, threading
+    srv = socket.create_server(("127.0.0.1", 0))
+    cli = socket.create_connection(srv.getsockname())
+    acc, _ = srv.accept()
+    print(json.dumps({"pid": os.getpid(), "acc": acc.fileno()}), flush=True)
+    sys.stdin.readline()
+    t = threading.Thread(target=lambda: None)
+    t.start()
+    t.join()
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(w)
+        os.read(r, 1)
+        os.execv("/bin/true", ["true"])
+    os.close(r)
+    print(json.dumps({"child": child, "thread": t.native_id}), flush=True)
+    sys.stdin.readline()
+    os.write(w, b"x")
+    os.waitpid(child, 0)
+    print("done", flush=True)
+    sys.stdin.readline()
+    os._exit(0)
+    """
+)
+
+
+@pytest.mark.root
+def test_fork_and_exec_of_a_tracked_process_are_reported(netns_name: str) -> None:
+    """A process with tracked sockets: its new thread and its forked child are reported
+    (FORK, the child's pid in `child_pid`), the child's exec and exit too (the fork program
+    put the child in `pids`); a process without tracked sockets forks unseen."""
+    child = NetnsChild(FORKER, netns_name)
+    try:
+        with Tracer() as tracer:
+            pid = child.pid
+            tracer.track(pid, child.info["acc"])
+            child.send("")
+            info = json.loads(child.readline())
+            kid, thread = info["child"], info["thread"]
+            evs = collect(tracer, lambda e: sum(x.kind == EventKind.FORK for x in e) >= 2,
+                          pid=pid)
+            forks = sorted(e.child_pid for e in evs if e.kind == EventKind.FORK)
+            assert forks == sorted([kid, thread]), evs
+            assert all(e.netns == netns_inode(pid) for e in evs if e.kind == EventKind.FORK)
+            child.send("")
+            assert child.readline().strip() == "done"
+            evs = collect(tracer, lambda e: any(x.kind == EventKind.EXIT for x in e), pid=kid)
+            assert [e.kind for e in evs] == [EventKind.EXEC, EventKind.EXIT], evs
+            # untracked processes fork unseen (the host's own, here)
+            subprocess.run(["true"], check=True)
+            assert not [e for e in tracer.read(0.2) if e.kind == EventKind.FORK
+                        and e.pid == os.getpid()]
+    finally:
+        child.kill()
