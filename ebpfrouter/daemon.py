@@ -43,6 +43,7 @@ from .engine.actions import (
     CloseSocket,
     Freeze,
     HostConnect,
+    NoteSwapped,
     OpenHostListener,
     ProbeConn,
     ReplaceFd,
@@ -74,7 +75,7 @@ from .engine.events import (
     ReplaceDone,
     TimerFired,
 )
-from .engine.machine import Conn, Engine, EngineConfig, Role, State
+from .engine.machine import Conn, Engine, EngineConfig, Role
 from .holders import SocketHolders
 from .k8s.link import ClusterLink, ClusterLinkError
 from .peers import Codec, ProtocolError
@@ -309,8 +310,6 @@ class Daemon:
         self.addr_cache: dict[int, list[str]] = {}
         self.started = time.monotonic()
         self.traced_at: dict[tuple[int, int], int] = {}
-        self.swapped_seen: set[bytes] = set()
-        self._swapped_total = 0
         self._unreferenced: set[int] = set()
         self._beat = time.monotonic()
         self.swap_latency_ns: collections.deque[int] = collections.deque(maxlen=1000)
@@ -574,10 +573,7 @@ class Daemon:
 
     def _swaps_in_flight(self) -> bool:
         assert self.engine is not None
-        return bool(self.engine.busy_pids) or any(
-            c.outstanding is not None or c.state not in (State.IDLE, State.SWAPPED,
-                                                         State.CONNECTING)
-            for c in self.engine.conns.values())
+        return self.engine.swaps_in_flight()
 
     def stop(self) -> None:
         """Ask the loop to shut down."""
@@ -674,8 +670,6 @@ class Daemon:
             log.exception("engine failed on %s", type(event).__name__)
             self.counters["engine_errors"] += 1
             return
-        if self.engine.stats.get("swapped", 0) != self._swapped_total:
-            self._note_swaps()
         for action in actions:
             try:
                 self._run_action(action)
@@ -685,22 +679,14 @@ class Daemon:
                 if ref is not None:
                     self._later(ActionFailed(ref, f"{type(action).__name__}: {exc}"))
 
-    def _note_swaps(self) -> None:
-        """Count newly swapped connections per role; time from connect()/accept() to swapped."""
-        assert self.engine is not None
-        self._swapped_total = self.engine.stats.get("swapped", 0)
-        now = time.monotonic_ns()
-        for cid, conn in self.engine.conns.items():
-            if conn.state is State.SWAPPED and cid not in self.swapped_seen:
-                self.swapped_seen.add(cid)
-                self.counters[f"swapped_{conn.role.value}"] += 1
-                started = self.traced_at.pop((conn.pid or 0, conn.fd or 0), None)
-                if started is not None:
-                    self.swap_latency_ns.append(now - started)
-                log.info("swapped %s %s (pid %s fd %s)", conn.role.value, conn.tuple, conn.pid,
-                         conn.fd)
-        live = set(self.engine.conns)
-        self.swapped_seen &= live
+    def _note_swapped(self, action: NoteSwapped) -> None:
+        """Count a swapped connection per role; time from connect()/accept() to swapped."""
+        self.counters[f"swapped_{action.role}"] += 1
+        started = self.traced_at.pop((action.pid, action.fd), None)
+        if started is not None:
+            self.swap_latency_ns.append(time.monotonic_ns() - started)
+        log.info("swapped %s %s (pid %s fd %s)", action.role, action.tuple, action.pid,
+                 action.fd)
 
     def _timer_fired(self, key: tuple[Any, ...], token: int) -> None:
         handles = self.timers.get(key)
@@ -727,6 +713,8 @@ class Daemon:
                 handle.cancel()
         elif isinstance(action, CloseSocket):
             self._close_sock(action.sock)
+        elif isinstance(action, NoteSwapped):
+            self._note_swapped(action)
         elif isinstance(action, CheckQueues):
             self._spawn(self._check_queues(action))
         elif isinstance(action, Bounce):
@@ -878,24 +866,17 @@ class Daemon:
     def _app_family(self, pid: int, fd: int) -> int | None:
         """Family of the app's overlay socket at `pid`/`fd` (our copy; None if unknown)."""
         assert self.engine is not None
-        cid = self.engine.by_fd.get((pid, fd))
-        conn = self.engine.conns.get(cid) if cid is not None else None
-        if conn is None or conn.overlay_sock is None:
-            return None
-        sock = self._sock(conn.overlay_sock)
+        ref = self.engine.overlay_sock_of(pid, fd)
+        sock = self._sock(ref) if ref is not None else None
         return sock.family if sock is not None else None
 
-    def _listener_family(self, ref: int) -> int:
-        """Family of the overlay listener behind `OpenHostListener(ref)` (AF_INET if gone)."""
-        assert self.engine is not None
-        lst = next((x for x in self.engine.listeners.values() if x.ref == ref), None)
-        if lst is None:
-            return socket.AF_INET
+    def _listener_family(self, action: OpenHostListener) -> int:
+        """Family of the overlay listener `action` is for (AF_INET if it is gone)."""
         try:
-            with copy_socket(lst.pid, lst.fd) as sock:
+            with copy_socket(action.pid, action.fd) as sock:
                 return sock.family
         except (InjectorError, OSError) as exc:
-            log.info("pid %d fd %d: cannot copy the listener: %s", lst.pid, lst.fd, exc)
+            log.info("pid %d fd %d: cannot copy the listener: %s", action.pid, action.fd, exc)
             return socket.AF_INET
 
     def _add_sock(self, sock: socket.socket) -> int:
@@ -963,7 +944,7 @@ class Daemon:
     def _open_listener(self, action: OpenHostListener) -> None:
         """A host listener of the overlay listener's family: what it accepts replaces what
         the app accepts (AF_INET6: dual-stack, bound to `::ffff:<host ip>`)."""
-        family = self._listener_family(action.ref)
+        family = self._listener_family(action)
         sock = None
         for port in (action.port_hint, 0):
             sock = host_socket(family)
@@ -1042,14 +1023,13 @@ class Daemon:
             return
         for delay in (0.05, 0.15, 0.3, 0.5):
             await asyncio.sleep(delay)
-            conn = self.engine.conns.get(bind.get("cid", b""))
-            if conn is None or conn.matched or self.tracer is None:
+            if not self.engine.awaiting_accept(bind.get("cid", b"")) or self.tracer is None:
                 return
-            pids = {lst.pid for lst in self.engine.listeners.values() if lst.sock == listener}
+            pids = self.engine.listener_pids(listener)
             if not pids:
                 return
             for ev in self.tracer.seed(track=False, pids=pids):
-                if (ev.kind == EventKind.ACCEPT and (ev.pid, ev.fd) not in self.engine.by_fd
+                if (ev.kind == EventKind.ACCEPT and not self.engine.tracks_fd(ev.pid, ev.fd)
                         and normalize_addr(ev.raddr) == tup.client_addr
                         and ev.rport == tup.client_port and ev.lport == tup.server_port):
                     self.counters["accepts_found_in_proc"] += 1
@@ -1062,9 +1042,7 @@ class Daemon:
     async def _host_connect(self, action: HostConnect) -> None:
         """Connect to the peer's host listener with a socket of the app's family."""
         assert self.loop is not None and self.codec is not None and self.engine is not None
-        conn = self.engine.conns.get(action.cid)
-        overlay = self._sock(conn.overlay_sock) if conn and conn.overlay_sock is not None \
-            else None
+        overlay = self._sock(action.overlay_sock) if action.overlay_sock is not None else None
         family = overlay.family if overlay is not None else socket.AF_INET
         sock = None
         try:
@@ -1274,14 +1252,7 @@ class Daemon:
     def _referenced(self) -> set[int]:
         """Every socket handle the engine holds (the rest of `socks` may be closed)."""
         assert self.engine is not None
-        eng = self.engine
-        refs = {r for c in eng.conns.values() for r in (c.overlay_sock, c.host_sock)
-                if r is not None}
-        refs.update(lst.sock for lst in eng.listeners.values() if lst.sock is not None)
-        refs.update(w.sock for w in eng.waiting.values())
-        refs.update(y.sock for y in eng.young.values())
-        refs.update(a.sock for a in eng.accepts.values())
-        return refs
+        return self.engine.held_socks()
 
     def _gc_socks(self) -> None:
         """Close copies the engine dropped without a `CloseSocket` (seen unreferenced twice)."""
@@ -1325,26 +1296,18 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         """Counters and connections (runs on the loop)."""
         assert self.engine is not None
-        stats = self.engine.stats
-        conns = []
-        swapped = {"client": 0, "server": 0}
-        for conn in self.engine.conns.values():
-            if conn.state is State.SWAPPED:
-                swapped[conn.role.value] += 1
-            conns.append({"state": conn.state.value, "role": conn.role.value, "pid": conn.pid,
-                          "fd": conn.fd, "tuple": str(conn.tuple), "peer": conn.peer,
-                          "attempt": conn.attempt})
+        summary = self.engine.summary()
         rejected = dict(self.codec.rejected) if self.codec else {}
-        pending = sum(1 for c in self.engine.conns.values() if c.state is not State.SWAPPED)
+        pending = summary["pending"]
         counters = {
             "seen": self.counters["seen"],
-            "bypassed": stats.get("swapped", 0),
+            "bypassed": summary["bypassed"],
             "bypassed_client": self.counters["swapped_client"],
             "bypassed_server": self.counters["swapped_server"],
             "pending": pending,
-            "failed": stats.get("left_on_overlay", 0),
-            "short": stats.get("traced_short", 0),  # closed before anything was tried
-            "skipped": stats.get("traced_skipped", 0),  # left alone by decision (not remote..)
+            "failed": summary["failed"],
+            "short": summary["short"],  # closed before anything was tried
+            "skipped": summary["skipped"],  # left alone by decision (not remote..)
             "peer_rejected": sum(rejected.values()) + self.counters["host_conn_rejected"],
             "ruled_out": self.counters["ruled_out"],
         }
@@ -1363,17 +1326,17 @@ class Daemon:
             "uptime_s": time.monotonic() - self.started,
             "peers": sorted(h for h, c in self.clients.items() if c.connected.is_set()),
             "counters": counters,
-            "engine": self.engine.summary(),
+            "engine": summary,
             "daemon": dict(self.counters),
             "peer_rejected": rejected,
             "freeze_ms_p99": _pct(freezes, 0.99),
             "traced_to_swapped_ms_p50": _pct(swaps, 0.5),
             "traced_to_swapped_ms_p99": _pct(swaps, 0.99),
-            "connections": conns,
-            "listeners": [{"overlay": f"{lst.addr}:{lst.port}",
-                           "host": f"{lst.host_addr}:{lst.host_port}", "pid": lst.pid,
-                           "family": _family_name(self.socks.get(lst.sock))}
-                          for lst in self.engine.listeners.values()],
+            "connections": self.engine.connections(),
+            "listeners": [{"overlay": lst["overlay"], "host": lst["host"], "pid": lst["pid"],
+                           "family": _family_name(self.socks.get(lst["sock"]))
+                           if lst["sock"] is not None else None}
+                          for lst in self.engine.listener_table()],
             "tracer_lost": self.tracer.lost if self.tracer is not None else 0,
             "rules": len(self.rules.rules) if self.rules is not None else 0,
             "rules_error": str(self.rules.last_error) if self.rules and self.rules.last_error

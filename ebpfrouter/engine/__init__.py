@@ -8,6 +8,7 @@ from .actions import (
     CloseSocket,
     Freeze,
     HostConnect,
+    NoteSwapped,
     OpenHostListener,
     ProbeConn,
     ReplaceFd,
@@ -50,7 +51,8 @@ __all__ = [
     "FdMoved", "FourTuple",
     "Freeze", "FreezeDone", "HostAccepted", "HostClosed", "HostConnect", "HostConnected",
     "HostListenerOpened",
-    "Listener", "ListenTraced", "OpenHostListener", "PeerLost", "PeerMessage", "PeerUp",
+    "Listener", "ListenTraced", "NoteSwapped", "OpenHostListener", "PeerLost", "PeerMessage",
+    "PeerUp",
     "ProbeConn", "ProcessExited", "QueuesChecked", "ReplaceDone", "ReplaceFd", "Role",
     "SendPeer", "SockRef", "StartTimer", "State", "Thaw", "TimerFired",
 ]

@@ -16,6 +16,7 @@ class Action:
 class OpenHostListener(Action):
     """Listen on HOST_IF (port `port_hint` if free) for connections to overlay `addr:port`.
 
+    `pid`/`fd` is the overlay listener (the runner copies it for its socket family).
     Result: `HostListenerOpened` or `ActionFailed`.
     """
 
@@ -23,12 +24,15 @@ class OpenHostListener(Action):
     overlay_addr: str
     overlay_port: int
     port_hint: int
+    pid: int = 0
+    fd: int = -1
 
 
 @dataclasses.dataclass(frozen=True)
 class HostConnect(Action):
     """Connect to a peer's host listener and send `bind` as the first frame.
 
+    `overlay_sock` is the app's overlay socket (the host socket gets its family).
     Result: `HostConnected` or `ActionFailed`.
     """
 
@@ -37,6 +41,7 @@ class HostConnect(Action):
     host_addr: str
     host_port: int
     bind: dict[str, Any]
+    overlay_sock: SockRef | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +119,17 @@ class ProbeConn(Action):
     ref: int
     overlay_sock: SockRef
     host_sock: SockRef
+
+
+@dataclasses.dataclass(frozen=True)
+class NoteSwapped(Action):
+    """A connection was swapped on this side (for status and metrics). Fire and forget."""
+
+    cid: bytes
+    role: str
+    pid: int
+    fd: int
+    tuple: str
 
 
 @dataclasses.dataclass(frozen=True)

@@ -65,6 +65,7 @@ from .actions import (
     CloseSocket,
     Freeze,
     HostConnect,
+    NoteSwapped,
     OpenHostListener,
     ProbeConn,
     ReplaceFd,
@@ -341,6 +342,55 @@ class Engine:
             "stats": dict(self.stats),
         }
 
+    # -- queries for the runners (read-only; the engine's tables stay inside) ------------------
+
+    def swaps_in_flight(self) -> bool:
+        """A swap holds a process or waits for a step (shutdown waits for these to settle)."""
+        return bool(self.busy_pids) or any(
+            c.outstanding is not None or c.state not in (State.IDLE, State.SWAPPED,
+                                                         State.CONNECTING)
+            for c in self.conns.values())
+
+    def overlay_sock_of(self, pid: int, fd: int) -> SockRef | None:
+        """The daemon's copy of the overlay socket the engine tracks at `pid`/`fd`."""
+        cid = self.by_fd.get((pid, fd))
+        conn = self.conns.get(cid) if cid is not None else None
+        return conn.overlay_sock if conn is not None else None
+
+    def tracks_fd(self, pid: int, fd: int) -> bool:
+        """Whether a connection is known at `pid`/`fd`."""
+        return (pid, fd) in self.by_fd
+
+    def awaiting_accept(self, cid: bytes) -> bool:
+        """A bind `cid` came and its accept has not been traced yet."""
+        conn = self.conns.get(cid)
+        return conn is not None and conn.role is Role.SERVER and not conn.matched
+
+    def listener_pids(self, host_listener: SockRef) -> set[int]:
+        """The processes holding the overlay listener behind host listener `host_listener`."""
+        return {lst.pid for lst in self.listeners.values() if lst.sock == host_listener}
+
+    def held_socks(self) -> set[SockRef]:
+        """Every socket handle the engine holds (the daemon may close the rest)."""
+        refs = {r for c in self.conns.values() for r in (c.overlay_sock, c.host_sock)
+                if r is not None}
+        refs.update(lst.sock for lst in self.listeners.values() if lst.sock is not None)
+        refs.update(w.sock for w in self.waiting.values())
+        refs.update(y.sock for y in self.young.values())
+        refs.update(a.sock for a in self.accepts.values())
+        return refs
+
+    def connections(self) -> list[dict[str, Any]]:
+        """One line per connection, for `status`."""
+        return [{"state": c.state.value, "role": c.role.value, "pid": c.pid, "fd": c.fd,
+                 "tuple": str(c.tuple), "peer": c.peer, "attempt": c.attempt}
+                for c in self.conns.values()]
+
+    def listener_table(self) -> list[dict[str, Any]]:
+        """One line per overlay listener and its host listener, for `status`."""
+        return [{"overlay": f"{lst.addr}:{lst.port}", "host": f"{lst.host_addr}:{lst.host_port}",
+                 "pid": lst.pid, "sock": lst.sock} for lst in self.listeners.values()]
+
     # -- listeners (server side) -------------------------------------------------------------
 
     def _on_ListenTraced(self, ev: ListenTraced) -> None:
@@ -353,7 +403,8 @@ class Engine:
         listener = Listener(ev.pid, ev.fd, ev.addr, ev.port, ref=0)
         listener.ref = self._ref("listener", (ev.pid, ev.fd))
         self.listeners[(ev.pid, ev.fd)] = listener
-        self._emit(OpenHostListener(listener.ref, ev.addr, ev.port, port_hint=ev.port))
+        self._emit(OpenHostListener(listener.ref, ev.addr, ev.port, port_hint=ev.port,
+                                    pid=ev.pid, fd=ev.fd))
 
     def _on_HostListenerOpened(self, ev: HostListenerOpened) -> None:
         entry = self._take_ref(ev.ref)
@@ -478,7 +529,7 @@ class Engine:
         conn.outstanding = self._ref("conn", cid)
         self.stats["bypass_started"] += 1
         self._emit(HostConnect(conn.outstanding, cid, host_addr, host_port,
-                               {"cid": cid, **ev.conn.to_body()}))
+                               {"cid": cid, **ev.conn.to_body()}, overlay_sock=ev.sock))
 
     def _on_AcceptTraced(self, ev: AcceptTraced) -> None:
         self.stats["accepts_traced"] += 1
@@ -941,6 +992,8 @@ class Engine:
         conn.overlay_sock = conn.host_sock = None
         conn.inode = conn.host_inode
         self.stats["swapped"] += 1
+        self._emit(NoteSwapped(conn.cid, conn.role.value, conn.pid, conn.fd or -1,
+                               str(conn.tuple)))
 
     def _msg_swap_done(self, ev: PeerMessage, conn: Conn) -> None:
         if conn.role is not Role.CLIENT or conn.state is not State.SWAPPED:

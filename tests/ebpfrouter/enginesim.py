@@ -37,6 +37,7 @@ from ebpfrouter.engine import (
     HostConnected,
     HostListenerOpened,
     ListenTraced,
+    NoteSwapped,
     OpenHostListener,
     PeerLost,
     PeerMessage,
@@ -221,6 +222,10 @@ class World:
             daemon.timers.append(action.key)
         elif isinstance(action, CancelTimer):
             daemon.timers = [k for k in daemon.timers if k != action.key]
+        elif isinstance(action, NoteSwapped):
+            proc = self.proc_of(node, action.pid)
+            if proc.fds.get(action.fd) is None or proc.fds[action.fd].kind != "host":
+                raise Violation(f"{node}: {action} but fd {action.fd} is not the host socket")
         else:
             self.pending.append((node, action))
 
