@@ -119,6 +119,14 @@ class PeerMessage(Event):
     type: str
     body: dict[str, Any]
 
+    @property
+    def message(self) -> Any:
+        """The body decoded into its message type's dataclass, from the schema table
+        (`ebpfrouter.peers.messages.BODIES`): the engine reads fields, never dict keys."""
+        from ..peers.messages import typed
+
+        return typed(self.type, self.body)
+
 
 @dataclasses.dataclass(frozen=True)
 class PeerUp(Event):

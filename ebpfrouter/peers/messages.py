@@ -109,3 +109,128 @@ class Message:
     body: dict[str, Any]
     ts: float = 0.0
     nonce: bytes = b""
+
+    @property
+    def typed(self) -> Any:
+        """The body as its message type's dataclass (see `BODIES`)."""
+        return typed(self.type, self.body)
+
+
+# -- typed bodies: one dataclass per message type, with exactly the schema's fields -------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Hello:
+    """First message on a control connection: who I am."""
+
+    node: str
+    host_addr: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ListenerAdd:
+    """Overlay addr:port is reachable at host addr:port on my node."""
+
+    overlay_addr: str
+    overlay_port: int
+    host_addr: str
+    host_port: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ListenerRemove:
+    """Overlay addr:port is no longer served."""
+
+    overlay_addr: str
+    overlay_port: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Bind:
+    """First frame on a new host connection: it stands for overlay connection `cid`."""
+
+    cid: bytes
+    client_addr: str
+    client_port: int
+    server_addr: str
+    server_port: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SwapPrepare:
+    """Client to server: do your part of `stage` in `attempt`."""
+
+    cid: bytes
+    attempt: int
+    stage: str
+    migrate_len: int
+    client_addr: str
+    client_port: int
+    server_addr: str
+    server_port: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SwapReady:
+    """Server to client: `stage` of `attempt` is done."""
+
+    cid: bytes
+    attempt: int
+    stage: str
+    migrate_len: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SwapCommit:
+    """Client to server: I replaced; the swap is committed."""
+
+    cid: bytes
+    attempt: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SwapAbort:
+    """Either side: `attempt` is abandoned (`final`: no more attempts)."""
+
+    cid: bytes
+    attempt: int
+    reason: str
+    final: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class SwapDone:
+    """Server to client: thawed after the commit."""
+
+    cid: bytes
+    attempt: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnClosed:
+    """Either side: my app closed the connection, forget it."""
+
+    cid: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Error:
+    """A peer reports a problem."""
+
+    code: str
+    detail: str
+
+
+Body = (Hello | ListenerAdd | ListenerRemove | Bind | SwapPrepare | SwapReady | SwapCommit
+        | SwapAbort | SwapDone | ConnClosed | Error)
+BODIES: dict[str, type[Body]] = {
+    "hello": Hello, "listener_add": ListenerAdd, "listener_remove": ListenerRemove,
+    "bind": Bind, "swap_prepare": SwapPrepare, "swap_ready": SwapReady,
+    "swap_commit": SwapCommit, "swap_abort": SwapAbort, "swap_done": SwapDone,
+    "conn_closed": ConnClosed, "error": Error,
+}
+
+
+def typed(msg_type: str, body: Mapping[str, Any]) -> Body:
+    """The dataclass of a schema-checked body (`check_body` first for untrusted input)."""
+    return BODIES[msg_type](**body)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 from ebpfrouter.engine import (
@@ -128,6 +129,16 @@ class Daemon:
         self.alive = True
 
 
+@dataclasses.dataclass(frozen=True)
+class SimRunner:
+    """The world's fake runner of one family of actions (`ebpfrouter.runners.Family`):
+    `run(node, action)` does it at once or leaves it pending; `complete(node, action, proc,
+    busy)` finishes a pending one successfully."""
+
+    run: Callable[[str, Any], None]
+    complete: Callable[[str, Any, Proc, bool], None]
+
+
 class World:
     """Two daemons, one client process, one server process, `n` overlay connections.
 
@@ -141,6 +152,15 @@ class World:
         self.handle_ids = itertools.count(1)
         config.setdefault("probe_limit", 3)
         self.daemons = {node: Daemon(self, node, **config) for node in (CLIENT, SERVER)}
+        self.runners: dict[Family, SimRunner] = {
+            Family.HOST: SimRunner(self._pend, self._complete_host),
+            Family.DATAPATH: SimRunner(self._pend, self._complete_datapath),
+            Family.INJECTION: SimRunner(self._run_injection, self._complete_injection),
+            Family.PEERS: SimRunner(self._run_peers, self._done_at_once),
+            Family.TIMERS: SimRunner(self._run_timers, self._done_at_once),
+            Family.SOCKETS: SimRunner(self._run_sockets, self._done_at_once),
+            Family.STATUS: SimRunner(self._run_status, self._done_at_once),
+        }
         self.procs = {CLIENT: Proc(100, CLIENT, {}), SERVER: Proc(200, SERVER, {})}
         self.net: dict[tuple[str, str], collections.deque[tuple[str, dict]]] = {
             (CLIENT, SERVER): collections.deque(), (SERVER, CLIENT): collections.deque()}
@@ -207,64 +227,93 @@ class World:
                     self.inbox[mine.node].append(HostClosed(refs[0]))
 
     def _apply(self, node: str, action: Any) -> None:
-        daemon = self.daemons[node]
-        if isinstance(action, SendPeer):
-            if self.link_up:
-                self.net[(node, OTHER[node])].append((action.type, action.body))
-        elif isinstance(action, Thaw):
+        self.runners[ACTION_RUNNERS[type(action)]].run(node, action)
+
+    # -- the fake runners, one per family of actions (looked up in ACTION_RUNNERS) ---------------
+
+    def _pend(self, node: str, action: Any) -> None:
+        """A result-bearing action: pending until the test completes it."""
+        self.pending.append((node, action))
+
+    def _run_peers(self, node: str, action: Any) -> None:
+        if self.link_up:
+            self.net[(node, OTHER[node])].append((action.type, action.body))
+
+    def _run_injection(self, node: str, action: Any) -> None:
+        if isinstance(action, Thaw):
             proc = self.proc_of(node, action.pid)
             proc.frozen = max(0, proc.frozen - 1)
-        elif isinstance(action, CloseSocket):
-            if action.sock not in daemon.handles:
-                raise Violation(f"{node}: CloseSocket of unknown handle {action.sock}")
-            del daemon.handles[action.sock]
-        elif isinstance(action, StartTimer):
-            daemon.timers.append(action.key)
-        elif isinstance(action, CancelTimer):
-            daemon.timers = [k for k in daemon.timers if k != action.key]
-        elif isinstance(action, NoteSwapped):
-            proc = self.proc_of(node, action.pid)
-            if proc.fds.get(action.fd) is None or proc.fds[action.fd].kind != "host":
-                raise Violation(f"{node}: {action} but fd {action.fd} is not the host socket")
         else:
-            self.pending.append((node, action))
+            self._pend(node, action)
 
-    # -- moves -------------------------------------------------------------------------------
-
-    def complete(self, index: int, ok: bool = True, busy: bool = False) -> None:
-        """Finish pending action `index` (successfully or not)."""
-        node, action = self.pending.pop(index)
+    def _run_sockets(self, node: str, action: Any) -> None:
         daemon = self.daemons[node]
-        if not daemon.alive:
-            return
-        pid = getattr(action, "pid", None)
-        proc = self.procs[node] if pid is None else self.proc_of(node, pid)
+        if action.sock not in daemon.handles:
+            raise Violation(f"{node}: CloseSocket of unknown handle {action.sock}")
+        del daemon.handles[action.sock]
+
+    def _run_timers(self, node: str, action: Any) -> None:
+        daemon = self.daemons[node]
+        if isinstance(action, StartTimer):
+            daemon.timers.append(action.key)
+        else:
+            daemon.timers = [k for k in daemon.timers if k != action.key]
+
+    def _run_status(self, node: str, action: Any) -> None:
+        proc = self.proc_of(node, action.pid)
+        if proc.fds.get(action.fd) is None or proc.fds[action.fd].kind != "host":
+            raise Violation(f"{node}: {action} but fd {action.fd} is not the host socket")
+
+    def _done_at_once(self, node: str, action: Any, proc: Proc, busy: bool) -> None:
+        raise AssertionError(f"{action} has no result to complete")  # pragma: no cover
+
+    def _complete_host(self, node: str, action: Any, proc: Proc, busy: bool) -> None:
         ref = action.ref
-        if not ok:
-            self.feed(node, ActionFailed(ref, "injected failure"))
-            return
         if isinstance(action, OpenHostListener):
             sock = Sock("listener", node, next(self.inodes), -1)
             self.feed(node, HostListenerOpened(ref, self._hold(node, sock), "192.168.77.2", 41000))
-        elif isinstance(action, HostConnect):
-            i = next(k for k, t in enumerate(self.tuples)
-                     if FourTuple.from_body(action.bind) == t)
-            c = Sock("host", CLIENT, next(self.inodes), i)
-            s = Sock("host", SERVER, next(self.inodes), i)
-            self.host_pairs[i] = (c, s)
-            sd = self.daemons[SERVER]
-            listener = next((r for r, k in sd.handles.items() if k.kind == "listener"), -1)
-            if sd.alive and self.link_up:
-                self.inbox[SERVER].append(HostAccepted(listener, self._hold(SERVER, s), s.inode,
-                                                       CLIENT, dict(action.bind)))
-            self.feed(node, HostConnected(ref, self._hold(node, c), c.inode))
-        elif isinstance(action, Freeze):
+            return
+        assert isinstance(action, HostConnect), action
+        i = next(k for k, t in enumerate(self.tuples) if FourTuple.from_body(action.bind) == t)
+        c = Sock("host", CLIENT, next(self.inodes), i)
+        s = Sock("host", SERVER, next(self.inodes), i)
+        self.host_pairs[i] = (c, s)
+        sd = self.daemons[SERVER]
+        listener = next((r for r, k in sd.handles.items() if k.kind == "listener"), -1)
+        if sd.alive and self.link_up:
+            self.inbox[SERVER].append(HostAccepted(listener, self._hold(SERVER, s), s.inode,
+                                                   CLIENT, dict(action.bind)))
+        self.feed(node, HostConnected(ref, self._hold(node, c), c.inode))
+
+    def _complete_injection(self, node: str, action: Any, proc: Proc, busy: bool) -> None:
+        daemon, ref = self.daemons[node], action.ref
+        if isinstance(action, Freeze):
             if not proc.alive:
                 self.feed(node, ActionFailed(ref, "no such process"))
                 return
             proc.frozen += 1
             self.feed(node, FreezeDone(ref))
-        elif isinstance(action, CheckQueues):
+            return
+        assert isinstance(action, ReplaceFd), action
+        if not proc.alive:
+            self.feed(node, ActionFailed(ref, "no such process"))
+            return
+        if not proc.frozen:
+            raise Violation(f"{node}: ReplaceFd in a running process")
+        current = proc.fds.get(action.fd)
+        new = daemon.handles[action.sock]
+        if (new.kind == "host" and any(self.unread.values())
+                and (node, new.conn) not in self.bounced):
+            raise Violation(f"{node}: host socket handed over before its bounce")
+        if current is None or current.inode != action.expected_inode:
+            self.feed(node, ActionFailed(ref, "fd changed"))
+            return
+        proc.fds[action.fd] = daemon.handles[action.sock]
+        self.feed(node, ReplaceDone(ref))
+
+    def _complete_datapath(self, node: str, action: Any, proc: Proc, busy: bool) -> None:
+        daemon, ref = self.daemons[node], action.ref
+        if isinstance(action, CheckQueues):
             self.feed(node, QueuesChecked(ref, 1 if busy else 0, self.unread[node]))
         elif isinstance(action, Bounce):
             i = daemon.handles[action.host_sock].conn
@@ -278,31 +327,29 @@ class World:
                 return
             self.bounced.add((node, i))
             self.feed(node, BounceDone(ref))
-        elif isinstance(action, ReplaceFd):
-            if not proc.alive:
-                self.feed(node, ActionFailed(ref, "no such process"))
-                return
-            if not proc.frozen:
-                raise Violation(f"{node}: ReplaceFd in a running process")
-            current = proc.fds.get(action.fd)
-            new = daemon.handles[action.sock]
-            if (new.kind == "host" and any(self.unread.values())
-                    and (node, new.conn) not in self.bounced):
-                raise Violation(f"{node}: host socket handed over before its bounce")
-            if current is None or current.inode != action.expected_inode:
-                self.feed(node, ActionFailed(ref, "fd changed"))
-                return
-            proc.fds[action.fd] = daemon.handles[action.sock]
-            self.feed(node, ReplaceDone(ref))
-        elif isinstance(action, ProbeConn):
+        else:
+            assert isinstance(action, ProbeConn), action
             mine = daemon.handles[action.overlay_sock]
             i = mine.conn
             peer_node = OTHER[node]
             overlay = self.overlay_pairs[i][0 if peer_node == CLIENT else 1]
             host = self.host_pairs[i][0 if peer_node == CLIENT else 1]
             self.feed(node, ConnProbed(ref, self.holders(overlay) == 0, self.holders(host) == 0))
-        else:  # pragma: no cover
-            raise AssertionError(action)
+
+    # -- moves -------------------------------------------------------------------------------
+
+    def complete(self, index: int, ok: bool = True, busy: bool = False) -> None:
+        """Finish pending action `index` (successfully or not)."""
+        node, action = self.pending.pop(index)
+        daemon = self.daemons[node]
+        if not daemon.alive:
+            return
+        pid = getattr(action, "pid", None)
+        proc = self.procs[node] if pid is None else self.proc_of(node, pid)
+        if not ok:
+            self.feed(node, ActionFailed(action.ref, "injected failure"))
+            return
+        self.runners[ACTION_RUNNERS[type(action)]].complete(node, action, proc, busy)
 
     def deliver(self, src: str) -> None:
         msg_type, body = self.net[(src, OTHER[src])].popleft()
@@ -329,7 +376,7 @@ class World:
         if node != SERVER or conn is None or conn.state not in (State.AWAIT_COMMIT,
                                                                   State.PROBING):
             return True
-        if conn.probes < engine.config.probe_limit - 1:
+        if conn.now.probes < engine.config.probe_limit - 1:
             return True
         client = self.daemons[CLIENT]
         other = client.engine.conns.get(conn.cid) if client.alive else None

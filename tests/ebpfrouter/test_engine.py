@@ -51,6 +51,7 @@ from ebpfrouter.engine import (  # noqa: E402
     State,
     TimerFired,
 )
+from ebpfrouter.engine.keys import AcceptTimer  # noqa: E402
 from ebpfrouter.peers import SCHEMAS  # noqa: E402
 
 EXAMPLES = int(os.environ.get("ENGINE_FUZZ_EXAMPLES", "300"))
@@ -146,7 +147,7 @@ def test_server_replaces_while_client_still_bounces() -> None:
         pass
     engine = world.daemons[CLIENT].engine
     (conn,) = engine.conns.values()
-    assert conn.state is State.MIGRATING and conn.peer_replaced
+    assert conn.state is State.MIGRATING and conn.now.peer_replaced
     assert world.procs[CLIENT].frozen and world.procs[SERVER].frozen
     world.pending.append(client_bounce)
     world.drain()
@@ -676,7 +677,7 @@ def test_unmatched_connects_and_accepts_expire() -> None:
     assert client.handle(TimerFired(timer.key)) == [] and len(client.waiting) == 1
     server = _server_engine()
     (acc,) = server.accepts.values()
-    assert server.handle(TimerFired(("accept", acc.pid, acc.fd, acc.inode))) == [
+    assert server.handle(TimerFired(AcceptTimer(acc.pid, acc.fd, acc.inode))) == [
         CloseSocket(acc.sock)]
     assert not server.accepts and server.stats["accepts_expired"] == 1
 
@@ -925,7 +926,7 @@ def test_moved_accept_waits_for_its_bind_under_the_new_holder() -> None:
                     StartTimer(("accept", 300, 9, 88), server.config.bind_wait)]
     assert server.accepts_by_fd == {(300, 9): TUP} and server.holds_traced(300, 9, 901)
     assert server.handle(CloseTraced(200, 9)) == []  # the parent's close: nothing
-    assert server.handle(TimerFired(("accept", 200, 9, 88))) == []
+    assert server.handle(TimerFired(AcceptTimer(200, 9, 88))) == []
     cid = b"\x07" * 16
     server.handle(HostAccepted(900, 960, 99, CLIENT, {"cid": cid, **TUP.to_body()}))
     assert server.conns[cid].pid == 300 and server.conns[cid].fd == 9

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ebpfrouter.engine import Engine, EngineConfig, Freeze, PeerMessage
+from ebpfrouter.engine import Action, Engine, EngineConfig, Event, Freeze, PeerMessage
 from ebpfrouter.peers import (
     SCHEMAS,
     AuthError,
@@ -111,14 +111,15 @@ def test_harness_sees_an_escape(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_harness_sees_a_corruption(monkeypatch: pytest.MonkeyPatch) -> None:
     """The harness can fail: an engine freezing a pid named by nobody is reported."""
-    real = Engine._on_PeerMessage
+    real = Engine.handle
 
-    def rogue(self: Engine, ev: PeerMessage) -> None:
-        real(self, ev)
-        if ev.type == "error":
-            self._emit(Freeze(999_999, 4242))
+    def rogue(self: Engine, ev: Event) -> list[Action]:
+        out = real(self, ev)
+        if isinstance(ev, PeerMessage) and ev.type == "error":
+            out.append(Freeze(999_999, 4242))
+        return out
 
-    monkeypatch.setattr(Engine, "_on_PeerMessage", rogue)
+    monkeypatch.setattr(Engine, "handle", rogue)
     rep = fuzz.run(1500, seed=4)
     assert rep.corruptions > 0 and "4242" in rep.examples[0]
 

@@ -1,0 +1,476 @@
+"""The two-phase swap of one connection, as two transition tables (client, server).
+
+Roles: the **client** side (the daemon that traced the overlay `connect`) coordinates; the
+**server** side (the daemon that traced the `accept`) follows. Per attempt, "first" is the side
+frozen first (the writer, so the reader can drain). Every queue check requires the send queue
+of the overlay socket to be empty, and a side's check only counts after the other side is
+frozen with an empty send queue; the unread receive queues are then final and are carried
+over (`Bounce`) instead of waited for. The commit point is the client's successful replace.
+docs/swap.md has the sequence diagrams and the tables as rendered by `transitions.markdown`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .actions import SendPeer
+from .conn import Conn, Role, State
+from .core import Core
+from .events import ActionFailed, ConnProbed, FourTuple, HostConnected, QueuesChecked
+from .gate import ProcessGate
+from .keys import Abort, PendingAbort, WaitReason
+from .steps import SwapSteps
+from .transitions import ANY, Table, Transition, Trigger
+
+_AWAITING = (State.AWAIT_FROZEN, State.AWAIT_CHECKED, State.AWAIT_REPLACED, State.AWAIT_CHECK,
+             State.AWAIT_MIGRATE)
+_UNCERTAIN = (State.AWAIT_COMMIT, State.PROBING)
+
+
+class SwapProtocol(SwapSteps):
+    """Runs a connection's transitions; `fire(conn, trigger, payload)` is the way in."""
+
+    def __init__(self, core: Core, gate: ProcessGate) -> None:
+        super().__init__(core, gate)
+        T = Transition
+        common: dict[tuple[State | None, Trigger], Transition] = {
+            (State.FREEZING, Trigger.FROZEN): T(self._frozen),
+            (State.ROLLING_BACK, Trigger.REPLACED): T(self._rolled_back),
+            (State.ROLLING_BACK, Trigger.FAILED): T(self._rollback_failed),
+            (State.CONNECTING, Trigger.FAILED): T(self._connect_failed),
+            (State.PROBING, Trigger.FAILED): T(self._probe_failed),
+            (ANY, Trigger.FAILED): T(self._step_failed),
+            **{(s, Trigger.TIMER): T(self._timed_out) for s in _AWAITING},
+            **{(s, Trigger.TIMER): T(self._commit_uncertain) for s in _UNCERTAIN},
+            (State.IDLE, Trigger.ABORT): T(self._peer_gave_up, self._final),
+            (ANY, Trigger.ABORT): T(self._peer_aborted, self._abort_applies),
+            (ANY, Trigger.CONN_CLOSED): T(self._peer_closed),
+            (State.SWAPPED, Trigger.HOST_CLOSED): T(self._ignore),
+            **{(s, Trigger.HOST_CLOSED): T(self._host_closed_uncertain) for s in _UNCERTAIN},
+            (ANY, Trigger.HOST_CLOSED): T(self._host_closed),
+            (State.SWAPPED, Trigger.APP_CLOSED): T(self._forget_swapped),
+            (State.SWAPPED, Trigger.APP_EXITED): T(self._forget_swapped),
+            **{(s, Trigger.APP_CLOSED): T(self._close_after_commit) for s in _UNCERTAIN},
+            (ANY, Trigger.APP_EXITED): T(self._app_gone),
+            (ANY, Trigger.APP_CLOSED): T(self._app_gone),
+            (State.SWAPPED, Trigger.PEER_LOST): T(self._ignore),
+            (ANY, Trigger.PEER_LOST): T(self._peer_lost),
+        }
+        client = {
+            **common,
+            (State.CONNECTING, Trigger.HOST_CONNECTED): T(self._host_connected),
+            (State.IDLE, Trigger.TIMER): T(self.next_attempt),
+            (State.CHECKING, Trigger.CHECKED): T(self._client_checked),
+            (State.MIGRATING, Trigger.BOUNCED): T(self._client_bounced),
+            (State.REPLACING, Trigger.REPLACED): T(self._client_replaced),
+            (State.PROBING, Trigger.PROBED): T(self._client_probed),
+            (State.AWAIT_FROZEN, Trigger.READY_FROZEN): T(self._server_frozen, self._same),
+            (State.AWAIT_CHECKED, Trigger.READY_CHECKED): T(self._server_checked, self._same),
+            (State.AWAIT_REPLACED, Trigger.READY_REPLACED): T(self._server_replaced, self._same),
+            (State.MIGRATING, Trigger.READY_REPLACED): T(self._server_replaced_early,
+                                                        self._still_bouncing),
+            (State.SWAPPED, Trigger.DONE): T(self._done),
+            (State.AWAIT_REPLACED, Trigger.PEER_LOST): T(self._probe_replaced),
+        }
+        server = {
+            **common,
+            (State.IDLE, Trigger.PREPARE_FREEZE): T(self._prepared, self._newer),
+            (State.IDLE, Trigger.PREPARE_CHECK): T(self._prepared, self._newer),
+            (State.AWAIT_CHECK, Trigger.PREPARE_CHECK): T(self._final_check, self._same_tuple),
+            (State.AWAIT_MIGRATE, Trigger.PREPARE_MIGRATE): T(self._bounce, self._same_tuple),
+            (State.CHECKING, Trigger.CHECKED): T(self._server_checked_queues),
+            (State.MIGRATING, Trigger.BOUNCED): T(self._server_bounced),
+            (State.REPLACING, Trigger.REPLACED): T(self._server_replaced_fd),
+            (State.PROBING, Trigger.PROBED): T(self._server_probed),
+            (State.AWAIT_COMMIT, Trigger.COMMIT): T(self._committed, self._same),
+            (State.PROBING, Trigger.COMMIT): T(self._committed, self._same),
+            (State.AWAIT_COMMIT, Trigger.PEER_LOST): T(self._probe_if_idle),
+            (State.PROBING, Trigger.PEER_LOST): T(self._probe_if_idle),
+        }
+        self.tables = {Role.CLIENT: Table(Role.CLIENT, client, self.stats),
+                       Role.SERVER: Table(Role.SERVER, server, self.stats)}
+
+    def fire(self, conn: Conn, trigger: Trigger, payload: Any = None) -> bool:
+        """Run `conn`'s transition for `trigger` (False: it had none; counted)."""
+        return self.tables[conn.role].fire(conn, trigger, payload)
+
+    # -- guards ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _same(conn: Conn, msg: Any) -> bool:
+        """the peer's attempt is ours"""
+        return bool(msg.attempt == conn.attempt)
+
+    @staticmethod
+    def _still_bouncing(conn: Conn, msg: Any) -> bool:
+        """the peer's attempt is ours and our bounce runs"""
+        return (msg.attempt == conn.attempt and not conn.now.peer_replaced
+                and conn.outstanding is not None)
+
+    @staticmethod
+    def _same_tuple(conn: Conn, msg: Any) -> bool:
+        """it names our 4-tuple and attempt"""
+        return bool(_tuple(msg) == conn.tuple and msg.attempt == conn.attempt)
+
+    @staticmethod
+    def _newer(conn: Conn, msg: Any) -> bool:
+        """it names our 4-tuple and a newer attempt"""
+        return bool(_tuple(msg) == conn.tuple and msg.attempt > conn.attempt)
+
+    @staticmethod
+    def _final(conn: Conn, msg: Any) -> bool:
+        """the abort is final"""
+        return bool(msg.final)
+
+    @staticmethod
+    def _abort_applies(conn: Conn, msg: Any) -> bool:
+        """it names our attempt (and we have not swapped)"""
+        return bool(msg.attempt == conn.attempt and conn.state is not State.SWAPPED)
+
+    # -- client ------------------------------------------------------------------------------
+
+    def _host_connected(self, conn: Conn, ev: HostConnected) -> None:
+        """keep the host socket; first attempt"""
+        conn.host_sock, conn.host_inode = ev.sock, ev.inode
+        if conn.pending_abort:
+            self.resolve_pending(conn)
+            return
+        conn.state = State.IDLE
+        self.next_attempt(conn)
+
+    def next_attempt(self, conn: Conn, _: Any = None) -> None:
+        """next attempt: wait (process busy or rate-capped, socket shared) or freeze / prepare"""
+        cfg = self.config
+        if conn.attempt - conn.waits >= cfg.max_attempts or conn.waits >= cfg.max_waits:
+            self.stats["gave_up"] += 1
+            self.core.send(conn, "swap_abort", attempt=conn.attempt, reason="gave up",
+                           final=True)
+            conn.told_final = True
+            self.finish(conn, notify=False)
+            return
+        assert conn.pid is not None
+        if self.gate.full(conn.pid):  # enough swaps hold this process: queue up
+            self.stats["pid_busy"] += 1
+            self._wait(conn, cfg.backoff_max)  # woken sooner when the process is free
+            self.gate.queue(conn.pid, conn.cid)
+            return
+        if self._rate_limited(conn.pid) and not self.held_frozen(conn.pid):
+            self._wait(conn, cfg.rate_wait)  # frozen often enough lately: let it run a while
+            return
+        if self.core.policy.shared(conn):  # just forked: wait until one process holds it
+            self.stats["socket_shared"] += 1
+            self._wait(conn, cfg.rate_wait)
+            return
+        conn.attempt += 1
+        # after a "wait" the server goes first: if it still is not ready, nothing froze
+        first = Role.SERVER if conn.peer_waiting or not conn.attempt % 2 else Role.CLIENT
+        conn.peer_waiting = False
+        self.new_attempt(conn, first)
+        self.hold_pid(conn.pid, conn.cid)
+        self.stats["attempts"] += 1
+        if first is Role.CLIENT:
+            self.freeze(conn)
+        else:
+            self.prepare(conn, "freeze", State.AWAIT_FROZEN)
+
+    def _wait(self, conn: Conn, delay: float) -> None:
+        conn.attempt += 1
+        conn.waits += 1
+        self.core.timer(conn, delay)
+
+    def _rate_limited(self, pid: int | None) -> bool:
+        if not self.gate.over_rate(pid):
+            return False
+        self.stats["freeze_rate_limited"] += 1
+        return True
+
+    def _client_checked(self, conn: Conn, ev: QueuesChecked) -> None:
+        """quiet: prepare the server's check, or (final) carry the bytes"""
+        if not self._quiet(conn, ev):
+            return
+        conn.now.checks += 1
+        if not conn.now.prepared or (conn.now.first is Role.SERVER and conn.now.checks == 1):
+            self.prepare(conn, "check", State.AWAIT_CHECKED)
+        else:  # the final check: our unread bytes are final, and so are the server's
+            conn.now.recv_len = ev.recv_queue
+            self.prepare(conn, "migrate", State.MIGRATING)
+            self.migrate(conn)
+
+    def _client_bounced(self, conn: Conn, _: Any) -> None:
+        """bytes carried: replace once the server has (probe if the peer was lost)"""
+        pending = conn.pending_abort
+        if pending is not None and pending.reason is Abort.PEER_LOST:
+            conn.pending_abort = None  # the server may have replaced: ask the data path
+            self.probe(conn)
+            return
+        if pending is not None:
+            self.resolve_pending(conn)
+            return
+        self.migrated(conn)
+
+    def _client_replaced(self, conn: Conn, _: Any) -> None:
+        """the commit point: swap_commit, thaw, done"""
+        conn.now.replaced = True
+        pending, conn.pending_abort = conn.pending_abort, None
+        self.core.send(conn, "swap_commit", attempt=conn.attempt)
+        self.complete(conn)
+        if pending is not None and pending.reason in (Abort.CLOSED, Abort.EXITED):
+            self.finish(conn, notify=False)
+
+    def _client_probed(self, conn: Conn, ev: ConnProbed) -> None:
+        """forward if the server replaced and its daemon is gone, else stay on the overlay"""
+        pending = conn.pending_abort
+        if pending is not None and pending.reason in (Abort.CLOSED, Abort.EXITED):
+            self.resolve_pending(conn)
+        elif ev.overlay_closed and not ev.host_closed:
+            self.stats["probe_forward"] += 1
+            assert conn.host_sock is not None and conn.inode is not None
+            conn.pending_abort = PendingAbort(Abort.PEER_LOST, False, False)
+            self.replace(conn, conn.host_sock, conn.inode, State.REPLACING)
+        else:
+            self.abort(conn, Abort.PEER_LOST, retry=False, notify=False)
+
+    def _server_frozen(self, conn: Conn, _: Any) -> None:
+        """freeze our app"""
+        self.freeze(conn)
+
+    def _server_checked(self, conn: Conn, msg: Any) -> None:
+        """note the server's unread bytes; final check"""
+        conn.now.peer_len = msg.migrate_len
+        self.check(conn)
+
+    def _server_replaced(self, conn: Conn, _: Any) -> None:
+        """replace our fd"""
+        assert conn.host_sock is not None and conn.inode is not None
+        self.replace(conn, conn.host_sock, conn.inode, State.REPLACING)
+
+    def _probe_replaced(self, conn: Conn, _: Any) -> None:
+        """the server may have replaced, and may be gone: probe the data path"""
+        self.probe(conn)
+
+    def _server_replaced_early(self, conn: Conn, _: Any) -> None:
+        """replace once our bounce is done"""
+        conn.now.peer_replaced = True
+
+    def _done(self, conn: Conn, _: Any) -> None:
+        """count it"""
+        self.stats["swap_done_received"] += 1
+
+    # -- server ------------------------------------------------------------------------------
+
+    def _prepared(self, conn: Conn, msg: Any) -> None:
+        """new attempt: wait (not matched, ruled out, busy, shared, app unread) or freeze"""
+        conn.attempt = msg.attempt
+        self.new_attempt(conn, Role.SERVER if msg.stage == "freeze" else Role.CLIENT)
+        if not conn.matched:
+            self.stats["prepare_not_ready"] += 1
+            self._wait_reply(conn, WaitReason.NOT_READY)
+            return
+        assert conn.pid is not None
+        if not self.core.policy.allow(Role.SERVER, conn.pid, conn.tuple):
+            self.stats["accept_ruled_out"] += 1
+            self.core.send(conn, "swap_abort", attempt=conn.attempt, reason="ruled out",
+                           final=True)
+            self.finish(conn, notify=False)
+            return
+        if self.gate.full(conn.pid) or (self._rate_limited(conn.pid)
+                                        and not self.held_frozen(conn.pid)):
+            self.stats["pid_busy"] += 1
+            self._wait_reply(conn, WaitReason.PROCESS_BUSY)
+            return
+        if self.core.policy.shared(conn):
+            self.stats["socket_shared"] += 1
+            self._wait_reply(conn, WaitReason.SHARED)
+            return
+        if not self.core.policy.server_ready(conn):
+            self.stats["app_not_read"] += 1
+            self._wait_reply(conn, WaitReason.APP_UNREAD)
+            return
+        self.hold_pid(conn.pid, conn.cid)
+        self.freeze(conn)
+
+    def _wait_reply(self, conn: Conn, why: WaitReason) -> None:
+        self.core.send(conn, "swap_abort", attempt=conn.attempt, reason=why.value, final=False)
+
+    def _final_check(self, conn: Conn, _: Any) -> None:
+        """final check"""
+        self.check(conn)
+
+    def _bounce(self, conn: Conn, msg: Any) -> None:
+        """carry the unread bytes both ways"""
+        conn.now.peer_len = msg.migrate_len
+        self.migrate(conn)
+
+    def _server_checked_queues(self, conn: Conn, ev: QueuesChecked) -> None:
+        """quiet: ready(frozen) first in a server-first attempt, else ready(checked, |R_s|)"""
+        if not self._quiet(conn, ev):
+            return
+        conn.now.checks += 1
+        if conn.now.first is Role.SERVER and conn.now.checks == 1:
+            conn.state = State.AWAIT_CHECK
+            self.core.send(conn, "swap_ready", attempt=conn.attempt, stage="frozen",
+                           migrate_len=0)
+        else:  # the final check: the client's check and the bounce come next
+            conn.now.recv_len = ev.recv_queue
+            conn.state = State.AWAIT_MIGRATE
+            self.core.send(conn, "swap_ready", attempt=conn.attempt, stage="checked",
+                           migrate_len=ev.recv_queue)
+        self.core.timer(conn, self.config.message_timeout)
+
+    def _server_bounced(self, conn: Conn, _: Any) -> None:
+        """bytes carried: replace"""
+        if conn.pending_abort:
+            self.resolve_pending(conn)
+            return
+        self.migrated(conn)
+
+    def _server_replaced_fd(self, conn: Conn, _: Any) -> None:
+        """replaced, still frozen: ready(replaced), wait for the commit"""
+        conn.now.replaced = True
+        if conn.pending_abort:
+            self.resolve_pending(conn)
+            return
+        conn.state = State.AWAIT_COMMIT
+        self.core.send(conn, "swap_ready", attempt=conn.attempt, stage="replaced",
+                       migrate_len=0)
+        self.core.timer(conn, self.config.message_timeout)
+
+    def _server_probed(self, conn: Conn, ev: ConnProbed) -> None:
+        """host closed: roll back; overlay closed: commit; neither: probe again"""
+        if conn.pending_abort:
+            self.resolve_pending(conn)
+        elif ev.host_closed:  # the client gave up: put the overlay socket back
+            self.stats["probe_rollback"] += 1
+            self.rollback(conn)
+        elif ev.overlay_closed:  # the client committed and dropped the overlay
+            self.stats["probe_commit"] += 1
+            self.server_commit(conn)
+        else:
+            self.probe_later(conn)
+
+    def _committed(self, conn: Conn, _: Any) -> None:
+        """thaw, swap_done"""
+        self.server_commit(conn)
+
+    def _probe_if_idle(self, conn: Conn, _: Any) -> None:
+        """probe the data path (unless a probe runs)"""
+        if conn.outstanding is None:
+            self.probe(conn)
+
+    def _host_closed_uncertain(self, conn: Conn, _: Any) -> None:
+        """the client gave up: probe to confirm, then roll back"""
+        self.stats["host_closed_by_peer"] += 1
+        self._probe_if_idle(conn, None)
+
+    def _close_after_commit(self, conn: Conn, _: Any) -> None:
+        """settle the swap first (a stale event: the app is frozen), forget after"""
+        self.stats["closed_by_app"] += 1
+        conn.close_after = True
+
+    # -- both roles --------------------------------------------------------------------------
+
+    def _quiet(self, conn: Conn, ev: QueuesChecked) -> bool:
+        """The check allows going on (else the attempt is aborted as busy)."""
+        if conn.pending_abort:
+            self.resolve_pending(conn)
+            return False
+        unread_ok = self.config.migrate and ev.recv_queue <= self.config.max_migrate
+        if ev.send_queue or (ev.recv_queue and not unread_ok):
+            self.stats["busy"] += 1
+            self.abort(conn, Abort.BUSY, retry=True, notify=True,
+                       detail=f"busy (send {ev.send_queue}, recv {ev.recv_queue})")
+            return False
+        return True
+
+    def _frozen(self, conn: Conn, _: Any) -> None:
+        """check the queues"""
+        conn.now.frozen = True
+        if conn.pending_abort:
+            self.resolve_pending(conn)
+            return
+        self.check(conn)
+
+    def _rolled_back(self, conn: Conn, _: Any) -> None:
+        """the overlay socket is back: undo the attempt"""
+        conn.now.replaced = False
+        self.abort_done(conn)
+
+    def _rollback_failed(self, conn: Conn, ev: ActionFailed) -> None:
+        """thaw, forget, tell the peer (the one unrecoverable case)"""
+        self.stats["rollback_failed"] += 1
+        self.thaw(conn)
+        self.finish(conn, notify=True)
+
+    def _connect_failed(self, conn: Conn, _: Any) -> None:
+        """stay on the overlay"""
+        self.finish(conn, notify=False)
+
+    def _probe_failed(self, conn: Conn, _: Any) -> None:
+        """probe again later"""
+        self.probe_later(conn)
+
+    def _step_failed(self, conn: Conn, ev: ActionFailed) -> None:
+        """undo, tell the peer, retry (an abort decided meanwhile wins)"""
+        pending, conn.pending_abort = conn.pending_abort, None
+        if pending is None:
+            self.abort(conn, Abort.FAILED, retry=True, notify=True, detail=ev.reason)
+        else:
+            self.abort(conn, pending.reason, pending.retry, pending.notify, pending.detail)
+
+    def _timed_out(self, conn: Conn, _: Any) -> None:
+        """no peer message in time: abort, retry"""
+        self.stats["timeouts"] += 1
+        self.abort(conn, Abort.TIMEOUT, retry=True, notify=True)
+
+    def _commit_uncertain(self, conn: Conn, _: Any) -> None:
+        """no commit in time: probe the data path"""
+        self.stats["commit_uncertain"] += 1
+        self.probe(conn)
+
+    def _peer_gave_up(self, conn: Conn, _: Any) -> None:
+        """forget it"""
+        self.abort(conn, Abort.PEER_GAVE_UP, retry=False, notify=False)
+
+    def _peer_aborted(self, conn: Conn, msg: Any) -> None:
+        """undo ours; a "wait" is not an attempt, and the next one is server-first"""
+        self.stats["aborted_by_peer"] += 1
+        if WaitReason.of(msg.reason) is not None:
+            conn.waits += 1
+            conn.peer_waiting = True
+        self.abort(conn, Abort.PEER_ABORTED, retry=not msg.final, notify=False,
+                   detail=msg.reason)
+
+    def _peer_closed(self, conn: Conn, _: Any) -> None:
+        """the peer's app closed: abort, stay on the overlay (nothing if swapped)"""
+        self.stats["closed_by_peer"] += 1
+        if conn.state is not State.SWAPPED:
+            self.abort(conn, Abort.PEER_CLOSED, retry=False, notify=False)
+
+    def _host_closed(self, conn: Conn, _: Any) -> None:
+        """the other daemon closed the host connection: abort, no retry"""
+        self.stats["host_closed_by_peer"] += 1
+        self.abort(conn, Abort.HOST_CLOSED, retry=False, notify=True)
+
+    def _forget_swapped(self, conn: Conn, _: Any) -> None:
+        """the swapped connection ended in the app: forget it"""
+        self.stats["closed_by_app"] += 1
+        self.finish(conn, notify=False)
+
+    def _app_gone(self, conn: Conn, exited: Any) -> None:
+        """abort, no retry, conn_closed to the peer"""
+        self.stats["closed_by_app"] += 1
+        self.abort(conn, Abort.EXITED if exited else Abort.CLOSED, retry=False, notify=True)
+
+    def _peer_lost(self, conn: Conn, _: Any) -> None:
+        """abort, no retry"""
+        self.abort(conn, Abort.PEER_LOST, retry=False, notify=False)
+
+    def _ignore(self, conn: Conn, _: Any) -> None:
+        """nothing to do"""
+
+
+def _tuple(msg: Any) -> FourTuple:
+    return FourTuple(msg.client_addr, msg.client_port, msg.server_addr, msg.server_port)
+
+
+_ = SendPeer  # the protocol's messages go out as SendPeer through Core.send
