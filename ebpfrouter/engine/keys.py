@@ -181,4 +181,4 @@ class PendingAbort:
             return f"peer: {self.detail}"[:200]
         if self.reason in (Abort.BUSY, Abort.FAILED) and self.detail:
             return self.detail[:200]
-        return self.reason.value
+        return str(self.reason.value)

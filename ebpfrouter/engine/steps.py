@@ -48,7 +48,7 @@ class SwapSteps:
             return min(self.config.backoff_max,
                        self.config.backoff_base * (1 + min(conn.waits, 3)))
         tries = min(conn.attempt - conn.waits, 16)
-        return min(self.config.backoff_max, self.config.backoff_base * 2 ** max(0, tries))
+        return min(self.config.backoff_max, self.config.backoff_base * 2.0 ** max(0, tries))
 
     def prepare(self, conn: Conn, stage: str, state: State) -> None:
         """Client: ask the server to do its part of `stage`."""

@@ -22,6 +22,16 @@ from .keys import Abort, PendingAbort, WaitReason
 from .steps import SwapSteps
 from .transitions import ANY, Table, Transition, Trigger
 
+# The states each role can be in (rows of the shared table for the other role's states are
+# left out of that role's table: they could never fire).
+_REACHABLE = {
+    Role.CLIENT: {State.CONNECTING, State.IDLE, State.AWAIT_FROZEN, State.FREEZING,
+                  State.CHECKING, State.AWAIT_CHECKED, State.MIGRATING, State.AWAIT_REPLACED,
+                  State.REPLACING, State.PROBING, State.SWAPPED},
+    Role.SERVER: {State.IDLE, State.FREEZING, State.CHECKING, State.AWAIT_CHECK,
+                  State.AWAIT_MIGRATE, State.MIGRATING, State.REPLACING, State.AWAIT_COMMIT,
+                  State.PROBING, State.ROLLING_BACK, State.SWAPPED},
+}
 _AWAITING = (State.AWAIT_FROZEN, State.AWAIT_CHECKED, State.AWAIT_REPLACED, State.AWAIT_CHECK,
              State.AWAIT_MIGRATE)
 _UNCERTAIN = (State.AWAIT_COMMIT, State.PROBING)
@@ -87,8 +97,10 @@ class SwapProtocol(SwapSteps):
             (State.AWAIT_COMMIT, Trigger.PEER_LOST): T(self._probe_if_idle),
             (State.PROBING, Trigger.PEER_LOST): T(self._probe_if_idle),
         }
-        self.tables = {Role.CLIENT: Table(Role.CLIENT, client, self.stats),
-                       Role.SERVER: Table(Role.SERVER, server, self.stats)}
+        self.tables = {role: Table(role, {key: row for key, row in rows.items()
+                                          if key[0] is ANY or key[0] in _REACHABLE[role]},
+                                   self.stats)
+                       for role, rows in ((Role.CLIENT, client), (Role.SERVER, server))}
 
     def fire(self, conn: Conn, trigger: Trigger, payload: Any = None) -> bool:
         """Run `conn`'s transition for `trigger` (False: it had none; counted)."""
@@ -467,6 +479,18 @@ class SwapProtocol(SwapSteps):
 
     def _ignore(self, conn: Conn, _: Any) -> None:
         """nothing to do"""
+
+
+def tables_markdown() -> str:
+    """Both roles' transition tables as Markdown, as docs/swap.md shows them (regenerate:
+    ``python -c 'from ebpfrouter.engine.swap import tables_markdown as t; print(t(), end="")'``).
+    """
+    from .core import EngineConfig, Policy
+    from .transitions import markdown
+
+    protocol = SwapProtocol(Core(EngineConfig("doc"), Policy(lambda ip: None)),
+                            ProcessGate(EngineConfig("doc")))
+    return markdown([protocol.tables[Role.CLIENT], protocol.tables[Role.SERVER]])
 
 
 def _tuple(msg: Any) -> FourTuple:

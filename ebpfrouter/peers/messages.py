@@ -43,7 +43,7 @@ class Field:
             raise SchemaError(f"{where}: {value!r} not one of {self.choices}")
         if self.ip:
             try:
-                ipaddress.ip_address(value)
+                ipaddress.ip_address(str(value))  # a str: the kind was checked above
             except ValueError:
                 raise SchemaError(f"{where}: {value!r} is not an IP address") from None
 
