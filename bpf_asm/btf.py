@@ -23,7 +23,7 @@ import sys
 from array import array
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import ClassVar
+from typing import ClassVar, Literal, TypedDict
 
 __all__ = [
     "BTF",
@@ -148,6 +148,18 @@ class BtfSecInfo:
     size: int
 
 
+class _Common(TypedDict, total=False):
+    """The fields every decoded type starts from (`BTF._decode`)."""
+
+    id: int
+    kind: Kind
+    name: str
+    kind_flag: bool
+    vlen: int
+    type_id: int
+    size: int
+
+
 @dataclass(frozen=True, slots=True)
 class BtfType:
     """One decoded BTF type.
@@ -259,6 +271,7 @@ class BTF:
         if len(data) < _HEADER_MIN:
             raise BTFError(f"{name}: {len(data)} bytes is too short for a BTF header")
         magic = int.from_bytes(data[0:2], "little")
+        order: Literal["little", "big"]
         if magic == BTF_MAGIC:
             order = "little"
         elif int.from_bytes(data[0:2], "big") == BTF_MAGIC:
@@ -289,7 +302,7 @@ class BTF:
         self._words = words
         # Split BTF continues the base's type ids and string offsets.
         self._first_id = base.type_count if base else 1
-        self._str_base = base._str_base + len(base._strings) if base else 0
+        self._str_base: int = base._str_base + len(base._strings) if base else 0
         self._starts, self._by_name_off = self._index(words)
         self._cache: dict[int, BtfType] = {}
         self._name_cache: dict[str, tuple[int, ...]] = {}
@@ -324,7 +337,7 @@ class BTF:
         """A kernel module's split BTF (``/sys/kernel/btf/<module>``) on top of vmlinux."""
         return cls.load(os.path.join(os.path.dirname(VMLINUX_PATH), module), base=cls.vmlinux())
 
-    def _index(self, words: array) -> tuple[array, dict[int, int | list[int]]]:
+    def _index(self, words: array[int]) -> tuple[array[int], dict[int, int | list[int]]]:
         """One pass over the type section: start word of each type, types by name offset."""
         starts = array("I")
         by_name: dict[int, int | list[int]] = {}
@@ -419,7 +432,7 @@ class BTF:
         kflag = bool(info >> 31)
         third = w[i + 2]
         j = i + 3
-        common: dict = {"id": tid, "kind": kind, "name": name, "kind_flag": kflag, "vlen": vlen}
+        common: _Common = {"id": tid, "kind": kind, "name": name, "kind_flag": kflag, "vlen": vlen}
         if kind in _REF_KINDS:
             common["type_id"] = third
         elif kind != Kind.ARRAY:
@@ -433,7 +446,8 @@ class BTF:
                 int_bits=v & 0xFF,
             )
         if kind == Kind.ARRAY:
-            return BtfType(**common, type_id=w[j], index_type_id=w[j + 1], nelems=w[j + 2])
+            common["type_id"] = w[j]  # the element type
+            return BtfType(**common, index_type_id=w[j + 1], nelems=w[j + 2])
         if kind in _COMPOSITE:
             members = []
             for k in range(vlen):
@@ -558,7 +572,8 @@ class BTF:
         if t is None and _kind_arg(kind) == Kind.ENUM:
             t = self.find_type(name, Kind.ENUM64)
         if t is None:
-            what = f"{_kind_arg(kind).name.lower()} " if kind is not None else ""
+            want = _kind_arg(kind)
+            what = f"{want.name.lower()} " if want is not None else ""
             raise BTFError(f"{self.name}: no type {what}'{name}'")
         return t
 

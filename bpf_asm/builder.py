@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from bpf_asm import isa
 from bpf_asm.helpers import helper_id
 from bpf_asm.isa import Instruction, Instructions, Reg
+from bpf_asm.relocate import BuildError, MapFd, UnknownMapError, resolve_maps
 
 __all__ = ["Builder", "BuildError", "LabelError", "UnknownMapError", "Src", "Target"]
 
@@ -32,20 +33,8 @@ _INT16 = (-(1 << 15), (1 << 15) - 1)
 _INT32 = (-(1 << 31), (1 << 31) - 1)
 
 
-class BuildError(ValueError):
-    """A program that cannot be built; `index` is the offending item's position (or None)."""
-
-    def __init__(self, message: str, index: int | None = None) -> None:
-        super().__init__(message)
-        self.index = index
-
-
 class LabelError(BuildError):
     """A duplicate or missing label, or a jump whose offset does not fit its field."""
-
-
-class UnknownMapError(BuildError):
-    """A map referenced by name that is not among the maps given to `build()`."""
 
 
 @dataclass(frozen=True)
@@ -55,13 +44,6 @@ class _Ref:
     kind: str            # "off" (16-bit jump), "imm" (gotol, pseudo call), "map"
     insn: Instruction    # template; the field to fill is zero
     target: Target       # label name, relative offset, or map name
-
-
-def _map_fd(name: str, obj: object) -> int:
-    fd = obj if isinstance(obj, int) else getattr(obj, "fd", None)
-    if not isinstance(fd, int) or not 0 <= fd < (1 << 31):
-        raise UnknownMapError(f"map {name!r} has no valid file descriptor (.fd): {obj!r}")
-    return fd
 
 
 class Builder:
@@ -112,12 +94,13 @@ class Builder:
         return self
 
     # -- build -------------------------------------------------------------------------
-    def build(self, maps: Mapping[str, object] | None = None) -> Instructions:
+    def build(self, maps: Mapping[str, MapFd] | None = None) -> Instructions:
         """Resolve labels and map names and return the program.
 
         `maps` maps names to objects with an integer `.fd` (or to plain fds). Without
         `maps`, map loads get fd 0 and are only recorded in `map_refs` (for ELF output or
-        a later loader); with `maps`, an unknown name is an `UnknownMapError`.
+        a later loader); with `maps`, an unknown name is an `UnknownMapError`. The fds are
+        filled in by `bpf_asm.relocate.resolve_maps`.
         """
         slots, slot = [], 0
         for item in self._items:
@@ -129,10 +112,11 @@ class Builder:
             if isinstance(item, Instruction):
                 out.append(item)
             elif item.kind == "map":
-                out.append(self._resolve_map(item, index, slots[index], maps, out))
+                out.map_refs[slots[index]] = str(item.target)
+                out.append(item.insn)  # fd 0 until resolved
             else:
                 out.append(self._resolve_jump(item, index, slots))
-        return out
+        return out if maps is None else resolve_maps(out, maps)
 
     def _resolve_jump(self, ref: _Ref, index: int, slots: list[int]) -> Instruction:
         name = ref.target
@@ -150,23 +134,6 @@ class Builder:
             raise LabelError(f"jump to label {name!r} is {off} slots away, out of the 32-bit "
                              "range", index)
         return Instruction(insn.code, insn.dst, insn.src, insn.off, off)
-
-    @staticmethod
-    def _resolve_map(ref: _Ref, index: int, slot: int, maps: Mapping[str, object] | None,
-                     out: Instructions) -> Instruction:
-        name, insn = str(ref.target), ref.insn
-        fd = 0
-        if maps is not None:
-            if name not in maps:
-                known = ", ".join(sorted(maps)) or "none"
-                raise UnknownMapError(f"unknown map {name!r} (maps given: {known})", index)
-            try:
-                fd = _map_fd(name, maps[name])
-            except UnknownMapError as exc:
-                exc.index = index
-                raise
-        out.map_refs[slot] = name
-        return Instruction(insn.code, insn.dst, insn.src, 0, (insn.imm & ~0xFFFFFFFF) | fd)
 
     # -- ALU ---------------------------------------------------------------------------
     def add64(self, dst: Reg, src: Src) -> Builder:

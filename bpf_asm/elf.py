@@ -22,15 +22,19 @@ import os
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, TypeAlias
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.relocation import RelocationSection
-from elftools.elf.sections import SymbolTableSection
+from elftools.elf.sections import Symbol, SymbolTableSection
 
 from bpf_asm import isa
-from bpf_asm.isa import Instruction, Instructions, decode
+from bpf_asm.isa import Instruction, Instructions, Reg, decode
+
+if TYPE_CHECKING:
+    from bpf_asm.btf import BTF, BtfType
+    from bpf_asm.maps import MapSpec
 
 __all__ = ["ElfError", "ElfMap", "ElfProgram", "ElfObject", "read_elf", "write_elf",
            "EM_BPF", "R_BPF_64_64", "R_BPF_64_32"]
@@ -146,7 +150,7 @@ class _Reader:
                 programs.extend(self._programs(index, sec.name))
         return ElfObject(license_, programs, maps)
 
-    def _symbols_in(self, index: int) -> list[Any]:
+    def _symbols_in(self, index: int) -> list[Symbol]:
         return [s for s in self.symtab.iter_symbols() if s["st_shndx"] == index]
 
     def _programs(self, index: int, name: str) -> list[ElfProgram]:
@@ -199,7 +203,7 @@ class _Reader:
             insns[i] = isa.call_pc(target - (slot + 1))
         return Instructions(insns, map_refs)
 
-    def _relocate(self, insns: list[Instruction], i: int, sym: Any, rtype: int, slot: int,
+    def _relocate(self, insns: list[Instruction], i: int, sym: Symbol, rtype: int, slot: int,
                   map_refs: dict[int, str], prog: str) -> int | None:
         """Apply one relocation to insns[i]; return the callee's section for a call."""
         insn = insns[i]
@@ -210,15 +214,16 @@ class _Reader:
             if target is None or not target["sh_flags"] & SHF_EXECINSTR:
                 raise ElfError(f"{where}: call of a symbol that is not a BPF function "
                                "(extern functions and kfuncs are not supported)")
-            return shndx
+            return int(shndx)
         if insn.code != isa.LD_IMM64 or rtype != R_BPF_64_64 or target is None:
             raise ElfError(f"{where}: unsupported relocation type {rtype} on {insn}")
         if target.name in ("maps", ".maps"):
             map_refs[slot] = sym.name
-            insns[i] = isa.ld_map_fd(insn.dst, 0)
+            insns[i] = isa.ld_map_fd(Reg(insn.dst), 0)
         elif target.name.startswith(_DATA_SECTIONS):
             map_refs[slot] = target.name
-            insns[i] = isa.ld_map_value(insn.dst, 0, sym["st_value"] + (insn.imm & 0xFFFFFFFF))
+            insns[i] = isa.ld_map_value(Reg(insn.dst), 0,
+                                        sym["st_value"] + (insn.imm & 0xFFFFFFFF))
         else:
             raise ElfError(f"{where}: 64-bit load of a symbol in section {target.name!r}, "
                            "which is neither a map nor global data")
@@ -266,7 +271,7 @@ class _Reader:
             found[var.name] = self._btf_map(btf, var.name, btf.strip(var.type_id or 0))
         return found
 
-    def _btf_map(self, btf: Any, name: str, struct_t: Any) -> ElfMap:
+    def _btf_map(self, btf: BTF, name: str, struct_t: BtfType) -> ElfMap:
         from bpf_asm.btf import Kind
         spec = ElfMap(name, 0, section=".maps")
         for member in struct_t.members:
@@ -290,13 +295,18 @@ class _Reader:
 
 # -- writing ---------------------------------------------------------------------------
 
-def _field(spec: Any, name: str, default: Any = None) -> Any:
+#: What `write_elf` takes as a map: an ElfMap, a MapSpec (a Map's `.spec`), or a dict with
+#: name/type/key_size/value_size/max_entries/flags.
+MapDescription: TypeAlias = "ElfMap | MapSpec | Mapping[str, object]"
+
+
+def _field(spec: MapDescription, name: str) -> object:
     if isinstance(spec, Mapping):
-        return spec.get(name, default)
-    return getattr(spec, name, default)
+        return spec.get(name)
+    return getattr(spec, name, None)
 
 
-def _map_def(spec: Any) -> tuple[str, bytes]:
+def _map_def(spec: MapDescription) -> tuple[str, bytes]:
     """(name, struct bpf_map_def bytes) for a map spec: ElfMap, maps.MapSpec, a Map's spec
     or a dict with name/type/key_size/value_size/max_entries/flags (None counts as 0)."""
     name = _field(spec, "name")
@@ -306,11 +316,15 @@ def _map_def(spec: Any) -> tuple[str, bytes]:
     if isinstance(mtype, str):
         from bpf_asm.syscall import MapType
         mtype = MapType.parse(mtype)
-    values = [mtype] + [_field(spec, k) or 0 for k in
-                        ("key_size", "value_size", "max_entries", "flags")]
     if not isinstance(mtype, int):
         raise ElfError(f"map {name!r}: type {mtype!r} is not a map type")
-    return str(name), _MAP_DEF.pack(*(int(v) for v in values))
+    values = [mtype]
+    for key in ("key_size", "value_size", "max_entries", "flags"):
+        value = _field(spec, key) or 0
+        if not isinstance(value, int):
+            raise ElfError(f"map {name!r}: {key} {value!r} is not an integer")
+        values.append(value)
+    return str(name), _MAP_DEF.pack(*values)
 
 
 class _StrTab:
@@ -325,7 +339,8 @@ class _StrTab:
         return self.offsets[text]
 
 
-def write_elf(programs: Sequence[ElfProgram] | Instructions, maps: Iterable[Any] = (),
+def write_elf(programs: Sequence[ElfProgram] | Instructions,
+              maps: Iterable[MapDescription] = (),
               license: str = "GPL", *, section: str = "prog", name: str = "prog") -> bytes:
     """An ELF relocatable object (EM_BPF, little endian) holding `programs` and `maps`.
 
@@ -426,7 +441,7 @@ def _program_bytes(prog: ElfProgram, map_index: Mapping[str, int],
             if insn.code != isa.LD_IMM64 or insn.src == isa.BPF_PSEUDO_MAP_VALUE:
                 raise ElfError(f"program {prog.name!r}: only map fd loads can be relocated, "
                                f"not {insn}")
-            insn = isa.ld_imm64(insn.dst, 0)
+            insn = isa.ld_imm64(Reg(insn.dst), 0)
             rels.append((start + len(code), map_name))
         code += insn.encode()
     return bytes(code)

@@ -15,6 +15,10 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bpf_asm.relocate import MapFd
 
 __all__ = [
     "Reg", "R0", "R1", "R2", "R3", "R4", "R5", "R6", "R7", "R8", "R9", "R10",
@@ -222,24 +226,13 @@ class Instructions(list[Instruction]):
     def __bytes__(self) -> bytes:
         return b"".join(insn.encode() for insn in self)
 
-    def with_maps(self, maps: Mapping[str, object]) -> Instructions:
+    def with_maps(self, maps: Mapping[str, MapFd]) -> Instructions:
         """A copy whose map loads (`map_refs`) carry the fds of `maps` (name -> object with
-        an integer `.fd`, or a plain fd); a name missing from `maps` is a ValueError naming it."""
-        out = Instructions(self, self.map_refs)
-        index_of = {slot: i for i, slot in enumerate(self.slot_indices())}
-        for slot, name in self.map_refs.items():
-            if name not in maps:
-                known = ", ".join(sorted(maps)) or "none"
-                raise ValueError(f"program uses map {name!r}, not among the maps given ({known})")
-            obj = maps[name]
-            fd = obj if isinstance(obj, int) else getattr(obj, "fd", None)
-            if not isinstance(fd, int) or fd < 0:
-                raise ValueError(f"map {name!r} has no valid file descriptor (.fd): {obj!r}")
-            insn = out[index_of[slot]]
-            src = insn.src or BPF_PSEUDO_MAP_FD
-            out[index_of[slot]] = Instruction(insn.code, insn.dst, src, insn.off,
-                                              (insn.imm & ~0xFFFFFFFF) | fd)
-        return out
+        an integer `.fd`, or a plain fd); a name missing from `maps` is an UnknownMapError
+        (a ValueError) naming it. See `bpf_asm.relocate.resolve_maps`."""
+        from bpf_asm.relocate import resolve_maps  # relocate builds on this module
+
+        return resolve_maps(self, maps)
 
     def __str__(self) -> str:
         return self.listing(numbered=False)

@@ -12,7 +12,7 @@ import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from . import bpffs
 from ._closing import Closing
@@ -55,6 +55,11 @@ _FD_VALUED = {MapType.PERF_EVENT_ARRAY, MapType.PROG_ARRAY, MapType.CGROUP_ARRAY
 
 
 Codec = str | struct.Struct | type | None
+# The ctypes data types a codec may be (what has `from_buffer_copy`).
+_CTYPES = (ctypes._SimpleCData, ctypes.Structure, ctypes.Union, ctypes.Array, ctypes._Pointer)
+if TYPE_CHECKING:
+    _CType: TypeAlias = type[ctypes._SimpleCData[Any] | ctypes.Structure | ctypes.Union
+                             | ctypes.Array[Any] | ctypes._Pointer[Any]]
 
 
 class _Codec:
@@ -63,13 +68,13 @@ class _Codec:
     def __init__(self, spec: Codec, size: int, what: str) -> None:
         self.size, self.what = size, what
         self.struct: struct.Struct | None = None
-        self.ctype: type | None = None
+        self.ctype: _CType | None = None
         if isinstance(spec, str):
             spec = struct.Struct(spec)
         if isinstance(spec, struct.Struct):
             self.struct = spec
             got = spec.size
-        elif isinstance(spec, type) and hasattr(spec, "from_buffer_copy"):
+        elif isinstance(spec, type) and issubclass(spec, _CTYPES):
             self.ctype = spec
             got = ctypes.sizeof(spec)
         elif spec is None:
@@ -79,7 +84,7 @@ class _Codec:
         if got != size:
             raise ValueError(f"{what}: codec is {got} bytes but the map's size is {size}")
 
-    def encode(self, value: Any) -> bytes:
+    def encode(self, value: object) -> bytes:
         if isinstance(value, bytes | bytearray | memoryview):
             data = bytes(value)
         elif self.struct is not None:
@@ -111,7 +116,7 @@ class _Codec:
 
 @dataclass
 class MapSpec:
-    """A map description (plain data). `create()` makes the kernel object.
+    """A map description (plain data). `create()` (or `load()`) makes the kernel object.
 
     Sizes left as None get the type's default (e.g. perf_event_array: 4/4 and one entry per
     possible CPU; ringbuf: 256 KiB); types that need a size and lack one raise ValueError.
@@ -161,6 +166,10 @@ class MapSpec:
                        self.numa_node, self.map_extra, self.btf_fd, self.btf_key_type_id,
                        self.btf_value_type_id, self.key, self.value)
 
+    def load(self) -> Map:
+        """The kernel object, as `ProgramSpec.load()` names it: the same as `create()`."""
+        return self.create()
+
     def create(self) -> Map:
         """BPF_MAP_CREATE; returns the new Map."""
         spec = self.resolved()
@@ -171,7 +180,7 @@ class MapSpec:
             btf_key_type_id=spec.btf_key_type_id, btf_value_type_id=spec.btf_value_type_id,
             map_extra=spec.map_extra,
         )
-        label = f"{spec.type.name.lower()} map {spec.name!r}"
+        label = f"{MapType.parse(spec.type).name.lower()} map {spec.name!r}"
         fd = bpf(Cmd.MAP_CREATE, attr, label)
         return Map(fd, spec)
 
@@ -284,7 +293,7 @@ class Map(Closing):
 
     # --- raw element operations -------------------------------------------------------------
 
-    def _call(self, cmd: Cmd, key: bytes | None, value: ctypes.Array | None,
+    def _call(self, cmd: Cmd, key: bytes | None, value: ctypes.Array[ctypes.c_char] | None,
               flags: int = 0) -> None:
         kbuf = ctypes.create_string_buffer(key, len(key)) if key else None
         attr = MapElemAttr(map_fd=self.fd, key=ctypes.addressof(kbuf) if kbuf else 0,
@@ -297,7 +306,7 @@ class Map(Closing):
                 e.strerror += " (the map fd was opened read-only)"
             raise
 
-    def _value_buf(self) -> ctypes.Array:
+    def _value_buf(self) -> ctypes.Array[ctypes.c_char]:
         return ctypes.create_string_buffer(max(self._slot * self._ncpus, 1))
 
     def lookup_bytes(self, key: bytes) -> bytes | None:
@@ -311,7 +320,7 @@ class Map(Closing):
             raise
         return buf.raw[: self._slot * self._ncpus]
 
-    def update(self, key: Any, value: Any, flags: int | str = BPF_ANY) -> None:
+    def update(self, key: object, value: object, flags: int | str = BPF_ANY) -> None:
         """Set key to value. flags: "any" (default), "noexist", "exist", or BPF_* ints.
         Per-CPU maps take a list (one value per possible CPU) or one value for all."""
         if isinstance(flags, str):
@@ -321,7 +330,7 @@ class Map(Closing):
         buf = ctypes.create_string_buffer(self._encode_value(value), size)
         self._call(Cmd.MAP_UPDATE_ELEM, kbytes, buf, flags)
 
-    def _encode_value(self, value: Any) -> bytes:
+    def _encode_value(self, value: object) -> bytes:
         if not self.percpu:
             return self._value.encode(value)
         values = value if isinstance(value, list) else [value] * self._ncpus
@@ -337,12 +346,12 @@ class Map(Closing):
         return [self._value.decode(data[i * self._slot: i * self._slot + self.value_size])
                 for i in range(self._ncpus)]
 
-    def get(self, key: Any, default: Any = None) -> Any:
+    def get(self, key: object, default: Any = None) -> Any:
         """Value for key (decoded), or `default` if absent."""
         data = self.lookup_bytes(self._key.encode(key))
         return default if data is None else self._decode_value(data)
 
-    def delete(self, key: Any) -> bool:
+    def delete(self, key: object) -> bool:
         """Delete key; returns False if it was absent."""
         try:
             self._call(Cmd.MAP_DELETE_ELEM, self._key.encode(key), None)
@@ -363,26 +372,26 @@ class Map(Closing):
             raise
         return self._decode_value(buf.raw)
 
-    def push(self, value: Any, flags: int | str = BPF_ANY) -> None:
+    def push(self, value: object, flags: int | str = BPF_ANY) -> None:
         """Queue/stack maps: add a value."""
         self.update(None, value, flags)
 
     # --- dict protocol ------------------------------------------------------------------------
 
-    def __getitem__(self, key: Any) -> Any:
+    def __getitem__(self, key: object) -> Any:
         data = self.lookup_bytes(self._key.encode(key))
         if data is None:
             raise KeyError(key)
         return self._decode_value(data)
 
-    def __setitem__(self, key: Any, value: Any) -> None:
+    def __setitem__(self, key: object, value: object) -> None:
         self.update(key, value)
 
-    def __delitem__(self, key: Any) -> None:
+    def __delitem__(self, key: object) -> None:
         if not self.delete(key):
             raise KeyError(key)
 
-    def __contains__(self, key: Any) -> bool:
+    def __contains__(self, key: object) -> bool:
         return self.lookup_bytes(self._key.encode(key)) is not None
 
     def _raw_keys(self) -> Iterator[bytes]:

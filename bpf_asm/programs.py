@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 from dataclasses import dataclass
-from typing import Any
+from typing import SupportsBytes, TypeAlias
 
 from ._closing import Closing
 from .syscall import (
@@ -25,6 +25,9 @@ from .syscall import (
     obj_pin,
 )
 
+#: A program's instructions: anything `bytes()` turns into them (`Instructions`, bytes).
+Code: TypeAlias = "SupportsBytes | bytes | bytearray | memoryview"
+
 LOG_SIZE_START = 256 * 1024
 LOG_SIZE_MAX = 1 << 30  # the kernel's limit is UINT_MAX >> 2
 
@@ -37,7 +40,7 @@ class ProgramSpec:
     `log_level` > 0 always fetches the verifier log (kept as `Program.log`).
     """
 
-    insns: Any
+    insns: Code
     prog_type: ProgType | str | int = "tracepoint"
     name: str = ""
     license: str = "GPL"
@@ -169,8 +172,8 @@ class Program(Closing):
         return f"<Program {self.name!r} {self.prog_type.name.lower()} {state}>"
 
 
-def load_program(insns: Any, prog_type: ProgType | str | int = "tracepoint", name: str = "",
+def load_program(insns: Code, prog_type: ProgType | str | int = "tracepoint", name: str = "",
                  license: str = "GPL", log_level: int = 0,
-                 attach_type: AttachType | str | int | None = None, **kw: Any) -> Program:
+                 attach_type: AttachType | str | int | None = None, **kw: int) -> Program:
     """Load `insns` (anything `bytes()` accepts) as a program; see ProgramSpec for `kw`."""
     return ProgramSpec(insns, prog_type, name, license, attach_type, log_level, **kw).load()

@@ -57,6 +57,9 @@ except KeyError:  # pragma: no cover - other architectures
 class BPFError(OSError):
     """A bpf(2) (or perf/tracefs) operation failed; `.op` names the operation and object."""
 
+    errno: int  # always set (OSError's may be None)
+    strerror: str
+
     def __init__(self, err: int, op: str, hint: str = "") -> None:
         text = f"{op}: {os.strerror(err)}"
         if hint:
@@ -386,7 +389,10 @@ def bpf(cmd: Cmd, attr: ctypes.Structure, what: str = "") -> int:
     return int(ret)
 
 
-def obj_get_info(fd: int, info_type: type[ctypes.Structure], what: str = "") -> ctypes.Structure:
+_Info = TypeVar("_Info", bound=ctypes.Structure)
+
+
+def obj_get_info(fd: int, info_type: type[_Info], what: str = "") -> _Info:
     """BPF_OBJ_GET_INFO_BY_FD into a fresh `info_type` struct."""
     info = info_type()
     attr = InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))

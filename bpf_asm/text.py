@@ -27,6 +27,7 @@ from bpf_asm import isa
 from bpf_asm.builder import Builder, BuildError
 from bpf_asm.helpers import UnknownHelperError, helper_id
 from bpf_asm.isa import Instructions, Reg
+from bpf_asm.relocate import MapFd
 
 __all__ = ["assemble", "AssemblerError"]
 
@@ -354,7 +355,7 @@ def _scan(text: str) -> list[_Line]:
     return out
 
 
-def assemble(text: str, maps: Mapping[str, object] | None = None) -> Instructions:
+def assemble(text: str, maps: Mapping[str, MapFd] | None = None) -> Instructions:
     """Assemble LLVM BPF syntax into `Instructions`.
 
     `maps` maps the names used in `r1 = NAME ll` to objects with an integer `.fd` (or to

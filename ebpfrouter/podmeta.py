@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from injector.netns import netns_inode
+
 
 @dataclasses.dataclass(frozen=True)
 class PodInfo:
@@ -66,7 +68,7 @@ class PodMetadataSource(Protocol):
 def netns_inode_of(pid: int, proc: str = "/proc") -> int | None:
     """Inode of the network namespace of `pid`, or None if the process is gone."""
     try:
-        return os.stat(f"{proc}/{pid}/ns/net").st_ino
+        return netns_inode(pid, proc)
     except OSError:
         return None
 

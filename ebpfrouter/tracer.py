@@ -5,10 +5,11 @@
             ...
         tracer.track(pid, fd)                # seed a connection that existed before us
 
-Programs and record layout live in :mod:`ebpfrouter.tracer_programs`. Records arrive through
-a BPF ring buffer where the kernel has one (5.8+), else a perf buffer; ``buffer=`` forces
-either. Everything the tracer creates (maps, programs, links, reader) is closed by
-:meth:`Tracer.close` / leaving the ``with`` block, also when opening fails half way.
+The programs and the specs of their maps live in :mod:`ebpfrouter.tracer_programs`, the
+record layout in :mod:`ebpfrouter.tracer_layout`. Records arrive through a BPF ring buffer
+where the kernel has one (5.8+), else a perf buffer; ``buffer=`` forces either. Everything
+the tracer creates (maps, programs, links, reader) is closed by :meth:`Tracer.close` /
+leaving the ``with`` block, also when opening fails half way.
 """
 
 from __future__ import annotations
@@ -24,22 +25,24 @@ from dataclasses import dataclass
 
 from bpf_asm.attach import Link, attach_tracepoint
 from bpf_asm.btf import BTF
-from bpf_asm.maps import Map
+from bpf_asm.maps import Map, MapSpec
+from bpf_asm.perf import PerfBuffer
 from bpf_asm.programs import Program, load_program
-from bpf_asm.syscall import BPFError
+from bpf_asm.ringbuf import RingBuffer
+from bpf_asm.syscall import BPFError, MapType
+from injector.netns import netns_inode
 
-from .tracer_programs import (
+from .tracer_layout import (
     CONFIG_VALUE,
     RECORD,
     RECORD_SIZE,
-    STASH_VALUE,
     TRACKED_KEY,
     TRACKED_VALUE,
     EventKind,
     KernelLayout,
     TracepointArgs,
-    generate_programs,
 )
+from .tracer_programs import MAX_TRACKED, RING_SIZE, events_spec, generate_programs, map_specs
 from .tracer_seed import existing_sockets
 
 __all__ = ["EventKind", "SocketEvent", "Tracer", "TracerError", "netns_inode", "socket_inode"]
@@ -49,11 +52,6 @@ log = logging.getLogger(__name__)
 
 class TracerError(RuntimeError):
     """The tracer could not be set up (names the program, map or tracepoint)."""
-
-
-def netns_inode(pid: int | str = "self") -> int:
-    """Inode number of a process's network namespace (``/proc/PID/ns/net``)."""
-    return os.stat(f"/proc/{pid}/ns/net").st_ino
 
 
 def socket_inode(pid: int | str, fd: int) -> int:
@@ -140,8 +138,8 @@ class Tracer:
         *,
         buffer: str = "auto",
         btf: BTF | None = None,
-        max_tracked: int = 65536,
-        ring_size: int = 1 << 20,
+        max_tracked: int = MAX_TRACKED,
+        ring_size: int = RING_SIZE,
         perf_pages: int = 64,
     ) -> None:
         if buffer not in ("auto", "ringbuf", "perf"):
@@ -155,7 +153,7 @@ class Tracer:
         self.maps: dict[str, Map] = {}
         self.programs: list[Program] = []
         self.links: list[Link] = []
-        self.reader: object | None = None
+        self.reader: RingBuffer | PerfBuffer | None = None
         self.kind: str | None = None  # "ringbuf" or "perf" once open
 
     # ------------------------------------------------------------------ lifecycle
@@ -180,36 +178,17 @@ class Tracer:
     def _open(self) -> None:
         layout = KernelLayout.from_btf(self._btf)
         args = TracepointArgs.from_tracefs()
-        n = self.max_tracked
-        self.maps["config"] = Map.create(
-            "array", key_size=4, value_size=CONFIG_VALUE.size, max_entries=1, name="er_config"
-        )
+        specs = map_specs(self.max_tracked, self.ring_size, ringbuf=self.buffer != "perf")
+        for name, spec in specs.items():
+            self.maps[name] = self._events_map(spec) if name == "events" else spec.load()
         self.maps["config"][b"\0\0\0\0"] = CONFIG_VALUE.pack(self.host_netns, 0)
-        self.maps["stash"] = Map.create(
-            "lru_hash", key_size=8, value_size=STASH_VALUE.size, max_entries=n, name="er_stash"
-        )
-        self.maps["tracked"] = Map.create(
-            "lru_hash",
-            key_size=TRACKED_KEY.size,
-            value_size=TRACKED_VALUE.size,
-            max_entries=n,
-            name="er_tracked",
-        )
-        self.maps["pids"] = Map.create(
-            "lru_hash", key_size=4, value_size=4, max_entries=n, name="er_pids"
-        )
-        self.maps["events"] = self._events_map()
         ringbuf = self.kind == "ringbuf"
         defs = generate_programs(layout, args, ringbuf=ringbuf)
         for d in defs:
             self.programs.append(load_program(d.build(self.maps), "tracepoint", name=d.name))
         if ringbuf:
-            from bpf_asm.ringbuf import RingBuffer
-
             self.reader = RingBuffer(self.maps["events"])
         else:
-            from bpf_asm.perf import PerfBuffer
-
             self.reader = PerfBuffer(self.maps["events"], page_count=self.perf_pages)
         # Attach exits before enters, so no enter stashes for an exit that is not there yet.
         order = sorted(
@@ -224,18 +203,21 @@ class Tracer:
                     f"cannot attach {d.name} to {d.category}:{d.tracepoint}: {e}"
                 ) from e
 
-    def _events_map(self) -> Map:
-        if self.buffer in ("auto", "ringbuf"):
+    def _events_map(self, spec: MapSpec) -> Map:
+        """The ``events`` map from ``spec``; a ring buffer the kernel cannot make falls back
+        to a perf buffer unless ``buffer="ringbuf"`` asked for one. Sets ``kind``."""
+        if MapType.parse(spec.type) == MapType.RINGBUF:
             try:
-                m = Map.create("ringbuf", max_entries=self.ring_size, name="er_events")
+                m = spec.load()
                 self.kind = "ringbuf"
                 return m
             except (BPFError, ValueError) as e:
                 if self.buffer == "ringbuf":
-                    raise TracerError(f"cannot create ring buffer map er_events: {e}") from e
+                    raise TracerError(f"cannot create ring buffer map {spec.name}: {e}") from e
                 log.info("no BPF ring buffer (%s); using a perf buffer", e)
+            spec = events_spec(ringbuf=False)
         self.kind = "perf"
-        return Map.create("perf_event_array", name="er_events")
+        return spec.load()
 
     def close(self) -> None:
         """Detach and close everything (idempotent)."""
@@ -249,7 +231,7 @@ class Tracer:
             link.close()  # no-op unless a thread failed
         self.links.clear()
         if self.reader is not None:
-            self.reader.close()  # type: ignore[attr-defined]
+            self.reader.close()
             self.reader = None
         for prog in self.programs:
             prog.close()
@@ -269,7 +251,7 @@ class Tracer:
         """A file descriptor that polls readable when events are waiting."""
         return self._reader().fileno()
 
-    def _reader(self):  # noqa: ANN202 - RingBuffer | PerfBuffer
+    def _reader(self) -> RingBuffer | PerfBuffer:
         if self.reader is None:
             raise TracerError("tracer is not open")
         return self.reader

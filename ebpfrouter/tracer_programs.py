@@ -3,7 +3,9 @@
 Thirteen tracepoint programs watch ``listen``, ``accept``, ``accept4``, ``connect`` and
 ``close`` (enter and exit each) and ``sched_process_{exit,fork,exec}``. Every struct offset
 comes from the kernel's BTF (:class:`KernelLayout`) and every tracepoint argument offset from
-tracefs (:class:`TracepointArgs`), so nothing here depends on a kernel version.
+tracefs (:class:`TracepointArgs`), so nothing here depends on a kernel version; the records
+and map values they write are laid out in :mod:`ebpfrouter.tracer_layout`. The maps they use
+are specs here (:func:`map_specs`), referenced by name and made by the Tracer.
 
 Flow of one traced syscall:
 
@@ -38,68 +40,86 @@ from __future__ import annotations
 
 import errno
 import socket
-import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import IntEnum
 
-from bpf_asm.btf import BTF, BTFError, FieldLocation
+from bpf_asm.btf import FieldLocation
 from bpf_asm.builder import Builder
 from bpf_asm.isa import R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10, Instructions, Reg
-from bpf_asm.tracefs import EventFormat, event_format
+from bpf_asm.maps import MapSpec
+from bpf_asm.relocate import MapFd
 
-__all__ = [
-    "EventKind",
-    "KernelLayout",
-    "TracepointArgs",
-    "ProgramDef",
-    "RECORD",
-    "RECORD_SIZE",
-    "STASH_VALUE",
-    "TRACKED_KEY",
-    "TRACKED_VALUE",
-    "CONFIG_VALUE",
-    "generate_programs",
-    "TRACEPOINTS",
-]
+from .tracer_layout import (
+    CONFIG_VALUE,
+    OFF_ARG,
+    OFF_FAMILY,
+    OFF_FD,
+    OFF_INO,
+    OFF_KIND,
+    OFF_LADDR,
+    OFF_LPORT,
+    OFF_NETNS,
+    OFF_PID,
+    OFF_RADDR,
+    OFF_RET,
+    OFF_RPORT,
+    OFF_TID,
+    OFF_TS,
+    RECORD_SIZE,
+    STASH_VALUE,
+    SYSCALL_KIND,
+    SYSCALLS,
+    TRACKED_KEY,
+    TRACKED_VALUE,
+    EventKind,
+    KernelLayout,
+    TracepointArgs,
+)
+
+__all__ = ["MAX_TRACKED", "RING_SIZE", "TRACEPOINTS", "EventKind", "ProgramDef", "events_spec",
+           "generate_programs", "map_specs"]
 
 
-class EventKind(IntEnum):
-    """What a record reports."""
-
-    LISTEN = 1
-    ACCEPT = 2
-    CONNECT = 3
-    CLOSE = 4
-    EXIT = 5
-    FORK = 6  # arg: the child's pid (a process, or a thread of the same process)
-    EXEC = 7
-
-
-# ----------------------------------------------------------------------------- records
+# ----------------------------------------------------------------------------- maps
 #
-# The record every program emits (native byte order, 88 bytes):
-#   0 u32 kind      4 u32 pid (tgid)    8 u32 tid        12 s32 fd
-#  16 u32 netns    20 s32 arg (accept: listening fd; fork: child pid; else -1)
-#  24 u64 sock_ino  32 s64 ret          40 u64 ktime_ns
-#  48 u16 family   50 u16 lport (host order)  52 u16 rport (network order)  54 u16 pad
-#  56 u8 laddr[16] 72 u8 raddr[16]      (IPv4: first 4 bytes)
-RECORD = struct.Struct("=IIIiIiQqQHHHH16s16s")
-RECORD_SIZE = RECORD.size
-OFF_KIND, OFF_PID, OFF_TID, OFF_FD, OFF_NETNS, OFF_ARG = 0, 4, 8, 12, 16, 20
-OFF_INO, OFF_RET, OFF_TS = 24, 32, 40
-OFF_FAMILY, OFF_LPORT, OFF_RPORT = 48, 50, 52
-OFF_LADDR, OFF_RADDR = 56, 72
-assert RECORD_SIZE == 88
+# The maps the programs reference by name (``b.ld_map_fd(R1, "stash")``), as plain specs;
+# the Tracer makes the kernel objects (``MapSpec.load()``) and builds the programs with them.
+# The hash maps are LRU, so nothing can fill them up for good.
 
-#: stash value: u32 fd, u32 kind, u32 netns, u32 pad (key: u64 pid_tgid)
-STASH_VALUE = struct.Struct("=IIII")
-#: tracked key: u32 pid, s32 fd
-TRACKED_KEY = struct.Struct("=Ii")
-#: tracked value: u64 socket inode, u32 netns, u32 pad
-TRACKED_VALUE = struct.Struct("=QII")
-#: config value (array map, key 0): u64 host netns inode (0 = trace every namespace),
-#: u64 records dropped because the perf/ring buffer was full (counted by the programs)
-CONFIG_VALUE = struct.Struct("=QQ")
+MAX_TRACKED = 65536  # entries of stash, tracked and pids (the daemon's default)
+RING_SIZE = 1 << 20  # bytes of the events ring buffer
+
+
+def events_spec(ringbuf: bool = True, ring_size: int = RING_SIZE) -> MapSpec:
+    """``events``, where every record goes: a BPF ring buffer of ``ring_size`` bytes, or
+    (``ringbuf=False``, kernels before 5.8) a perf event array with one ring per CPU."""
+    if ringbuf:
+        return MapSpec("ringbuf", max_entries=ring_size, name="er_events")
+    return MapSpec("perf_event_array", name="er_events")
+
+
+def map_specs(
+    max_tracked: int = MAX_TRACKED, ring_size: int = RING_SIZE, *, ringbuf: bool = True
+) -> dict[str, MapSpec]:
+    """Every map the programs use, under the name they use it by (fresh specs each call).
+
+    * ``config`` (array, one entry): host netns inode and the dropped-records counter
+      (:data:`CONFIG_VALUE`);
+    * ``stash`` (pid_tgid -> :data:`STASH_VALUE`): a syscall's enter, waiting for its exit;
+    * ``tracked`` (:data:`TRACKED_KEY` -> :data:`TRACKED_VALUE`): the sockets being followed;
+    * ``pids`` (u32 pid -> u32 1): processes with tracked sockets (their exit and forks count);
+    * ``events``: see :func:`events_spec`.
+    """
+    return {
+        "config": MapSpec("array", 4, CONFIG_VALUE.size, 1, name="er_config"),
+        "stash": MapSpec("lru_hash", 8, STASH_VALUE.size, max_tracked, name="er_stash"),
+        "tracked": MapSpec(
+            "lru_hash", TRACKED_KEY.size, TRACKED_VALUE.size, max_tracked, name="er_tracked"
+        ),
+        "pids": MapSpec("lru_hash", 4, 4, max_tracked, name="er_pids"),
+        "events": events_spec(ringbuf, ring_size),
+    }
+
 
 # Stack frame (offsets from r10).
 _REC = -RECORD_SIZE  # the record
@@ -115,123 +135,6 @@ S_IFMT = 0o170000
 S_IFSOCK = 0o140000
 
 
-# ----------------------------------------------------------------------------- layouts
-
-
-@dataclass(frozen=True)
-class KernelLayout:
-    """The struct fields the programs read, located in the running kernel's BTF."""
-
-    task_files: FieldLocation
-    task_nsproxy: FieldLocation
-    files_fdt: FieldLocation
-    fdt_max_fds: FieldLocation
-    fdt_fd: FieldLocation
-    file_f_inode: FieldLocation
-    file_private_data: FieldLocation
-    inode_i_mode: FieldLocation
-    inode_i_ino: FieldLocation
-    socket_sk: FieldLocation
-    nsproxy_net_ns: FieldLocation
-    net_inum: FieldLocation
-    sk_family: FieldLocation
-    sk_type: FieldLocation
-    sk_protocol: FieldLocation
-    sk_num: FieldLocation
-    sk_dport: FieldLocation
-    sk_rcv_saddr: FieldLocation
-    sk_daddr: FieldLocation
-    sk_v6_rcv_saddr: FieldLocation | None
-    sk_v6_daddr: FieldLocation | None
-    pointer_size: int
-
-    @classmethod
-    def from_btf(cls, btf: BTF | None = None) -> KernelLayout:
-        """Resolve every field from ``btf`` (default: the running kernel's)."""
-        btf = btf or BTF.vmlinux()
-        r = btf.resolve
-
-        def optional(path: str) -> FieldLocation | None:
-            try:
-                return r(path)
-            except BTFError:
-                return None  # e.g. a kernel built without IPv6
-
-        # ns_common moved around over the years; net.ns.inum is the stable spelling, but
-        # fall back to the older proc_inum if this kernel predates ns_common.
-        net_inum = optional("net.ns.inum") or r("net.proc_inum")
-        return cls(
-            task_files=r("task_struct.files"),
-            task_nsproxy=r("task_struct.nsproxy"),
-            files_fdt=r("files_struct.fdt"),
-            fdt_max_fds=r("fdtable.max_fds"),
-            fdt_fd=r("fdtable.fd"),
-            file_f_inode=r("file.f_inode"),
-            file_private_data=r("file.private_data"),
-            inode_i_mode=r("inode.i_mode"),
-            inode_i_ino=r("inode.i_ino"),
-            socket_sk=r("socket.sk"),
-            nsproxy_net_ns=r("nsproxy.net_ns"),
-            net_inum=net_inum,
-            sk_family=r("sock.__sk_common.skc_family"),
-            sk_type=r("sock.sk_type"),
-            sk_protocol=r("sock.sk_protocol"),
-            sk_num=r("sock.__sk_common.skc_num"),
-            sk_dport=r("sock.__sk_common.skc_dport"),
-            sk_rcv_saddr=r("sock.__sk_common.skc_rcv_saddr"),
-            sk_daddr=r("sock.__sk_common.skc_daddr"),
-            sk_v6_rcv_saddr=optional("sock.__sk_common.skc_v6_rcv_saddr"),
-            sk_v6_daddr=optional("sock.__sk_common.skc_v6_daddr"),
-            pointer_size=btf.pointer_size,
-        )
-
-
-@dataclass(frozen=True)
-class TracepointArgs:
-    """Offsets (and sizes) of the tracepoint arguments the programs read, from tracefs."""
-
-    enter_fd: dict[str, tuple[int, int]]  # syscall -> (offset, size) of its fd argument
-    exit_ret: dict[str, tuple[int, int]]  # syscall -> (offset, size) of ret
-    group_dead: tuple[int, int] | None  # sched_process_exit.group_dead, if present
-    fork_child_pid: tuple[int, int]  # sched_process_fork.child_pid
-
-    @classmethod
-    def from_tracefs(cls, formats: dict[str, EventFormat] | None = None) -> TracepointArgs:
-        """Read the ``format`` files (or use ``formats``, keyed by "category:name")."""
-        formats = dict(formats or {})
-
-        def fmt(category: str, name: str) -> EventFormat:
-            key = f"{category}:{name}"
-            if key not in formats:
-                formats[key] = event_format(category, name)
-            return formats[key]
-
-        enter, exit_ = {}, {}
-        for sc in SYSCALLS:
-            f = fmt("syscalls", f"sys_enter_{sc}").field("fd")
-            enter[sc] = (f.offset, f.size)
-            r = fmt("syscalls", f"sys_exit_{sc}").field("ret")
-            exit_[sc] = (r.offset, r.size)
-        pexit = fmt("sched", "sched_process_exit")
-        try:
-            g = pexit.field("group_dead")
-            group_dead: tuple[int, int] | None = (g.offset, g.size)
-        except KeyError:
-            group_dead = None
-        c = fmt("sched", "sched_process_fork").field("child_pid")
-        return cls(enter, exit_, group_dead, (c.offset, c.size))
-
-
-SYSCALLS = ("listen", "accept", "accept4", "connect", "close")
-_KIND = {
-    "listen": EventKind.LISTEN,
-    "accept": EventKind.ACCEPT,
-    "accept4": EventKind.ACCEPT,
-    "connect": EventKind.CONNECT,
-    "close": EventKind.CLOSE,
-}
-
-
 @dataclass(frozen=True)
 class ProgramDef:
     """One generated program: its object name, tracepoint and instructions (maps by name)."""
@@ -241,8 +144,9 @@ class ProgramDef:
     tracepoint: str
     builder: Builder
 
-    def build(self, maps: dict[str, object] | None = None) -> Instructions:
-        """Resolve labels and map names (fds from ``maps``)."""
+    def build(self, maps: Mapping[str, MapFd] | None = None) -> Instructions:
+        """Resolve labels and map names (fds from ``maps``, e.g. the maps made from
+        :func:`map_specs`)."""
         return self.builder.build(maps)
 
 
@@ -381,7 +285,7 @@ def _enter_program(lay: KernelLayout, args: TracepointArgs, sc: str, ringbuf: bo
     b.jeq(R8, R9, "out")
     g.ctx_load(R1, args.enter_fd[sc])
     b.stx(32, R10, R1, _SVAL + 0)
-    b.st(32, R10, _SVAL + 4, int(_KIND[sc]))
+    b.st(32, R10, _SVAL + 4, int(SYSCALL_KIND[sc]))
     b.stx(32, R10, R8, _SVAL + 8)
     b.st(32, R10, _SVAL + 12, 0)
     b.stx(64, R10, R7, _KEY)
@@ -455,7 +359,7 @@ def _exit_program(lay: KernelLayout, args: TracepointArgs, sc: str, ringbuf: boo
 
     r6 ctx, r7 pid_tgid, r8 scratch pointer (task, files, ..., sock), r9 fd.
     """
-    kind = _KIND[sc]
+    kind = SYSCALL_KIND[sc]
     g = _Gen(lay, ringbuf)
     b = g.b
     _take_stash(g, kind)
@@ -660,8 +564,9 @@ def generate_programs(
     args: TracepointArgs | None = None,
     ringbuf: bool = False,
 ) -> list[ProgramDef]:
-    """All tracer programs, unresolved (maps referenced by name: config, stash, tracked,
-    pids, events). ``ringbuf`` selects bpf_ringbuf_output over bpf_perf_event_output."""
+    """All tracer programs, unresolved (maps referenced by the names of :func:`map_specs`).
+    ``ringbuf`` selects bpf_ringbuf_output over bpf_perf_event_output (and so the kind of
+    ``events`` map they need)."""
     layout = layout or KernelLayout.from_btf()
     args = args or TracepointArgs.from_tracefs()
     out: list[ProgramDef] = []

@@ -20,6 +20,8 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+from injector.netns import netns_inode
+
 from .tracer_programs import EventKind
 
 __all__ = ["ProcSocket", "parse_proc_net_tcp", "existing_sockets"]
@@ -103,7 +105,7 @@ def existing_sockets(
     out = []
     for pid in pids if pids is not None else _pids():
         try:
-            netns = os.stat(f"/proc/{pid}/ns/net").st_ino
+            netns = netns_inode(pid)
             if host_netns and netns == host_netns:
                 continue
             fds = os.listdir(f"/proc/{pid}/fd")

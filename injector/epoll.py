@@ -123,9 +123,10 @@ def find_watchers(
             entries = read_epoll_entries(pid, epfd)
         except FdAccessError:
             continue  # the epoll fd went away
-        for e in entries:
-            if e.tfd == fd and e.ino == inode and (dev is None or e.sdev == _devnum(dev)):
-                out.append(EpollWatch(epfd, e.events, e.data))
+        for entry in entries:
+            if entry.tfd == fd and entry.ino == inode and (dev is None
+                                                           or entry.sdev == _devnum(dev)):
+                out.append(EpollWatch(epfd, entry.events, entry.data))
     return out
 
 

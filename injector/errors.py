@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+from typing import Self
 
 
 class InjectorError(Exception):
@@ -43,5 +44,6 @@ class RemoteSyscallError(InjectorError, OSError):
         self.tid = tid
         self.syscall = syscall
 
-    def __reduce__(self):  # keep pickling/copying working despite the custom signature
+    # keep pickling/copying working despite the custom signature
+    def __reduce__(self) -> tuple[type[Self], tuple[object, ...]]:
         return (type(self), (self.errno, self.pid, self.tid, self.syscall))

@@ -14,10 +14,10 @@ import os
 import secrets
 import socket
 import struct
-import threading
 from typing import Protocol
 
 from injector.errors import InjectorError, RemoteSyscallError, TargetGoneError
+from injector.netns import netns_inode, netns_path, run_in_thread
 
 __all__ = ["FdPassError", "listen_in_netns", "same_netns", "send_fd"]
 
@@ -49,7 +49,7 @@ class Frozen(Protocol):
     pid: int
 
     def syscall(self, name: str, *args: int, tid: int | None = None) -> int: ...
-    def scratch(self, size: int): ...
+    def scratch(self, size: int) -> contextlib.AbstractContextManager[int]: ...
     def read_memory(self, addr: int, n: int) -> bytes: ...
     def write_memory(self, addr: int, data: bytes) -> None: ...
 
@@ -64,7 +64,7 @@ class FdPassError(InjectorError):
 
 def same_netns(pid: int) -> bool:
     """True if `pid` is in this thread's network namespace."""
-    return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/thread-self/ns/net").st_ino
+    return netns_inode(pid) == netns_inode("thread-self")
 
 
 def listen_in_netns(pid: int, name: bytes, backlog: int = 1) -> socket.socket:
@@ -85,38 +85,11 @@ def listen_in_netns(pid: int, name: bytes, backlog: int = 1) -> socket.socket:
     try:
         if same_netns(pid):
             return make()
-        target_ns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        return run_in_thread(make, netns=netns_path(pid), name=f"fdpass-netns-{pid}")
     except FileNotFoundError:
         raise TargetGoneError(pid, detail="no /proc/PID/ns/net") from None
-    result: list[socket.socket] = []
-    failure: list[BaseException] = []
-
-    def worker() -> None:
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if _libc.setns(target_ns, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                failure.append(OSError(err, f"setns into netns of pid {pid}: {os.strerror(err)}"))
-                return
-            try:
-                result.append(make())
-            finally:
-                # The thread ends right after; going home is hygiene, not correctness.
-                _libc.setns(home, CLONE_NEWNET)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-            failure.append(e)
-        finally:
-            os.close(home)
-
-    try:
-        t = threading.Thread(target=worker, name=f"fdpass-netns-{pid}", daemon=True)
-        t.start()
-        t.join()
-    finally:
-        os.close(target_ns)
-    if failure:
-        raise FdPassError(pid, f"listener in target netns: {failure[0]}") from failure[0]
-    return result[0]
+    except Exception as e:
+        raise FdPassError(pid, f"listener in target netns: {e}") from e
 
 
 def _sockaddr_un(name: bytes) -> bytes:

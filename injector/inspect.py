@@ -10,7 +10,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass, fields
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 from injector.errors import InjectorError
 
@@ -56,7 +56,7 @@ class FdAccessError(InjectorError, OSError):
         self.pid = pid
         self.fd = fd
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[Self], tuple[object, ...]]:
         return (type(self), (self.errno, self.pid, self.fd, "access"))
 
 
@@ -230,7 +230,8 @@ def set_async_owner(sock: socket.socket, owner: AsyncOwner) -> None:
 
 def _ioctl_int(sock: socket.socket, request: int) -> int:
     buf = fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0")
-    return struct.unpack("i", buf)[0]
+    value: int = struct.unpack("i", buf)[0]
+    return value
 
 
 def queue_sizes(sock: socket.socket) -> tuple[int, int]:
@@ -424,9 +425,9 @@ def apply_options(opts: SocketOptions, sock: socket.socket) -> None:
     """Set every option of `opts` that is not ``None`` on `sock` (TCP ones only on TCP)."""
     sol = socket.SOL_SOCKET
     tcp = socket.IPPROTO_TCP
-    plan: list[tuple[str, int, int, object]] = []
+    plan: list[tuple[str, int, int, int | bytes]] = []
 
-    def add(name: str, level: int, opt: int, value: object) -> None:
+    def add(name: str, level: int, opt: int, value: int | bytes | None) -> None:
         if value is not None:
             plan.append((name, level, opt, int(value) if isinstance(value, bool) else value))
 
@@ -447,7 +448,8 @@ def apply_options(opts: SocketOptions, sock: socket.socket) -> None:
         add("keepcnt", tcp, socket.TCP_KEEPCNT, opts.keepcnt)
         add("user_timeout", tcp, socket.TCP_USER_TIMEOUT, opts.user_timeout)
         add("notsent_lowat", tcp, socket.TCP_NOTSENT_LOWAT, opts.notsent_lowat)
-        add("congestion", tcp, socket.TCP_CONGESTION, opts.congestion and opts.congestion.encode())
+        add("congestion", tcp, socket.TCP_CONGESTION,
+            opts.congestion.encode() if opts.congestion else None)
         if sock.family == socket.AF_INET:
             add("tos", socket.IPPROTO_IP, socket.IP_TOS, opts.tos)
         else:
@@ -457,6 +459,6 @@ def apply_options(opts: SocketOptions, sock: socket.socket) -> None:
     plan.sort(key=lambda step: step[0] == "priority")
     for name, level, opt, value in plan:
         try:
-            sock.setsockopt(level, opt, value)  # type: ignore[arg-type]
+            sock.setsockopt(level, opt, value)
         except OSError as e:
             raise OptionError(e.errno or _errno.EINVAL, name, value) from None

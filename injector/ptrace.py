@@ -55,10 +55,11 @@ _libc.syscall.restype = ctypes.c_long
 def request(req: int, tid: int, addr: int = 0, data: int = 0) -> int:
     """Issue one ptrace request; raise OSError carrying the errno on failure."""
     try:
-        return _func.ptrace(req, tid, addr, data)
+        result: int = _func.ptrace(req, tid, addr, data)
     except PtraceError as exc:
         err = exc.errno or errno.EIO
         raise OSError(err, f"ptrace(0x{req:x}) on tid {tid}: {os.strerror(err)}") from None
+    return result
 
 
 def seize(tid: int, options: int = PTRACE_O_TRACECLONE | PTRACE_O_TRACESYSGOOD) -> None:
@@ -127,7 +128,7 @@ def syscall_stop_op(tid: int) -> int:
     """PTRACE_GET_SYSCALL_INFO op: 1 at a syscall-entry-stop, 2 at an exit-stop, else 0/3."""
     info = _SyscallInfo()
     request(PTRACE_GET_SYSCALL_INFO, tid, ctypes.sizeof(info), ctypes.addressof(info))
-    return info.op
+    return int(info.op)
 
 
 def tgkill(pid: int, tid: int, sig: int) -> None:
@@ -237,10 +238,11 @@ def list_tids(pid: int) -> list[int]:
 def getregs(tid: int) -> ctypes.Structure:
     """General registers (python-ptrace: GETREGS on x86_64, GETREGSET/NT_PRSTATUS on arm64)."""
     try:
-        return _binding.ptrace_getregs(tid)
+        regs: ctypes.Structure = _binding.ptrace_getregs(tid)
     except PtraceError as exc:
         err = exc.errno or errno.EIO
         raise OSError(err, f"getregs on tid {tid}: {os.strerror(err)}") from None
+    return regs
 
 
 def setregs(tid: int, regs: ctypes.Structure) -> None:

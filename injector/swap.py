@@ -29,8 +29,8 @@ import fcntl
 import logging
 import os
 import socket
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, TypeVarTuple
 
 from injector.epoll import (
     EPOLL_CTL_ADD,
@@ -51,12 +51,17 @@ from injector.inspect import (
     socket_options,
 )
 
+if TYPE_CHECKING:
+    from injector.freeze import FrozenProcess
+
 __all__ = ["SwapError", "replace_fd", "swap_many"]
 
 log = logging.getLogger(__name__)
 
 _ENOENT = 2
 _EEXIST = 17
+
+_Args = TypeVarTuple("_Args")
 
 
 class SwapError(InjectorError):
@@ -72,14 +77,14 @@ class SwapError(InjectorError):
         self.rollback_error = rollback_error
 
 
-def _open_freeze(pid: int, timeout: float) -> contextlib.AbstractContextManager[Any]:
+def _open_freeze(pid: int, timeout: float) -> contextlib.AbstractContextManager[FrozenProcess]:
     from injector.freeze import freeze  # imported late: freeze needs ptrace, inspect does not
 
     return freeze(pid, timeout=timeout)
 
 
 @contextlib.contextmanager
-def _frozen(pid: int, timeout: float, proc: Any | None) -> Iterator[Any]:
+def _frozen(pid: int, timeout: float, proc: FrozenProcess | None) -> Iterator[FrozenProcess]:
     if proc is not None:
         if proc.pid != pid:
             raise ValueError(f"proc is pid {proc.pid}, not pid {pid}")
@@ -96,7 +101,7 @@ def replace_fd(
     *,
     expected_inode: int | None = None,
     timeout: float = 5.0,
-    proc: Any | None = None,
+    proc: FrozenProcess | None = None,
 ) -> socket.socket:
     """Put `new_sock` at number `fd` of process `pid`; return the old socket (a copy we own).
 
@@ -115,7 +120,7 @@ def swap_many(
     *,
     expected_inodes: Mapping[int, int] | None = None,
     timeout: float = 5.0,
-    proc: Any | None = None,
+    proc: FrozenProcess | None = None,
 ) -> dict[int, socket.socket]:
     """Replace several fds of `pid` under one freeze: all or none. Returns old sockets by fd."""
     expected_inodes = expected_inodes or {}
@@ -139,7 +144,8 @@ def swap_many(
 
 
 def _replace(
-    proc: Any, fd: int, new_sock: socket.socket, expected_inode: int | None, timeout: float
+    proc: FrozenProcess, fd: int, new_sock: socket.socket, expected_inode: int | None,
+    timeout: float,
 ) -> socket.socket:
     pid = proc.pid
     old = copy_socket(pid, fd, expected_inode)  # refuses before anything is touched
@@ -168,7 +174,8 @@ def _inode_at(pid: int, fd: int) -> int | None:
 class _Remote:
     """epoll_ctl/dup3/close in the target, with one scratch buffer for epoll_event."""
 
-    def __init__(self, proc: Any, ev_addr: int, handoff_buffer: int | None = None) -> None:
+    def __init__(self, proc: FrozenProcess, ev_addr: int, handoff_buffer: int | None = None
+                 ) -> None:
         self.proc = proc
         self.ev_addr = ev_addr
         self.handoff_buffer = handoff_buffer
@@ -191,7 +198,8 @@ class _Remote:
     def close(self, fd: int) -> None:
         self.proc.syscall("close", fd)
 
-    def undo(self, what: str, fn: Any, *args: Any, ok: tuple[int, ...] = ()) -> None:
+    def undo(self, what: str, fn: Callable[[*_Args], None], *args: *_Args,
+             ok: tuple[int, ...] = ()) -> None:
         """Run one rollback step, best effort: errno in `ok` counts as done; another error is
         logged and kept (the first one) while the remaining steps still run."""
         try:
@@ -203,7 +211,7 @@ class _Remote:
 
 
 def _install(
-    proc: Any,
+    proc: FrozenProcess,
     fd: int,
     new_sock: socket.socket,
     old: socket.socket,

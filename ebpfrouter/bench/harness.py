@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from injector.netns import netns_inode as pid_netns_inode
+
 from ..demo import Routers
 from ..testbed import Testbed, netns_inode
 
@@ -151,7 +153,7 @@ def kill_in_testbed(bed: Testbed, names: set[str]) -> list[int]:
             continue
         try:
             comm = Path(f"/proc/{entry}/comm").read_text().strip()
-            if comm in names and os.stat(f"/proc/{entry}/ns/net").st_ino in inodes:
+            if comm in names and pid_netns_inode(entry) in inodes:
                 os.kill(int(entry), signal.SIGKILL)
                 killed.append(int(entry))
         except OSError:

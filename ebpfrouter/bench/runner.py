@@ -209,8 +209,8 @@ def run_suite(opts: BenchOptions, progress: Progress) -> dict[str, Any]:
         step(0, 0, f"testbed {bed.run_id} up: " + ", ".join(
             f"{p.name} {p.ip} on {p.node}" for p in bed.pods))
         h = Harness(bed, workdir, opts.quick)
-        for w in workloads:
-            w.prepare(h)
+        for workload in workloads:
+            workload.prepare(h)
         plan = make_plan(workloads, modes, opts.repeat, opts.order)
         result["order"] = opts.order
         result["routers"] = {}
@@ -229,6 +229,7 @@ def run_suite(opts: BenchOptions, progress: Progress) -> dict[str, Any]:
                 routers.stop()
                 routers = None
             elif action == "measure":
+                assert w is not None  # make_plan gives every measurement its workload
                 i += 1
                 sample = measure(h, w, mode, rep, routers if mode == "bypass" else None)
                 result["samples"].append(sample)

@@ -56,7 +56,7 @@ def overlay_routes(overlay_if: str, ipr: Any | None = None) -> list[OverlayRoute
             table = route.get_attr("RTA_TABLE") or route.get("table")
             if gateway is None or dst is None or table != MAIN_TABLE:
                 continue
-            subnet = ipaddress.ip_network(f"{dst}/{route.get('dst_len')}", strict=False)
+            subnet = IPv4Net(f"{dst}/{route.get('dst_len')}", strict=False)  # AF_INET routes
             mac = macs.get(gateway)
             peer = fdb.get(mac, gateway) if mac is not None else gateway
             routes.append(OverlayRoute(subnet, peer, gateway))
@@ -78,7 +78,7 @@ def local_pod_cidrs(overlay_if: str, routes: list[OverlayRoute],
             raise DiscoveryError(f"overlay interface {overlay_if!r} does not exist")
         lengths = collections.Counter(r.subnet.prefixlen for r in routes)
         prefix = lengths.most_common(1)[0][0] if lengths else 24
-        return [ipaddress.ip_network(f"{a.get_attr('IFA_ADDRESS')}/{prefix}", strict=False)
+        return [IPv4Net(f"{a.get_attr('IFA_ADDRESS')}/{prefix}", strict=False)
                 for a in ipr.get_addr(family=socket.AF_INET, index=indexes[0])]
     finally:
         if own:

@@ -23,14 +23,17 @@ from bpf_asm.btf import BTF, FieldLocation, Kind
 from bpf_asm.helpers import helper_id
 from bpf_asm.isa import Instruction
 from ebpfrouter.tracer import EventKind, SocketEvent, Tracer, netns_inode, socket_inode
-from ebpfrouter.tracer_programs import (
+from ebpfrouter.tracer_layout import (
+    CONFIG_VALUE,
     RECORD,
     RECORD_SIZE,
-    TRACEPOINTS,
+    STASH_VALUE,
+    TRACKED_KEY,
+    TRACKED_VALUE,
     KernelLayout,
     TracepointArgs,
-    generate_programs,
 )
+from ebpfrouter.tracer_programs import TRACEPOINTS, generate_programs, map_specs
 from ebpfrouter.tracer_seed import parse_proc_net_tcp
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -193,6 +196,28 @@ def test_ringbuf_variant_calls_ringbuf_output() -> None:
         assert perf_out not in calls(p.build())
         if p.name.startswith("er_ex_") or p.name == "er_proc_exit":
             assert ring_out in calls(p.build())
+
+
+@needs_btf
+def test_every_map_a_program_uses_has_a_spec() -> None:
+    """The programs name exactly the maps of `map_specs`, and the specs fit the records."""
+    layout = KernelLayout.from_btf()
+    for ringbuf in (False, True):
+        used = {name for p in generate_programs(layout, FAKE_ARGS, ringbuf=ringbuf)
+                for name in p.build().map_refs.values()}
+        specs = map_specs(128, 1 << 16, ringbuf=ringbuf)
+        assert used == set(specs)
+        assert specs["events"].type == ("ringbuf" if ringbuf else "perf_event_array")
+    specs = map_specs(128)
+    assert {n: (s.key_size, s.value_size, s.max_entries) for n, s in specs.items()} == {
+        "config": (4, CONFIG_VALUE.size, 1),
+        "stash": (8, STASH_VALUE.size, 128),
+        "tracked": (TRACKED_KEY.size, TRACKED_VALUE.size, 128),
+        "pids": (4, 4, 128),
+        "events": (None, None, 1 << 20),
+    }
+    assert all(s.name == "er_" + n for n, s in specs.items())
+    assert map_specs()["stash"] is not map_specs()["stash"]  # fresh specs, nothing shared
 
 
 # --------------------------------------------------------------------------- root tests

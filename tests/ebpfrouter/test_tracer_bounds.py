@@ -23,7 +23,7 @@ import time
 import pytest
 
 from ebpfrouter.tracer import EventKind, SocketEvent, Tracer
-from ebpfrouter.tracer_programs import CONFIG_VALUE
+from ebpfrouter.tracer_layout import CONFIG_VALUE
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tracer_helpers import NetnsChild, collect  # noqa: E402
