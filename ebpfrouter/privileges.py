@@ -24,6 +24,9 @@ What each daemon operation needs (kernel 5.8+; each line is checked by
                                               hook asks generic_permission() (DAC) before the
                                               ptrace check; only CAP_DAC_READ_SEARCH or
                                               CAP_DAC_OVERRIDE passes the DAC part
+    read/write a frozen process's memory   CAP_SYS_PTRACE only: the injector uses
+    (any uid)                                process_vm_readv/writev, never /proc/PID/mem (whose
+                                              read-write open would need CAP_DAC_OVERRIDE)
     setns into a pod's network namespace   CAP_SYS_ADMIN
     bind a host listener below port 1024   CAP_NET_BIND_SERVICE (the overlay port is reused)
 
@@ -88,6 +91,7 @@ OPERATION_CAPS: dict[str, frozenset[str]] = {
     "ptrace_seize_other_process": frozenset({"CAP_SYS_PTRACE"}),
     "pidfd_getfd": frozenset({"CAP_SYS_PTRACE"}),
     "read_proc_fd_other_uid": frozenset({"CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"}),
+    "inject_other_uid": frozenset({"CAP_SYS_PTRACE"}),
     "setns_network": frozenset({"CAP_SYS_ADMIN"}),
     "bind_port_below_1024": frozenset({"CAP_NET_BIND_SERVICE"}),
 }

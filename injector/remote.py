@@ -31,13 +31,32 @@ import mmap
 import os
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 from injector import ptrace as pt
 from injector.arch import RESTART_CODES, Arch, current
 from injector.errors import InjectorError, RemoteSyscallError, TargetGoneError
+
+_libc_vm = ctypes.CDLL(None, use_errno=True)
+_process_vm_readv = _libc_vm.process_vm_readv
+_process_vm_writev = _libc_vm.process_vm_writev
+for _fn in (_process_vm_readv, _process_vm_writev):
+    _fn.restype = ctypes.c_ssize_t
+    _fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p,
+                    ctypes.c_ulong, ctypes.c_ulong]
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def _vm_transfer(fn: Callable[..., int], pid: int, local: int, remote: int, n: int) -> int:
+    """One process_vm_readv/writev of `n` bytes: bytes moved, or -errno."""
+    lvec, rvec = _IoVec(local, n), _IoVec(remote, n)
+    got = int(fn(pid, ctypes.byref(lvec), 1, ctypes.byref(rvec), 1, 0))
+    return got if got >= 0 else -ctypes.get_errno()
 
 _U64 = (1 << 64) - 1
 MAX_ERRNO = 4095
@@ -81,7 +100,6 @@ class RemoteProcess:
         self.arch: Arch = current()
         self._threads: dict[int, ThreadState] = {}
         self._insn_addr: int | None = None
-        self._mem_fd: int | None = None
         self._tracer = threading.get_native_id()  # ptrace obeys only this thread
         self._thawed = False
 
@@ -332,49 +350,57 @@ class RemoteProcess:
             return f"/proc/{self.pid}/task/{tid}"
         return f"/proc/{self.pid}"
 
-    def _mem(self) -> int:
-        if self._mem_fd is None:
-            try:
-                self._mem_fd = os.open(f"{self._proc_dir()}/mem", os.O_RDWR | os.O_CLOEXEC)
-            except (FileNotFoundError, ProcessLookupError):
-                raise TargetGoneError(self.pid, None, "no /proc entry") from None
-        return self._mem_fd
-
     def read_memory(self, addr: int, n: int) -> bytes:
-        """Read ``n`` bytes at ``addr`` in the target (via /proc/PID/mem)."""
-        out = bytearray()
-        while len(out) < n:
-            try:
-                chunk = os.pread(self._mem(), n - len(out), addr + len(out))
-            except OSError as exc:
-                raise InjectorError(
-                    f"pid {self.pid}: cannot read {n} bytes at 0x{addr:x}: {exc.strerror}"
-                ) from exc
-            if not chunk:
-                raise InjectorError(f"pid {self.pid}: short read at 0x{addr + len(out):x}")
-            out += chunk
-        return bytes(out)
+        """Read ``n`` bytes at ``addr`` in the target (`process_vm_readv`).
+
+        `process_vm_readv`/`writev` need only the ptrace-attach right over the target
+        (CAP_SYS_PTRACE, or the same uid), not write access to its ``/proc/PID/mem`` (mode 0600,
+        owned by the target's user: opening it read-write needs CAP_DAC_OVERRIDE when the app
+        runs as another uid). They honour page protections: readable pages only.
+        """
+        buf = ctypes.create_string_buffer(n)
+        done = 0
+        while done < n:
+            got = _vm_transfer(_process_vm_readv, self._mm_task(), ctypes.addressof(buf) + done,
+                               addr + done, n - done)
+            if got < 0:
+                err = -got
+                if err == errno.ESRCH:
+                    raise TargetGoneError(self.pid, None, "process_vm_readv") from None
+                raise InjectorError(f"pid {self.pid}: cannot read {n} bytes at 0x{addr:x}: "
+                                    f"{os.strerror(err)}")
+            if got == 0:
+                raise InjectorError(f"pid {self.pid}: short read at 0x{addr + done:x}")
+            done += got
+        return buf.raw
 
     def write_memory(self, addr: int, data: bytes) -> None:
-        """Write ``data`` at ``addr`` in the target (via /proc/PID/mem, works on RO pages)."""
-        view = memoryview(data)
+        """Write ``data`` at ``addr`` in the target (`process_vm_writev`; writable pages only,
+        such as `scratch` memory: the injector never writes code)."""
+        buf = ctypes.create_string_buffer(bytes(data), len(data))
         done = 0
-        while done < len(view):
-            try:
-                n = os.pwrite(self._mem(), view[done:], addr + done)
-            except OSError as exc:
-                raise InjectorError(
-                    f"pid {self.pid}: cannot write {len(data)} bytes at 0x{addr:x}:"
-                    f" {exc.strerror}"
-                ) from exc
-            if n <= 0:
+        while done < len(data):
+            put = _vm_transfer(_process_vm_writev, self._mm_task(), ctypes.addressof(buf) + done,
+                               addr + done, len(data) - done)
+            if put < 0:
+                err = -put
+                if err == errno.ESRCH:
+                    raise TargetGoneError(self.pid, None, "process_vm_writev") from None
+                raise InjectorError(f"pid {self.pid}: cannot write {len(data)} bytes at "
+                                    f"0x{addr:x}: {os.strerror(err)}")
+            if put == 0:
                 raise InjectorError(f"pid {self.pid}: short write at 0x{addr + done:x}")
-            done += n
+            done += put
+
+    def _mm_task(self) -> int:
+        """A live thread to name the address space by (a main thread that called
+        pthread_exit has no mm left)."""
+        for tid in self.tids:
+            return tid
+        return self.pid
 
     def _close_mem(self) -> None:
-        if self._mem_fd is not None:
-            os.close(self._mem_fd)
-            self._mem_fd = None
+        """Nothing to close (kept for the freezer's thaw path)."""
 
     @contextmanager
     def scratch(self, size: int, tid: int | None = None) -> Iterator[int]:

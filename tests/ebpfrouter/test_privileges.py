@@ -150,6 +150,19 @@ def operations(target_pid: int, netns_pid: int,
         with open(f"/proc/{other_uid_pid}/fdinfo/{names[0]}") as f:
             f.read()
 
+    def other_uid_memory(_: Any) -> None:
+        # what replace_fd does inside a non-root pod's process: scratch memory, written, read
+        try:
+            with freeze(other_uid_pid, timeout=5) as proc, proc.scratch(16) as addr:
+                proc.write_memory(addr, b"swap")
+                assert proc.read_memory(addr, 4) == b"swap"
+        except InjectorError as exc:
+            cause = exc.__cause__ or exc.__context__
+            err = getattr(cause, "errno", None)
+            if err is None and "Operation not permitted" in str(exc):
+                err = errno.EPERM
+            raise OSError(err, str(exc)) from exc
+
     def low_bind(_: Any) -> None:
         with socket.socket() as s:
             s.bind(("0.0.0.0", 80))
@@ -163,6 +176,7 @@ def operations(target_pid: int, netns_pid: int,
         "pidfd_getfd": (_nothing, pidfd),
         "setns_network": (open_ns, enter_ns),
         "read_proc_fd_other_uid": (_nothing, other_uid_fds),
+        "inject_other_uid": (_nothing, other_uid_memory),
         "bind_port_below_1024": (own_netns, low_bind),
     }
 
