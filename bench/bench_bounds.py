@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ebpfrouter.bench.process import interrupt_on, usage  # noqa: E402
-from ebpfrouter.demo import PACKAGE_ROOT, Routers, _env, _wait_line, _wait_port  # noqa: E402
+from ebpfrouter.demo import PACKAGE_ROOT, Routers, child_env, wait_line, wait_port  # noqa: E402
 from ebpfrouter.testbed import Testbed  # noqa: E402
 
 CONNRATE_PORT, ECHO_PORT = 7210, 7211
@@ -138,11 +138,11 @@ class Bounds:
                      [sys.executable, "-m", "ebpfrouter.bench.connrate", "serve",
                       str(CONNRATE_PORT)]):
             proc = bed.popen(server.name, argv, stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, text=True, env=_env(),
+                             stderr=subprocess.DEVNULL, text=True, env=child_env(),
                              cwd=str(PACKAGE_ROOT))
             self.helpers.append(proc)
-            _wait_line(proc, f"{argv[-2]} in {server.name}")
-        _wait_port(bed, server.name, server.ip, CONNRATE_PORT)
+            wait_line(proc, f"{argv[-2]} in {server.name}")
+        wait_port(bed, server.name, server.ip, CONNRATE_PORT)
 
     def start_long(self) -> None:
         """The long connections; wait until the client side has bypassed them all."""
@@ -158,7 +158,7 @@ class Bounds:
         self.echo = self.bed.popen("n2p0", self._py(
             "echo-send", self.bed.pod("n1p0").ip, str(ECHO_PORT), str(self.long_conns),
             str(self.stop_file)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=_env(), cwd=str(PACKAGE_ROOT))
+            env=child_env(), cwd=str(PACKAGE_ROOT))
         deadline = time.monotonic() + 20
         while routers.status("node2")["counters"]["bypassed_client"] - before < self.long_conns:
             if self.echo.poll() is not None or time.monotonic() > deadline:
@@ -221,7 +221,7 @@ class Bounds:
             procs = [self.bed.popen("n2p0", [sys.executable, "-m", "ebpfrouter.bench.connrate",
                                              "client", host, str(CONNRATE_PORT), f"{seconds:.2f}"],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    env=_env(), cwd=str(PACKAGE_ROOT))
+                                    env=child_env(), cwd=str(PACKAGE_ROOT))
                      for _ in range(self.clients)]
             if sample:
                 time.sleep(seconds / 2)

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ebpfrouter.bench.process import interrupt_on, usage  # noqa: E402
-from ebpfrouter.demo import Routers, _wait_port  # noqa: E402
+from ebpfrouter.demo import Routers, wait_port  # noqa: E402
 from ebpfrouter.testbed import Testbed  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("faultlib", ROOT / "tests/ebpfrouter/faultlib.py")
@@ -77,8 +77,8 @@ class Soak:
             stderr=subprocess.DEVNULL))
         self.servers.append(bed.popen("n1p1", ["iperf3", "-s", "-p", str(IPERF_PORT)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        _wait_port(bed, redis.name, redis.ip, REDIS_PORT)
-        _wait_port(bed, "n1p1", bed.pod("n1p1").ip, IPERF_PORT)
+        wait_port(bed, redis.name, redis.ip, REDIS_PORT)
+        wait_port(bed, "n1p1", bed.pod("n1p1").ip, IPERF_PORT)
 
     def sample(self) -> None:
         assert self.routers is not None

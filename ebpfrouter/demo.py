@@ -127,14 +127,14 @@ def _py(*args: str) -> list[str]:
     return [sys.executable, "-m", "ebpfrouter.demo", *args]
 
 
-def _env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(PACKAGE_ROOT) + (os.pathsep + env["PYTHONPATH"]
                                              if env.get("PYTHONPATH") else "")
     return env
 
 
-def _wait_line(proc: subprocess.Popen[str], what: str, timeout: float = 10.0) -> None:
+def wait_line(proc: subprocess.Popen[str], what: str, timeout: float = 10.0) -> None:
     """Wait until a helper prints its first line (it is listening)."""
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
@@ -155,10 +155,10 @@ def _wait_line(proc: subprocess.Popen[str], what: str, timeout: float = 10.0) ->
 def _process(bed: Testbed, target: str, argv: list[str], what: str,
              wait_ready: bool = False) -> Iterator[subprocess.Popen[str]]:
     proc = bed.popen(target, argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                     env=_env(), cwd=str(PACKAGE_ROOT))
+                     env=child_env(), cwd=str(PACKAGE_ROOT))
     try:
         if wait_ready:
-            _wait_line(proc, what)
+            wait_line(proc, what)
         yield proc
     finally:
         if proc.poll() is None:
@@ -170,7 +170,7 @@ def _process(bed: Testbed, target: str, argv: list[str], what: str,
                 proc.wait()
 
 
-def _wait_port(bed: Testbed, target: str, host: str, port: int, timeout: float = 10.0) -> None:
+def wait_port(bed: Testbed, target: str, host: str, port: int, timeout: float = 10.0) -> None:
     """Wait until `host:port` is in LISTEN state inside `target` (no probe connection)."""
     deadline = time.monotonic() + timeout
     want = f":{port:04X}"
@@ -188,7 +188,7 @@ def measure_iperf3(bed: Testbed, server: str, client: str, host: str, seconds: f
     """iperf3 throughput from `client` to `server` (received bits per second)."""
     srv_argv = ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)] + (["-B", bind] if bind else [])
     with _process(bed, server, srv_argv, f"iperf3 -s in {server}"):
-        _wait_port(bed, server, host, IPERF_PORT)
+        wait_port(bed, server, host, IPERF_PORT)
         res = bed.run(client, ["iperf3", "-c", host, "-p", str(IPERF_PORT), "-t",
                                str(max(1, round(seconds))), "-J"], timeout=seconds + 60)
     try:
@@ -215,7 +215,7 @@ def measure_stream(bed: Testbed, server: str, client: str, host: str, seconds: f
         argv = _py("send", host, str(STREAM_PORT), str(seconds + until_timeout + 60),
                    "--stop-file", stop_file)
         sender = bed.popen(client, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, env=_env(), cwd=str(PACKAGE_ROOT))
+                           text=True, env=child_env(), cwd=str(PACKAGE_ROOT))
         try:
             deadline = time.monotonic() + until_timeout
             while until is not None and not until() and time.monotonic() < deadline:
@@ -274,7 +274,7 @@ class Routers:
                     "--loglevel", self.loglevel, *(extra_args or {}).get(node.name, [])]
             with open(self.log_of(node.name), "wb") as log:
                 self.procs[node.name] = self.bed.popen(node.name, argv, stdout=log,
-                                                       stderr=subprocess.STDOUT, env=_env(),
+                                                       stderr=subprocess.STDOUT, env=child_env(),
                                                        cwd=str(PACKAGE_ROOT))
         deadline = time.monotonic() + timeout
         for node in self.bed.nodes:

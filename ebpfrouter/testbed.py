@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import errno
 import json
@@ -28,11 +27,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute, NetNS, netns
+
+from injector.netns import in_netns, setns_path
+from injector.netns import netns_inode as netns_inode_of
 
 from .podmeta import PodInfo, StaticPodMetadata
 
@@ -46,10 +48,7 @@ POD_NET = "10.244"
 VXLAN_ID = 1
 VXLAN_PORT = 8472
 VXLAN_MTU = 1450
-CLONE_NEWNET = 0x40000000
 RUN_ID_RE = re.compile(rf"^{PREFIX}[0-9a-f]{{6}}$")
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class TestbedError(RuntimeError):
@@ -58,30 +57,9 @@ class TestbedError(RuntimeError):
     __test__ = False  # not a pytest class
 
 
-def setns_path(path: str | os.PathLike[str], nstype: int = CLONE_NEWNET) -> None:
-    """Move the calling thread into the namespace at `path`."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if _libc.setns(fd, nstype) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({path}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def netns_context(name: str) -> Iterator[None]:
+def netns_context(name: str) -> contextlib.AbstractContextManager[None]:
     """Run the calling *thread* in netns `name` (sockets created inside stay there)."""
-    saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        setns_path(NETNS_DIR / name)
-        yield
-    finally:
-        try:
-            if _libc.setns(saved, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back to the original netns failed")
-        finally:
-            os.close(saved)
+    return in_netns(NETNS_DIR / name)
 
 
 def netns_inode(name: str) -> int:
@@ -205,7 +183,8 @@ class Testbed:
         """The netns of a pod, a node, `underlay`, or a netns name of this run."""
         if target == "underlay":
             return self.underlay_netns
-        for item in (*self.pods, *self.nodes):
+        items: list[Pod | Node] = [*self.pods, *self.nodes]
+        for item in items:
             if target in (item.name, item.netns):
                 return item.netns
         raise TestbedError(f"testbed {self.run_id}: no pod or node {target!r} "
@@ -393,7 +372,7 @@ def _pids_in_netns(inodes: set[int]) -> list[int]:
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
-            if os.stat(f"/proc/{entry}/ns/net").st_ino in inodes:
+            if netns_inode_of(entry) in inodes:
                 pids.append(int(entry))
         except OSError:
             continue

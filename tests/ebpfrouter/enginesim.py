@@ -19,9 +19,7 @@ from ebpfrouter.engine import (
     ActionFailed,
     Bounce,
     BounceDone,
-    CancelTimer,
     CheckQueues,
-    CloseSocket,
     CloseTraced,
     ConnectTraced,
     ConnProbed,
@@ -38,7 +36,6 @@ from ebpfrouter.engine import (
     HostConnected,
     HostListenerOpened,
     ListenTraced,
-    NoteSwapped,
     OpenHostListener,
     PeerLost,
     PeerMessage,
@@ -47,12 +44,12 @@ from ebpfrouter.engine import (
     QueuesChecked,
     ReplaceDone,
     ReplaceFd,
-    SendPeer,
     StartTimer,
     State,
     Thaw,
     TimerFired,
 )
+from ebpfrouter.runners import ACTION_RUNNERS, Family
 
 CLIENT, SERVER = "node1", "node2"
 OTHER = {CLIENT: SERVER, SERVER: CLIENT}

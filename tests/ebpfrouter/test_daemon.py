@@ -20,16 +20,11 @@ from typing import Any
 import pytest
 
 from ebpfrouter import hostnet
-from ebpfrouter.daemon import (
-    Daemon,
-    DaemonOptions,
-    _carry,
-    _peer_closed,
-    normalize_addr,
-    peek_unread,
-)
-from ebpfrouter.demo import PACKAGE_ROOT, Routers, _env, _wait_line
+from ebpfrouter.daemon import Daemon, DaemonOptions
+from ebpfrouter.demo import PACKAGE_ROOT, Routers, child_env, wait_line
 from ebpfrouter.peers import Codec
+from ebpfrouter.runners.datapath import carry, peek_unread, peer_closed
+from ebpfrouter.scoping import normalize_addr
 from ebpfrouter.testbed import Testbed
 
 # -- no root -----------------------------------------------------------------------------------
@@ -62,12 +57,12 @@ def test_parse_peer_rejects(bad: str) -> None:
 def test_peer_closed_never_consumes() -> None:
     a, b = socket.socketpair()
     with a, b:
-        assert not _peer_closed(a)
+        assert not peer_closed(a)
         b.sendall(b"x")
-        assert not _peer_closed(a)
+        assert not peer_closed(a)
         assert a.recv(1) == b"x"  # the probe peeked only
         b.close()
-        assert _peer_closed(a)
+        assert peer_closed(a)
 
 
 def _tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -83,9 +78,9 @@ def test_peer_closed_sees_fin_behind_unread_data() -> None:
     with a, b:
         b.sendall(b"unread")
         wait_for(lambda: peek_unread(a, 6) if _unread(a) == 6 else None, 2, "data")
-        assert not _peer_closed(a)
+        assert not peer_closed(a)
         b.close()
-        wait_for(lambda: _peer_closed(a), 2, "FIN seen")
+        wait_for(lambda: peer_closed(a), 2, "FIN seen")
         assert a.recv(100) == b"unread"  # still nothing consumed
 
 
@@ -124,7 +119,7 @@ def test_carry_bounces_both_ways_in_stream_order() -> None:
 
         async def both() -> None:
             loop = asyncio.get_running_loop()
-            await asyncio.gather(_carry(loop, c, r_c, len(r_s)), _carry(loop, s, r_s, len(r_c)))
+            await asyncio.gather(carry(loop, c, r_c, len(r_s)), carry(loop, s, r_s, len(r_c)))
             await loop.sock_sendall(s, b"server app")
             await loop.sock_sendall(c, b"client app")
 
@@ -149,7 +144,7 @@ def _watching_daemon() -> tuple[Daemon, Any]:
                     else "node2" if ip.startswith("10.244.2.") else None)
     (listen,) = engine.handle(ListenTraced(200, 3, 77, "10.244.2.2", 5201))
     engine.handle(HostListenerOpened(listen.ref, 900, "192.168.77.2", 41000))
-    daemon.engine = engine
+    daemon.wiring.engine = engine
     return daemon, engine
 
 
@@ -167,22 +162,23 @@ def test_held_host_socket_eof_is_reported_before_handover_only(then: str) -> Non
     c, s = _tcp_pair()
 
     async def run() -> None:
-        daemon.loop = asyncio.get_running_loop()
+        daemon.wiring.loop = asyncio.get_running_loop()
         s.setblocking(False)
-        ref = daemon._add_sock(s)
-        daemon._watch_host(ref)
+        ref = daemon.sockets.add(s)
+        daemon.watch.watch(ref)
         daemon.feed(HostAccepted(900, ref, os.fstat(ref).st_ino, "node1",
                                  {"cid": b"\x07" * 16, **tup.to_body()}))
-        assert len(engine.conns) == 1 and ref in daemon.host_watch
+        assert len(engine.connections()) == 1 and ref in daemon.watch.refs
         if then == "close":
             c.close()
             for _ in range(200):
-                if not engine.conns:
+                if not engine.connections():
                     break
                 await asyncio.sleep(0.01)
-            assert not engine.conns and ref not in daemon.socks and not daemon.host_watch
+            assert not engine.connections() and ref not in daemon.sockets.socks
+            assert not daemon.watch.refs
             assert daemon.counters["host_closed_seen"] == 1
-            assert engine.stats["host_closed_by_peer"] == 1
+            assert engine.summary()["stats"]["host_closed_by_peer"] == 1
             return
         if then == "data":
             c.sendall(b"bounced bytes")
@@ -192,12 +188,12 @@ def test_held_host_socket_eof_is_reported_before_handover_only(then: str) -> Non
                 await asyncio.sleep(0.01)
             assert daemon.counters["host_watch_data"] == 1
         else:
-            daemon._run_action(Bounce(12345, 999, ref, 0, 4))  # 999: no such overlay socket
-        assert ref not in daemon.host_watch
+            daemon.run_action(Bounce(12345, 999, ref, 0, 4))  # 999: no such overlay socket
+        assert ref not in daemon.watch.refs
         c.close()
         await asyncio.sleep(0.2)
-        assert len(engine.conns) == 1 and daemon.counters["host_closed_seen"] == 0
-        daemon._close_sock(ref)
+        assert len(engine.connections()) == 1 and daemon.counters["host_closed_seen"] == 0
+        daemon.sockets.close(ref)
 
     try:
         asyncio.run(run())
@@ -286,7 +282,7 @@ class Stream:
         self.proc = bed.popen(pod, [sys.executable, "-m", "ebpfrouter.demo", "send", host,
                                     str(port), str(seconds), "--stop-file", str(self.stop_file)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=_env(), cwd=str(PACKAGE_ROOT))
+                              env=child_env(), cwd=str(PACKAGE_ROOT))
 
     def peer(self) -> tuple[str, int] | None:
         """Peer address of the app's TCP socket, as the app's fd sees it now."""
@@ -330,10 +326,10 @@ def redis_server(bed: Testbed, pod: str, port: int):
 def stream_server(bed: Testbed, pod: str, port: int = PORT, clients: int = 1):
     proc = bed.popen(pod, [sys.executable, "-m", "ebpfrouter.demo", "serve", str(port),
                            "--clients", str(clients)],
-                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(),
+                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=child_env(),
                      cwd=str(PACKAGE_ROOT))
     try:
-        _wait_line(proc, f"stream server in {pod}")
+        wait_line(proc, f"stream server in {pod}")
         yield proc
     finally:
         proc.kill()
@@ -449,7 +445,7 @@ def test_port_in_use_is_one_clear_message(bed, shared):
                             "flannel.1", "--host-if", "eth0", "--key-file",
                             str(routers.key_file), "--control-socket",
                             str(routers.workdir / "second.sock")],
-                  env=_env(), cwd=str(PACKAGE_ROOT), timeout=30)
+                  env=child_env(), cwd=str(PACKAGE_ROOT), timeout=30)
     assert res.returncode == 1
     assert "ROUTER_PORT" in res.stdout + res.stderr and "1234" in res.stdout + res.stderr
     assert "Traceback" not in res.stdout + res.stderr
@@ -560,7 +556,7 @@ def test_missing_interface_is_one_clear_message(bed, tmp_path):
     res = bed.run("node1", [sys.executable, "-m", "ebpfrouter.cli", "run", "--overlay-if",
                             "nosuch0", "--host-if", "eth0", "--key-file", str(key),
                             "--control-socket", str(tmp_path / "c.sock")],
-                  env=_env(), cwd=str(PACKAGE_ROOT), timeout=30)
+                  env=child_env(), cwd=str(PACKAGE_ROOT), timeout=30)
     assert res.returncode == 1
     assert "OVERLAY_IF" in res.stdout + res.stderr and "nosuch0" in res.stdout + res.stderr
     assert "Traceback" not in res.stdout + res.stderr
@@ -626,7 +622,7 @@ def test_bad_rule_file_named_daemon_serves_and_keeps_no_stray_copies(bed, router
     srv = bed.popen(server.name, [sys.executable, "-c", srv_code, str(PORT + 7)],
                     stdout=subprocess.PIPE, text=True)
     try:
-        _wait_line(srv, "server")
+        wait_line(srv, "server")
         cli = bed.popen(client.name, [sys.executable, "-c", code, server.ip, str(PORT + 7)])
         seen = wait_for(lambda: (c := counters(routers, "node1"))["seen"] >= 40 and c, 10,
                         "40 traced ends")
@@ -691,7 +687,7 @@ def test_pod_label_filter_uses_pod_metadata(bed, routers):
     assert c2["bypassed_client"] == 1 and c2["ruled_out"] >= 1
     text = subprocess.run([sys.executable, "-m", "ebpfrouter.cli", "status", "--control-socket",
                            routers.socket_of("node2")], capture_output=True, text=True,
-                          env=_env(), cwd=str(PACKAGE_ROOT), timeout=30)
+                          env=child_env(), cwd=str(PACKAGE_ROOT), timeout=30)
     assert text.returncode == 0 and "bypassed 1" in text.stdout, text.stdout + text.stderr
 
 
@@ -790,7 +786,7 @@ def test_pipelined_replies_in_flight_are_migrated_intact(bed, routers):
                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     stop = Path(tempfile.mkdtemp(prefix="er-pipe-")) / "stop"
     try:
-        _wait_line(srv, "listening")
+        wait_line(srv, "listening")
         for attempt in range(1, 4):
             stop.unlink(missing_ok=True)
             cli = bed.popen(client.name, [sys.executable, "-c", PIPE_CLIENT, server.ip,

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from ebpfrouter.demo import PACKAGE_ROOT, Routers, _env, _wait_line, _wait_port
+from ebpfrouter.demo import PACKAGE_ROOT, Routers, child_env, wait_line, wait_port
 from ebpfrouter.testbed import Testbed
 
 FLOOD_CONNECTIONS = int(os.environ.get("FLOOD_CONNECTIONS", "15000"))
@@ -57,7 +57,8 @@ def _flood(bed: Testbed, seconds_cap: float = 30.0) -> list[dict[str, Any]]:
         assert time.monotonic() < deadline, f"flood too slow: {results}"
         procs = [bed.popen("n2p0", [sys.executable, "-m", "ebpfrouter.bench.connrate", "client",
                                     host, str(PORT), "2"], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env=_env(), cwd=str(PACKAGE_ROOT))
+                           stderr=subprocess.PIPE, text=True, env=child_env(),
+                           cwd=str(PACKAGE_ROOT))
                  for _ in range(CLIENTS)]
         for proc in procs:
             try:
@@ -86,10 +87,10 @@ def flood() -> Any:
                 pod = bed.pod("n1p0")
                 server = bed.popen(pod.name, [sys.executable, "-m", "ebpfrouter.bench.connrate",
                                               "serve", str(PORT)], stdout=subprocess.PIPE,
-                                   stderr=subprocess.DEVNULL, text=True, env=_env(),
+                                   stderr=subprocess.DEVNULL, text=True, env=child_env(),
                                    cwd=str(PACKAGE_ROOT))
-                _wait_line(server, "connrate server")
-                _wait_port(bed, pod.name, pod.ip, PORT)
+                wait_line(server, "connrate server")
+                wait_port(bed, pod.name, pod.ip, PORT)
                 time.sleep(0.5)  # the listener's announcement and host socket settle
                 before = _snapshot(routers)
                 start = time.monotonic()

@@ -22,8 +22,9 @@ import pytest
 import test_daemon as td  # the daemon tests' testbed, routers and helpers
 from test_daemon import counters, wait_for, wait_listener_announced
 
-from ebpfrouter.daemon import host_sockaddr, host_socket, normalize_addr
-from ebpfrouter.demo import _wait_line
+from ebpfrouter.demo import wait_line
+from ebpfrouter.runners.hostconn import host_sockaddr, host_socket
+from ebpfrouter.scoping import normalize_addr
 
 bed = td.bed  # fixtures, shared by name
 _shared_holder = td._shared_holder
@@ -160,7 +161,7 @@ def test_swap_keeps_each_apps_socket_family(bed, shared, client_fam, server_fam)
                     text=True)
     cli = None
     try:
-        _wait_line(srv, "listening")
+        wait_line(srv, "listening")
         wait_listener_announced(routers, "node1", port)
         listener = next(lst for lst in routers.status("node1")["listeners"]
                         if lst["overlay"] == f"{server.ip}:{port}")

@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from ebpfrouter.demo import PACKAGE_ROOT, _env
+from ebpfrouter.demo import PACKAGE_ROOT, child_env
 from ebpfrouter.testbed import list_runs
 
 
 def run_demo(*flags: str) -> dict:
     before = {bed.run_id for bed in list_runs()}
     res = subprocess.run([sys.executable, "-m", "ebpfrouter.cli", "demo", "--json", *flags],
-                         capture_output=True, text=True, timeout=150, env=_env(),
+                         capture_output=True, text=True, timeout=150, env=child_env(),
                          cwd=str(PACKAGE_ROOT))
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 1, res.stdout + res.stderr  # one JSON object, progress on stderr

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import faultlib  # noqa: E402
 from faultlib import PeerMsg, PeerWatch  # noqa: E402
 
-from ebpfrouter.demo import PACKAGE_ROOT, Routers, _env, _wait_line  # noqa: E402
+from ebpfrouter.demo import PACKAGE_ROOT, Routers, child_env, wait_line  # noqa: E402
 from ebpfrouter.testbed import Testbed  # noqa: E402
 
 pytestmark = [pytest.mark.root]
@@ -159,14 +159,14 @@ class Lab:
 
     def popen(self, target: str, *args: str) -> subprocess.Popen[str]:
         proc = self.bed.popen(target, [sys.executable, FAULTLIB, *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=_env(),
+                              stderr=subprocess.PIPE, text=True, env=child_env(),
                               cwd=str(PACKAGE_ROOT))
         self.procs.append(proc)
         return proc
 
     def server(self, pod: str, port: int) -> subprocess.Popen[str]:
         proc = self.popen(pod, "serve", str(port))
-        _wait_line(proc, f"checking server in {pod}")
+        wait_line(proc, f"checking server in {pod}")
         return proc
 
     def daemon_pid(self, node: str) -> int:

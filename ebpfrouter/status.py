@@ -1,0 +1,132 @@
+"""`ebpf-router status`: one engine summary plus the daemon's own counters; metrics too.
+
+`Status.snapshot()` runs on the event loop (the control socket's thread asks through
+`Status.threadsafe`); each snapshot also sets the Prometheus metrics of `control.Metrics`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from .control import Metrics
+from .policy import SwapPolicy
+from .runners.injection import InjectorThread, family_name
+from .runners.peers import PeerLinks
+from .runners.status import SwapNotes
+from .runners.timers import Timers
+from .scoping import NodeScope
+from .socktable import SocketTable
+from .wiring import Wiring
+
+_METRICS = (("connections_seen", "counter", "overlay connections traced on this node"),
+            ("connections_bypassed", "counter", "connections moved to the host network"),
+            ("connections_failed", "counter", "connections left on the overlay"),
+            ("connections_short", "counter", "connections closed before min_age (never tried)"),
+            ("peer_frames_rejected", "counter", "peer frames rejected"),
+            ("connections_pending", "gauge", "connections being swapped"))
+
+
+def percentile_ms(values: list[int], q: float) -> float | None:
+    """Percentile `q` of sorted nanosecond values, in milliseconds (None if there are none)."""
+    if not values:
+        return None
+    return values[min(len(values) - 1, int(len(values) * q))] / 1e6
+
+
+class Status:
+    """What the daemon reports about itself; `privileges` is set once they are dropped."""
+
+    def __init__(self, wiring: Wiring, scope: NodeScope, sockets: SocketTable,
+                 policy: SwapPolicy, peers: PeerLinks, injector: InjectorThread,
+                 notes: SwapNotes, timers: Timers, metrics: Metrics) -> None:
+        self.wiring = wiring
+        self.scope = scope
+        self.sockets = sockets
+        self.policy = policy
+        self.peers = peers
+        self.injector = injector
+        self.notes = notes
+        self.timers = timers
+        self.metrics = metrics
+        self.started = time.monotonic()
+        self.privileges: list[str] | None = None  # capabilities kept after the drop
+
+    def declare_metrics(self) -> None:
+        """Declare the metrics `snapshot` sets."""
+        for name, kind, help_text in _METRICS:
+            self.metrics.declare(name, kind, help_text)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters and connections (runs on the loop)."""
+        engine, counters_in = self.wiring.running_engine, self.wiring.counters
+        tracer, rules, cluster = self.wiring.tracer, self.policy.rules, self.scope.cluster
+        summary = engine.summary()
+        codec = self.peers.codec
+        rejected = dict(codec.rejected) if codec else {}
+        pending = summary["pending"]
+        counters = {
+            "seen": counters_in["seen"],
+            "bypassed": summary["bypassed"],
+            "bypassed_client": counters_in["swapped_client"],
+            "bypassed_server": counters_in["swapped_server"],
+            "pending": pending,
+            "failed": summary["failed"],
+            "short": summary["short"],  # closed before anything was tried
+            "skipped": summary["skipped"],  # left alone by decision (not remote..)
+            "peer_rejected": sum(rejected.values()) + counters_in["host_conn_rejected"],
+            "ruled_out": counters_in["ruled_out"],
+        }
+        self._set_metrics(counters, pending)
+        freezes = sorted(self.injector.freeze_ns)
+        swaps = sorted(self.notes.latency_ns)
+        return {
+            "node": self.scope.node,
+            "host_addr": self.scope.host_addr,
+            "pod_cidrs": [str(n) for n in self.scope.pod_cidrs],
+            "uptime_s": time.monotonic() - self.started,
+            "peers": self.peers.connected(),
+            "counters": counters,
+            "engine": summary,
+            "daemon": dict(counters_in),
+            "peer_rejected": rejected,
+            "freeze_ms_p99": percentile_ms(freezes, 0.99),
+            "traced_to_swapped_ms_p50": percentile_ms(swaps, 0.5),
+            "traced_to_swapped_ms_p99": percentile_ms(swaps, 0.99),
+            "connections": engine.connections(),
+            "listeners": [{"overlay": lst["overlay"], "host": lst["host"], "pid": lst["pid"],
+                           "family": family_name(self.sockets.held(lst["sock"]))
+                           if lst["sock"] is not None else None}
+                          for lst in engine.listener_table()],
+            "tracer_lost": tracer.lost if tracer is not None else 0,
+            "rules": len(rules.rules) if rules is not None else 0,
+            "rules_error": str(rules.last_error) if rules and rules.last_error else None,
+            "rules_loaded": not rules.rules.closed if rules is not None else False,
+            "kubernetes": cluster.status() if cluster is not None else None,
+            "daemon_socks": len(self.sockets.socks),
+            "traced_uncopied": len(self.sockets.uncopied),
+            "timers": len(self.timers),
+            "prog_ids": tracer.prog_ids if tracer is not None else [],
+            "capabilities": self.privileges,
+            "frozen_now": self.injector.frozen_pids(),
+        }
+
+    def _set_metrics(self, counters: dict[str, int], pending: int) -> None:
+        self.metrics.set("connections_seen", counters["seen"])
+        self.metrics.set("connections_bypassed", counters["bypassed"])
+        self.metrics.set("connections_failed", counters["failed"])
+        self.metrics.set("connections_short", counters["short"])
+        self.metrics.set("connections_pending", pending)
+        self.metrics.set("peer_frames_rejected", counters["peer_rejected"])
+
+    def threadsafe(self) -> dict[str, Any]:
+        """`snapshot()` from another thread (the control socket's)."""
+        loop = self.wiring.loop
+        if loop is None or loop.is_closed():
+            return {"node": self.scope.node, "counters": {}, "connections": []}
+
+        async def get() -> dict[str, Any]:
+            return self.snapshot()
+
+        return asyncio.run_coroutine_threadsafe(get(), loop).result(timeout=5)
