@@ -86,6 +86,8 @@ def run_bench(args: argparse.Namespace) -> int:
     paths = report.write(result, out)
     print((out / "results.md").read_text())
     _progress(f"[bench] wrote {', '.join(str(p) for p in paths.values())}")
+    if result.get("plots_skipped"):
+        _progress(f"[bench] no plots: {result['plots_skipped']}")
     if result["interrupted"]:
         return 130
     failed = result["error"] or any(s["failure"] or s["errors"] for s in result["samples"])

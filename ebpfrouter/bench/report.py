@@ -243,8 +243,15 @@ def write(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     result["summary"] = summarize(result["workloads"], result["samples"])
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md"}
+    paths["json"].write_text(json.dumps(result, indent=1, default=str))  # first: never lost
     paths["markdown"].write_text(markdown(result))
-    for i, png in enumerate(plot(result, out_dir)):
+    try:
+        pngs = plot(result, out_dir)
+    except ImportError as exc:  # matplotlib is the optional `bench` extra
+        pngs = []
+        result["plots_skipped"] = (f"{exc}; install it with pip install 'ebpf-router[bench]' "
+                                   "(or matplotlib) for the PNG plots")
+    for i, png in enumerate(pngs):
         paths[f"png{i}"] = png
     result["files"] = {k: str(v) for k, v in paths.items()}
     paths["json"].write_text(json.dumps(result, indent=1, default=str))

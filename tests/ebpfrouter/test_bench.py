@@ -312,3 +312,32 @@ def test_usage_of_this_process_and_of_a_gone_one() -> None:
     mine = usage(os.getpid())
     assert mine["rss_kib"] > 1000 and mine["threads"] >= 1 and mine["fds"] >= 3
     assert usage(2**22 + 12345) == {"rss_kib": 0, "threads": 0, "fds": 0}
+
+
+def test_results_are_written_without_matplotlib(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh install without the `bench` extra still gets results.json and results.md, and
+    is told how to get the plots (the run is never lost to a missing plotting library)."""
+    import builtins
+    import sys
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
+        return real_import(name, *args, **kwargs)
+
+    for mod in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    samples = [_sample("host", 10.0), _sample("bypass", 9.0, 2)]
+    result = {"workloads": WORKLOADS, "samples": samples, "command": "x", "quick": True,
+              "repeat": 1, "started": "now", "machine": {"cpu_model": "c", "cores": 1,
+                                                         "kernel": "k", "python": "3"}}
+    paths = report.write(result, tmp_path)
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert "matplotlib" in written["plots_skipped"] and "ebpf-router[bench]" in written[
+        "plots_skipped"]
+    assert set(paths) == {"json", "markdown"} and (tmp_path / "results.md").read_text()
+    assert not list(tmp_path.glob("*.png"))
