@@ -264,6 +264,27 @@ class _Gen:
         b.jeq(R0, 0, out)
         b.ldx(64, dst, R0, 0)
 
+    def process_record(self, kind: EventKind) -> None:
+        """A zeroed record of a process event: `kind`, tid and pid from r7 (pid_tgid), no fd
+        (the caller sets `arg`)."""
+        b = self.b
+        self.zero_record()
+        b.st(32, R10, _REC + OFF_KIND, int(kind))
+        b.stx(32, R10, R7, _REC + OFF_TID)
+        b.mov64(R1, R7).rsh64(R1, 32)
+        b.stx(32, R10, R1, _REC + OFF_PID)
+        b.st(32, R10, _REC + OFF_FD, -1)
+
+    def emit_with_netns(self) -> None:
+        """Fill in the current task's netns (if readable), emit the record and return 0."""
+        b = self.b
+        b.call("get_current_task").mov64(R8, R0)
+        self.netns_inum(R8, R8, "emit")
+        b.stx(32, R10, R8, _REC + OFF_NETNS)
+        b.label("emit")
+        self.emit_record()
+        self.finish()
+
     def finish(self, out: str = "out") -> None:
         self.b.label(out)
         self.b.mov64(R0, 0)
@@ -501,19 +522,9 @@ def _process_exit_program(lay: KernelLayout, args: TracepointArgs, ringbuf: bool
     b.ld_map_fd(R1, "pids")
     b.mov64(R2, R10).add64(R2, _TKEY)
     b.call("map_delete_elem")
-    g.zero_record()
-    b.st(32, R10, _REC + OFF_KIND, int(EventKind.EXIT))
-    b.stx(32, R10, R7, _REC + OFF_TID)
-    b.mov64(R1, R7).rsh64(R1, 32)
-    b.stx(32, R10, R1, _REC + OFF_PID)
-    b.st(32, R10, _REC + OFF_FD, -1)
+    g.process_record(EventKind.EXIT)
     b.st(32, R10, _REC + OFF_ARG, -1)
-    b.call("get_current_task").mov64(R8, R0)
-    g.netns_inum(R8, R8, "emit")
-    b.stx(32, R10, R8, _REC + OFF_NETNS)
-    b.label("emit")
-    g.emit_record()
-    g.finish()
+    g.emit_with_netns()
     return b
 
 
@@ -532,12 +543,7 @@ def _process_event_program(lay: KernelLayout, args: TracepointArgs, kind: EventK
     b.mov64(R2, R10).add64(R2, _TKEY)
     b.call("map_lookup_elem")
     b.jeq(R0, 0, "out")
-    g.zero_record()
-    b.st(32, R10, _REC + OFF_KIND, int(kind))
-    b.stx(32, R10, R7, _REC + OFF_TID)
-    b.mov64(R1, R7).rsh64(R1, 32)
-    b.stx(32, R10, R1, _REC + OFF_PID)
-    b.st(32, R10, _REC + OFF_FD, -1)
+    g.process_record(kind)
     if kind == EventKind.FORK:
         g.ctx_load(R9, args.fork_child_pid)
         b.stx(32, R10, R9, _REC + OFF_ARG)
@@ -550,12 +556,7 @@ def _process_event_program(lay: KernelLayout, args: TracepointArgs, kind: EventK
         b.call("map_update_elem")
     else:
         b.st(32, R10, _REC + OFF_ARG, -1)
-    b.call("get_current_task").mov64(R8, R0)
-    g.netns_inum(R8, R8, "emit")
-    b.stx(32, R10, R8, _REC + OFF_NETNS)
-    b.label("emit")
-    g.emit_record()
-    g.finish()
+    g.emit_with_netns()
     return b
 
 
