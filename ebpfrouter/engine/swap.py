@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from .actions import SendPeer
 from .conn import Conn, Role, State
 from .core import Core
 from .events import ConnProbed, FourTuple, HostConnected, QueuesChecked
@@ -277,6 +276,3 @@ def tables_markdown() -> str:
 
 def _tuple(msg: Any) -> FourTuple:
     return FourTuple(msg.client_addr, msg.client_port, msg.server_addr, msg.server_port)
-
-
-_ = SendPeer  # the protocol's messages go out as SendPeer through Core.send
