@@ -49,7 +49,7 @@ from bpf_asm.syscall import AttachType, BPFError, LinkType, MapType
 
 __all__ = [
     "MAX_ENTRIES", "AddressTableFull", "AddressVirtualizer", "VirtualAddresses",
-    "VirtualizationUnavailable", "socket_cookie",
+    "VirtualizationUnavailable", "socket_cookie", "tcp_socket_cookies",
 ]
 
 MAX_ENTRIES = 65_536
@@ -171,6 +171,27 @@ def _inspect(sock: socket.socket | int) -> tuple[int, int]:
         raise ValueError(f"fd {fd} is an {socket.AddressFamily(family).name} socket; only "
                          "AF_INET and AF_INET6 sockets can be virtualized")
     return int(family), int(cookie)
+
+
+TCP_ALL_STATES = (1 << 12) - 1  # TCP_ESTABLISHED .. TCP_NEW_SYN_RECV, as inet_diag counts
+
+
+def tcp_socket_cookies() -> set[int]:
+    """The cookies of the TCP sockets of the caller's network namespace (a sock_diag dump,
+    IPv4 and IPv6, every state, TIME_WAIT included). Only sockets the kernel has hashed show
+    up: listening, connecting, connected or closing ones, not a bare socket() never bound.
+
+    A restarted daemon, in the host netns where the host connections live, can
+    `prune(tcp_socket_cookies())` to drop the entries of sockets closed while it was away."""
+    from pyroute2 import DiagSocket
+
+    cookies: set[int] = set()
+    with DiagSocket() as diag:
+        diag.bind()
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in diag.get_sock_stats(family=family, states=TCP_ALL_STATES):
+                cookies.add(int(msg["idiag_cookie"]))
+    return cookies
 
 
 _IP = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -370,7 +391,7 @@ class AddressVirtualizer:
 
     def prune(self, keep: Iterable[int]) -> int:
         """Remove every entry whose cookie is not in `keep` (a restarted daemon passes the
-        sockets it still knows); returns how many were removed."""
+        sockets it still knows, or `tcp_socket_cookies()`); returns how many were removed."""
         keep = set(keep)
         gone = [c for c in self.cookies() if c not in keep]
         return sum(self.remove(c) for c in gone)

@@ -35,6 +35,7 @@ from ebpfrouter.addrvirt import (
     VirtualAddresses,
     VirtualizationUnavailable,
     socket_cookie,
+    tcp_socket_cookies,
 )
 from injector.inspect import pidfd_getfd
 
@@ -396,6 +397,29 @@ def test_pinned_state_outlives_the_daemon_and_serves_a_new_one(pin_dir: str, app
         assert again.map_id in first["map"]
     assert client.ask()[1] == (B4, server.port)
     assert client2.ask()[1] == ("10.244.4.4", 4444)
+
+
+def test_prune_with_the_live_sockets_drops_the_closed_ones(virt: AddressVirtualizer) -> None:
+    """tcp_socket_cookies() (sock_diag) lists the sockets that still exist, TIME_WAIT
+    included; pruning with it drops only entries of sockets gone for good."""
+    with socket.create_server(("127.0.0.1", 0)) as ls:
+        client = socket.create_connection(ls.getsockname())
+        served, _ = ls.accept()
+        other = socket.create_connection(ls.getsockname())
+        other_served, _ = ls.accept()
+        cookies = {name: virt.add(s, CLIENT4, SERVER4) for name, s in
+                   (("client", client), ("served", served), ("other", other))}
+        assert set(cookies.values()) | {socket_cookie(ls)} <= tcp_socket_cookies()
+        client.close()  # first to close: TIME_WAIT, which keeps the cookie
+        served.close()  # then gone once its FIN is acknowledged
+        deadline = time.monotonic() + 3
+        while cookies["served"] in tcp_socket_cookies() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert virt.prune(tcp_socket_cookies()) == 1
+        assert sorted(virt.cookies()) == sorted([cookies["client"], cookies["other"]])
+        assert other.getpeername() == SERVER4
+        other.close()
+        other_served.close()
 
 
 def test_destroy_leaves_nothing(pin_dir: str, apps) -> None:
