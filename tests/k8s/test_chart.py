@@ -108,10 +108,13 @@ def test_daemonset_shape(helm: str, chart: Path) -> None:
     assert "hostIPC" not in pod
     assert pod["priorityClassName"] == "system-node-critical"
     host_paths = {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
-    assert host_paths == {"/sys/fs/bpf", "/sys/kernel/tracing", "/sys/kernel/btf"}
+    assert host_paths == {"/sys/fs/bpf", "/sys/kernel/tracing", "/sys/kernel/btf",
+                          "/sys/fs/cgroup"}
     router = router_container(docs)
     mounts = {m["mountPath"]: m for m in router["volumeMounts"]}
     assert mounts["/sys/kernel/btf"]["readOnly"] is True
+    # The node's cgroup hierarchy, where address virtualization attaches: read-only will do.
+    assert mounts["/sys/fs/cgroup"]["readOnly"] is True
     assert mounts["/etc/rules"]["readOnly"] is True
     assert not any(p.startswith("/usr/src") for p in mounts)
     sc = router["securityContext"]
