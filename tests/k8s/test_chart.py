@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import subprocess
 from pathlib import Path
 
@@ -56,6 +57,12 @@ def validate_all(docs: list[dict], kube_version: str = KUBE_VERSION) -> None:
         except kubernetes_validate.ValidationError as exc:
             path = "/".join(str(p) for p in exc.path)
             pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} at {path}: {exc.message}")
+
+
+def named(docs: list[dict], kind: str, name: str) -> dict:
+    found = [d for d in by_kind(docs, kind) if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name}, got {len(found)}"
+    return found[0]
 
 
 def router_container(docs: list[dict]) -> dict:
@@ -196,7 +203,7 @@ def parse_key_values(text: str) -> dict[str, str]:
 
 def test_rules_configmap_matches_values_and_loads(helm: str, chart: Path, tmp_path: Path) -> None:
     docs = render(helm, chart, "-f", str(FULL_VALUES))
-    data = one(docs, "ConfigMap")["data"]
+    data = named(docs, "ConfigMap", "bypass-router-rules")["data"]
     wanted = yaml.safe_load(FULL_VALUES.read_text())["rules"]
     assert set(data) == set(wanted)
     for name, rule in wanted.items():
@@ -206,6 +213,16 @@ def test_rules_configmap_matches_values_and_loads(helm: str, chart: Path, tmp_pa
     # The router's own loader reads the rendered files.
     rules = RuleSet.load(tmp_path)
     assert len(rules.filters) == 2 and len(rules.validators) == 2
+
+
+def test_grafana_dashboard_configmap_carries_the_file(helm: str, chart: Path) -> None:
+    docs = render(helm, chart, "-f", str(FULL_VALUES))
+    cm = named(docs, "ConfigMap", "bypass-router-dashboard")
+    assert cm["metadata"]["namespace"] == "monitoring"
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["labels"]["team"] == "networking"
+    shipped = (chart / "dashboards" / "ebpf-router.json").read_text()
+    assert json.loads(cm["data"]["ebpf-router.json"]) == json.loads(shipped)
 
 
 def test_no_rules_renders_an_empty_configmap(helm: str, chart: Path) -> None:
