@@ -40,9 +40,16 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--swap-batch", type=int, default=4, metavar="N",
                      help="swaps of one process that may share one freeze (default 4; 1: one "
                           "per freeze; more: fewer, longer stops)")
-    run.add_argument("--read-first-wait", type=float, default=3.0, metavar="SECONDS",
+    run.add_argument("--read-first-wait", type=float, default=None, metavar="SECONDS",
                      help="swap an accepted connection once its app has read from it, or once "
-                          "it is this old (default 3, at most 8; 0: do not wait for a read)")
+                          "it is this old (at most 8; 0: do not wait for a read; default 0 "
+                          "with address virtualization, else 3)")
+    run.add_argument("--eager", choices=("on", "off"), default="on",
+                     help="swap new connections at connect()/accept() return, before their "
+                          "first byte (default on; needs address virtualization)")
+    run.add_argument("--eager-wait", type=float, default=0.1, metavar="SECONDS",
+                     help="how long an app stopped for the eager swap waits for the other "
+                          "side before it runs on over the overlay (default 0.1, at most 2)")
     run.add_argument("--keep-privileges", action="store_true",
                      help="do not drop capabilities once the BPF programs are attached")
 
@@ -100,8 +107,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # a server that keeps saying "not read yet" is given up on after the client's max_waits
     # (about 10 s of waiting), so a longer read-first wait would mean "never"
     for flag, value, most in (("--min-age", args.min_age, 3600.0),
-                              ("--read-first-wait", args.read_first_wait, 8.0)):
-        if not 0 <= value <= most:
+                              ("--read-first-wait", args.read_first_wait, 8.0),
+                              ("--eager-wait", args.eager_wait, 2.0)):
+        if value is not None and not 0 <= value <= most:
             print(f"ebpf-router run: {flag} {value}: must be 0..{most:g} seconds",
                   file=sys.stderr)
             return 2
@@ -118,7 +126,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                             kubernetes_sync_timeout=args.kubernetes_sync_timeout,
                             scope_netns=list(args.scope_netns),
                             min_age=args.min_age, read_first_wait=args.read_first_wait,
-                            swap_batch=args.swap_batch,
+                            swap_batch=args.swap_batch, eager=args.eager == "on",
+                            eager_wait=args.eager_wait,
                             drop_privileges=not args.keep_privileges)
     return run_daemon(options)
 

@@ -27,6 +27,7 @@ from . import hostnet, startup
 from .config import ConfigError, RouterConfig
 from .control import ControlError, ControlServer, HealthServer, Metrics
 from .engine import Action, ActionFailed, Engine, EngineConfig, Event
+from .guardian import Guardian, resume_stopped
 from .hostnet import IPNetwork
 from .peers import Codec
 from .peers.transport import PeerServer
@@ -35,6 +36,7 @@ from .runners import ACTION_RUNNERS, Family, Runner
 from .runners.datapath import DataPath
 from .runners.hostconn import HostConnections, HostWatch
 from .runners.injection import Injection, InjectorThread
+from .runners.kernel import EagerMaps
 from .runners.peers import PeerLinks
 from .runners.sockets import SocketCloser
 from .runners.status import SwapNotes
@@ -70,8 +72,13 @@ class DaemonOptions:
     freeze_timeout: float = 2.0
     min_age: float = 0.2  # connections younger than this are left alone (short ones never pay)
     swap_batch: int = 4  # swaps of one process that may share one freeze
-    read_first_wait: float = 3.0  # an accepted connection is swapped once its app has read
-    # from it, or once it is this old (0: at once); see `SwapPolicy.server_ready`
+    read_first_wait: float | None = None  # an accepted connection is swapped once its app
+    # has read from it, or once it is this old (0: at once; None: 0 with address
+    # virtualization, else 3 s); see `SwapPolicy.server_ready`
+    eager: bool = True  # swap at connect()/accept() return (needs address virtualization)
+    eager_wait: float = 0.1  # how long a stopped app waits for the other side
+    addrvirt_pin: str | None = ""  # bpffs dir keeping address virtualization across restarts
+    # ("": /sys/fs/bpf/ebpf-router/addrvirt-<node, dots as _>; None: not pinned)
     drain_wait: float = 0.05
     bounce_timeout: float = 1.0  # carrying unread bytes over the host connection (frozen)
     drop_privileges: bool = True
@@ -89,26 +96,30 @@ class Daemon:
         self.wiring = w = Wiring(self.feed)
         self.counters = w.counters
         self.metrics = Metrics()
-        self.injector = InjectorThread(options.freeze_timeout)
+        self.injector = InjectorThread(options.freeze_timeout, on_resumed=self._stop_settled)
         self.sockets = SocketTable(w, in_scope=lambda netns: self.scope.in_scope(netns))
         self.scope = NodeScope(w, self.sockets, hostnet.PeerMap(options.peers),
                                list(options.pod_cidrs))
-        self.policy = SwapPolicy(w, self.scope, self.sockets, options.read_first_wait)
+        self.policy = SwapPolicy(w, self.scope, self.sockets, options.read_first_wait or 0.0)
         self.watch = HostWatch(w, self.sockets)
         self.hosts = HostConnections(w, self.sockets, self.scope, self.watch,
                                      options.bind_timeout, self.scope.find_unseen_accept)
         self.peers = PeerLinks(w, self.scope, cfg.router_port)
         self.timers = Timers(w)
         self.notes = SwapNotes(w, self.scope.take_traced_at)
+        self.injection = Injection(w, self.sockets, self.injector, self.watch.unwatch)
+        self.eager_maps = EagerMaps(w, self.scope.cidrs_of)
+        self.guardian: Guardian | None = None
         self.runner_for: dict[Family, Runner] = {
             Family.HOST: self.hosts,
             Family.DATAPATH: DataPath(w, self.sockets, self.watch.unwatch, options.drain_wait,
                                       options.bounce_timeout),
-            Family.INJECTION: Injection(w, self.sockets, self.injector, self.watch.unwatch),
+            Family.INJECTION: self.injection,
             Family.PEERS: self.peers,
             Family.TIMERS: self.timers,
             Family.SOCKETS: SocketCloser(self.sockets),
             Family.STATUS: self.notes,
+            Family.KERNEL: self.eager_maps,
         }
         self.status = Status(w, self.scope, self.sockets, self.policy, self.peers,
                              self.injector, self.notes, self.timers, self.metrics)
@@ -144,8 +155,17 @@ class Daemon:
         except StartupError as exc:
             raise DaemonError(str(exc)) from None
         self.peers.codec = self.hosts.codec = codec = Codec(cfg.key)
+        virt = self.injection.virtualizer = startup.open_virtualizer(scope.node, opts.addrvirt_pin,
+                                                                     self.counters)
+        if opts.read_first_wait is None:  # apps that check getpeername() are served by virt
+            self.policy.read_first_wait = 0.0 if virt is not None else 3.0
+        eager = opts.eager and virt is not None
+        if opts.eager and not eager:
+            log.warning("eager swap off: it needs address virtualization (see above); "
+                        "connections are swapped late")
         w.engine = Engine(EngineConfig(node=scope.node, min_age=opts.min_age,
-                                       max_swaps_per_process=opts.swap_batch),
+                                       max_swaps_per_process=opts.swap_batch, eager=eager,
+                                       eager_wait=opts.eager_wait),
                           scope.peer_of, self.policy.allow, server_ready=self.policy.server_ready,
                           shared=scope.shared)
         self.server = PeerServer(codec, self.peers.on_message, host=scope.host_addr,
@@ -159,6 +179,8 @@ class Daemon:
             tracer.open()
         except (TracerError, OSError) as exc:
             raise DaemonError(f"tracer: {exc}") from None
+        if eager:  # before the first stop: resumes what a dead daemon would leave stopped
+            self.guardian = Guardian(tracer.stops_map)
         if opts.drop_privileges:  # before any thread exists: capabilities are per thread
             self.status.privileges = startup.drop_privileges(self.counters)
         if scope.cluster is not None:
@@ -231,7 +253,15 @@ class Daemon:
         if w.tracer is not None:
             with contextlib.suppress(Exception):
                 loop.remove_reader(w.tracer.fileno())
+        if w.tracer is not None:  # stop no more apps; resume those still waiting
+            with contextlib.suppress(Exception):
+                w.tracer.eager_clear()
         await loop.run_in_executor(None, self.injector.close)
+        if w.tracer is not None:
+            with contextlib.suppress(Exception):
+                self.counters["resumed_at_stop"] += len(resume_stopped(w.tracer.stops_map))
+        if self.guardian is not None:
+            self.guardian.close()
         tasks = list(w.tasks) + list(self.hosts.listen_tasks.values())
         for task in tasks:
             task.cancel()
@@ -246,6 +276,11 @@ class Daemon:
         if w.tracer is not None:
             w.tracer.close()
             w.tracer = None
+        virt = self.injection.virtualizer
+        if virt is not None:  # keep it pinned only while swapped connections still need it
+            swapped = bool(self.injection.cookies)
+            with contextlib.suppress(Exception):
+                virt.close() if swapped else virt.destroy()
         if self.control is not None:
             self.control.close()
         if self.health is not None:
@@ -274,6 +309,10 @@ class Daemon:
             scope.prune_exited()
             for host in scope.cluster_hosts():
                 self.peers.ensure(host)
+            if self.guardian is not None and not self.guardian.alive():
+                log.warning("the guardian (pid %d) is gone; starting a new one", self.guardian.pid)
+                assert self.wiring.tracer is not None
+                self.guardian = Guardian(self.wiring.tracer.stops_map)
             if time.monotonic() - last_peers >= opts.peer_refresh:
                 last_peers = time.monotonic()
                 assert self.config.overlay_if
@@ -286,6 +325,7 @@ class Daemon:
                     scope.peer_map.update_discovered(found)
                 for host in scope.peer_map.hosts():
                     self.peers.ensure(host)
+                self.eager_maps.refresh()
 
     # -- events in, actions out --------------------------------------------------------------
 
@@ -309,6 +349,12 @@ class Daemon:
     def run_action(self, action: Action) -> None:
         """Run one action with the runner of its family."""
         self.runner_for[ACTION_RUNNERS[type(action)]].run(action)
+
+    def _stop_settled(self, pid: int) -> None:
+        """The injector resumed `pid`: the tracer's record of its stop goes (any thread)."""
+        tracer = self.wiring.tracer
+        if tracer is not None:
+            tracer.stop_settled(pid)
 
     def _on_tracer_readable(self) -> None:
         tracer = self.wiring.tracer

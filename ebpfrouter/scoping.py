@@ -32,6 +32,7 @@ from .engine.events import (
     ListenTraced,
     ProcessExited,
     SockRef,
+    StopUnclaimed,
 )
 from .holders import SocketHolders
 from .hostnet import IPNetwork
@@ -153,6 +154,16 @@ class NodeScope:
                 return self.node if host == self.host_addr else host
         return self.peer_map.lookup(addr)
 
+    def cidrs_of(self, peer: str) -> list[IPNetwork]:
+        """The pod CIDRs node `peer` (its host address) serves, as far as this node knows."""
+        nets = [net for table in (self.peer_map.static, self.peer_map.discovered)
+                for net, host in table.items() if host == peer]
+        if self.cluster is not None:
+            for route in self.cluster.sources.peers.nodes():
+                if any(route.host_ip_for(net.version) == peer for net in route.pod_cidrs):
+                    nets.extend(route.pod_cidrs)
+        return sorted(set(nets), key=str)
+
     def local(self, addr: str | None) -> bool:
         """Whether `addr` is in this node's pod CIDRs."""
         return self._remember("local", addr,
@@ -205,14 +216,14 @@ class NodeScope:
         elif kind == EventKind.CLOSE:
             if self.in_scope(ev.netns):
                 self._closed(ev.pid, ev.fd)
-        elif not self._wanted(ev):
-            return
         elif kind == EventKind.LISTEN:
-            self._listened(ev)
-        elif kind == EventKind.ACCEPT:
-            self._accepted(ev)
-        elif kind == EventKind.CONNECT:
-            self._connected(ev)
+            if self._wanted(ev):
+                self._listened(ev)
+        elif kind in (EventKind.ACCEPT, EventKind.CONNECT):
+            fed = self._wanted(ev) and (self._accepted(ev) if kind == EventKind.ACCEPT
+                                        else self._connected(ev))
+            if ev.stopped and not fed:  # stopped for the eager swap, but not ours to follow
+                self.wiring.feed(StopUnclaimed(ev.pid))
 
     def _wanted(self, ev: SocketEvent) -> bool:
         """A listen, accept or connect that succeeded (or is in progress), of this node's
@@ -236,36 +247,40 @@ class NodeScope:
             self.holders.add(ev.pid, ev.fd, ev.sock_ino)  # pre-forked workers inherit it
             self.wiring.feed(ListenTraced(ev.pid, ev.fd, ev.sock_ino, addr, ev.lport))
 
-    def _accepted(self, ev: SocketEvent) -> None:
+    def _accepted(self, ev: SocketEvent) -> bool:
+        """Feed a traced accept of this node's pods (False: not ours)."""
         laddr, raddr = normalize_addr(ev.laddr), normalize_addr(ev.raddr)
         if not self.local(laddr):
-            return
+            return False
         conn = FourTuple(str(raddr), ev.rport, str(laddr), ev.lport)
         sock = self.sockets.copy_later(ev.pid, ev.fd, ev.sock_ino)
         self.wiring.counters["seen"] += 1
         self.traced_at[(ev.pid, ev.fd)] = ev.ts_ns
-        self._feed_traced(AcceptTraced(ev.pid, ev.fd, ev.sock_ino, conn, sock))
+        self._feed_traced(AcceptTraced(ev.pid, ev.fd, ev.sock_ino, conn, sock, ev.stopped))
+        return True
 
-    def _connected(self, ev: SocketEvent) -> None:
+    def _connected(self, ev: SocketEvent) -> bool:
+        """Feed a traced connect of this node's pods (False: not ours)."""
         laddr, raddr = normalize_addr(ev.laddr), normalize_addr(ev.raddr)
         if raddr is None or not self.local(laddr) and laddr not in (None, "0.0.0.0"):
-            return
+            return False
         sock = self.sockets.copy_later(ev.pid, ev.fd, ev.sock_ino)
         if not laddr or laddr == "0.0.0.0" or not ev.lport:  # not bound yet at the event
             copy = self.sockets.get(sock)
             if copy is None:
-                return
+                return False
             laddr, lport = copy.getsockname()[:2]
             laddr = normalize_addr(laddr)
         else:
             lport = ev.lport
         if not self.local(laddr):
             self.sockets.close(sock)
-            return
+            return False
         self.wiring.counters["seen"] += 1
         self.traced_at[(ev.pid, ev.fd)] = ev.ts_ns
         conn = FourTuple(str(laddr), lport, raddr, ev.rport)
-        self._feed_traced(ConnectTraced(ev.pid, ev.fd, ev.sock_ino, conn, sock))
+        self._feed_traced(ConnectTraced(ev.pid, ev.fd, ev.sock_ino, conn, sock, ev.stopped))
+        return True
 
     def _feed_traced(self, event: AcceptTraced | ConnectTraced) -> None:
         """Feed a traced connection; close our copy at once if the engine did not keep it."""

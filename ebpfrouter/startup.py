@@ -15,6 +15,7 @@ import logging
 import os
 
 from . import hostnet
+from .addrvirt import AddressVirtualizer, VirtualizationUnavailable, tcp_socket_cookies
 from .k8s.link import ClusterLink, ClusterLinkError
 from .podmeta import StaticPodMetadata
 from .policy import SwapPolicy
@@ -123,3 +124,25 @@ def drop_privileges(counters: collections.Counter[str]) -> list[str] | None:
                     ", ".join(report.kept))
     log.info("capabilities kept: %s", ", ".join(report.kept))
     return list(report.kept)
+
+
+def open_virtualizer(node: str, pin: str | None,
+                     counters: collections.Counter[str]) -> AddressVirtualizer | None:
+    """Address virtualization for swapped sockets (`ebpfrouter.addrvirt`), pinned under `pin`
+    ("" for the default directory, None: not pinned); None, said once, if the kernel refuses.
+    A pinned table left by an earlier daemon is re-opened and pruned to the sockets that
+    still exist, so connections it swapped keep their overlay addresses."""
+    # (bpffs refuses names with a dot: a node's address is written with underscores)
+    pin_dir = pin if pin != "" else f"/sys/fs/bpf/ebpf-router/addrvirt-{node.replace('.', '_')}"
+    try:
+        virt = AddressVirtualizer.open(pin_dir)
+    except VirtualizationUnavailable as exc:
+        counters["virtualization_unavailable"] += 1
+        log.warning("address virtualization unavailable (%s): after a swap apps see host "
+                    "addresses; the server waits for its app's first read", exc.reason)
+        return None
+    if len(virt):
+        pruned = virt.prune(tcp_socket_cookies())
+        log.info("address virtualization: %d entries of swapped connections kept, %d pruned",
+                 len(virt), pruned)
+    return virt

@@ -35,6 +35,8 @@ from injector.netns import netns_inode
 
 from .tracer_layout import (
     CONFIG_VALUE,
+    EAGER_ACCEPT,
+    EAGER_CONNECT,
     EAGER_KEY,
     EAGER_PEER_KEY,
     FLAG_STOPPED,
@@ -169,6 +171,7 @@ class Tracer:
         self.links: list[Link] = []
         self.reader: RingBuffer | PerfBuffer | None = None
         self.kind: str | None = None  # "ringbuf" or "perf" once open
+        self._eager_flags: dict[bytes, int] = {}  # eager_listeners as written (the bits)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -371,15 +374,21 @@ class Tracer:
 
     # ------------------------------------------------------------------ eager swap maps
 
-    def eager_listener(self, addr: str, port: int, on: bool = True) -> None:
-        """Stop new connections to (connect) or accepted on (accept) overlay `addr:port` at
-        the syscall's return, or no longer (``on=False``). IPv4 addresses are entered in
-        both forms, plain and v4-mapped (a dual-stack socket reports the latter)."""
+    def eager_listener(self, addr: str, port: int, on: bool = True, *, remote: bool) -> None:
+        """Stop new connections to overlay `addr:port` at `connect()` return (``remote``: a
+        peer's listener) or accepted on it at `accept()` return (ours), or no longer
+        (``on=False``). IPv4 addresses are entered in both forms, plain and v4-mapped (a
+        dual-stack socket reports the latter)."""
         lst = self._map("eager_listeners")
+        bit = EAGER_CONNECT if remote else EAGER_ACCEPT
         for key in _eager_keys(addr, port):
-            if on:
-                lst[key] = (1).to_bytes(4, "little")
+            flags = self._eager_flags.get(key, 0)
+            flags = flags | bit if on else flags & ~bit
+            if flags:
+                lst[key] = flags.to_bytes(4, "little")
+                self._eager_flags[key] = flags
             else:
+                self._eager_flags.pop(key, None)
                 with contextlib.suppress(KeyError, BPFError):
                     lst.delete(key)
 
@@ -400,6 +409,7 @@ class Tracer:
 
     def eager_clear(self) -> None:
         """Forget every eager listener and peer: nothing is stopped any more."""
+        self._eager_flags.clear()
         for name in ("eager_listeners", "eager_peers"):
             m = self._map(name)
             for k in list(m.keys()):

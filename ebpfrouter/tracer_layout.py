@@ -21,6 +21,8 @@ from bpf_asm.tracefs import EventFormat, event_format
 
 __all__ = [
     "CONFIG_VALUE",
+    "EAGER_ACCEPT",
+    "EAGER_CONNECT",
     "EAGER_KEY",
     "EAGER_PEER_KEY",
     "FLAG_STOPPED",
@@ -78,6 +80,8 @@ OFF_LADDR, OFF_RADDR = 56, 72
 assert RECORD_SIZE == 88
 
 FLAG_STOPPED = 1
+#: eager_listeners value bits: stop a connect to it (a peer's listener), an accept on it (ours)
+EAGER_CONNECT, EAGER_ACCEPT = 1, 2
 #: eager_listeners key: u16 family, u16 port (host order), u8 addr[16] (IPv4: first 4 bytes)
 EAGER_KEY = struct.Struct("=HH16s")
 #: eager_peers key (LPM trie): u32 prefix length, u8 addr[16] (IPv4 v4-mapped, /96 + n)

@@ -52,6 +52,8 @@ from bpf_asm.relocate import MapFd
 
 from .tracer_layout import (
     CONFIG_VALUE,
+    EAGER_ACCEPT,
+    EAGER_CONNECT,
     EAGER_KEY,
     EAGER_PEER_KEY,
     FLAG_STOPPED,
@@ -117,8 +119,9 @@ def map_specs(
     * ``tracked`` (:data:`TRACKED_KEY` -> :data:`TRACKED_VALUE`): the sockets being followed;
     * ``pids`` (u32 pid -> u32 1): processes with tracked sockets (their exit and forks count);
     * ``eager_listeners`` (:data:`EAGER_KEY` -> u32 flags): overlay listeners whose new
-      connections are stopped at `connect()`/`accept()` return (peers' announced listeners for
-      the client side, ours for the server side), kept by the daemon;
+      connections are stopped at `connect()` return (:data:`EAGER_CONNECT`: a peer's
+      announced listener) or `accept()` return (:data:`EAGER_ACCEPT`: ours), kept by the
+      daemon;
     * ``eager_peers`` (LPM trie, :data:`EAGER_PEER_KEY` -> u32 1): remote pod CIDRs served by a
       live peer router (IPv4 as v4-mapped); an accept is stopped only from one of them;
     * ``stops`` (u32 pid -> u64 ktime): processes a program stopped that the daemon has not
@@ -522,6 +525,9 @@ def _stop_if_eager(g: _Gen, kind: EventKind) -> None:
     b.mov64(R2, R10).add64(R2, _EKEY)
     b.call("map_lookup_elem")
     b.jeq(R0, 0, skip)
+    b.ldx(32, R1, R0, 0)  # as a peer's listener (connect) or as ours (accept)?
+    b.and64(R1, EAGER_CONNECT if kind == EventKind.CONNECT else EAGER_ACCEPT)
+    b.jeq(R1, 0, skip)
     if kind == EventKind.ACCEPT:  # and the client is a remote pod served by a live peer
         b.st(32, R10, _PKEY, 128)
         b.ldx(16, R1, R10, _REC + OFF_FAMILY)

@@ -107,6 +107,11 @@ class ReplaceFd(Action):
     fd: int
     sock: SockRef
     expected_inode: int
+    cid: bytes = b""  # the connection it is for
+    # the overlay addresses the app saw (its own, its peer's): getsockname()/getpeername()
+    # keep answering them for the new socket (None when the overlay socket is put back)
+    overlay_local: tuple[str, int] | None = None
+    overlay_peer: tuple[str, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +135,45 @@ class NoteSwapped(Action):
     pid: int
     fd: int
     tuple: str
+    path: str = "late"  # "eager" (swapped at connect()/accept() return) or "late"
+
+
+@dataclasses.dataclass(frozen=True)
+class NoteForgotten(Action):
+    """A swapped connection ended in its app (its address virtualization can go). Fire and
+    forget."""
+
+    cid: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Resume(Action):
+    """Let `pid` run again: the tracer stopped it at `connect()`/`accept()` return for an
+    eager swap (SIGSTOP), and no eager swap holds it any more. Runs after every `Thaw` of
+    `pid` emitted before it. Fire and forget."""
+
+    pid: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EagerListener(Action):
+    """Stop (``on``) or no longer stop new connections to overlay `addr:port` at `connect()`
+    return (``remote``: a peer's listener) or accepted on it at `accept()` return (ours): the
+    tracer's kernel map. Fire and forget."""
+
+    addr: str
+    port: int
+    on: bool
+    remote: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class EagerPeer(Action):
+    """Accepts from `peer`'s pod CIDRs may (``on``) or may no longer be stopped. Fire and
+    forget."""
+
+    peer: str
+    on: bool
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,18 +13,29 @@ import collections
 import dataclasses
 import logging
 from collections.abc import Callable
+from typing import TypeVar
 
-from .actions import CancelTimer, CloseSocket, HostConnect, StartTimer
-from .conn import Conn, Role, State
+from .actions import CancelTimer, CloseSocket, HostConnect, Resume, StartTimer
+from .conn import Attempt, Conn, Role, State
 from .core import Core
 from .events import AcceptTraced, ConnectTraced, FourTuple, HostAccepted, SockRef
-from .keys import AcceptTimer, BindTimer, FdTimer, WaitingTimer, YoungTimer
+from .keys import (
+    AcceptTimer,
+    BindTimer,
+    EagerTimer,
+    FdTimer,
+    StoppedAccept,
+    WaitingTimer,
+    WaitReason,
+    YoungTimer,
+)
 from .listeners import ListenerBook
 from .swap import SwapProtocol
 
 log = logging.getLogger("ebpfrouter.engine.machine")
 
 Traced = ConnectTraced | AcceptTraced
+T = TypeVar("T", ConnectTraced, AcceptTraced)
 FdKey = tuple[int, int]
 
 
@@ -50,11 +61,24 @@ class Admission:
     def connect_traced(self, ev: ConnectTraced) -> None:
         """A pod connected to another node's pod: age it, or route it now."""
         self.stats["connects_traced"] += 1
+        if ev.stopped:
+            self.stats["eager_stops"] += 1
+            if not self.config.eager:
+                ev = self.resume(ev, "eager_off")
         peer = self.core.policy.peer_of(ev.conn.server_addr)
         if peer is None or peer == self.core.node:
             self.let_go(ev, None, "connect_not_remote")
             return
         self._reused(ev)
+        if ev.stopped:  # eager: route it now, or let the app go on and age as usual
+            target = self.listeners.remote.get((ev.conn.server_addr, ev.conn.server_port))
+            if not self.core.policy.allow(Role.CLIENT, ev.pid, ev.conn):
+                self.let_go(ev, None, "connect_ruled_out")
+                return
+            if target is not None and target[0] == peer:
+                self._start_client(ev, peer, target[1], target[2])
+                return
+            ev = self.resume(ev, "eager_no_listener")
         if self.config.min_age > 0:  # short connections are not worth a host connection
             # (nor a look at the rules: they are applied when the connection has grown up)
             self.young[(ev.pid, ev.fd)] = ev
@@ -116,14 +140,26 @@ class Admission:
         core.conns[cid] = conn
         core.by_fd[(ev.pid, ev.fd)] = cid
         self.stats["bypass_started"] += 1
-        core.emit(HostConnect(core.step(conn), cid, host_addr, host_port,
-                              {"cid": cid, **ev.conn.to_body()}, overlay_sock=ev.sock))
+        bind: dict[str, object] = {"cid": cid, **ev.conn.to_body()}
+        if ev.stopped:  # the eager attempt is attempt 1; the server replaces first
+            conn.eager, conn.attempt = True, 1
+            conn.now = Attempt(first=Role.SERVER, prepared=True, eager=True)
+            self.swap.gate.stop_hold(ev.pid, cid)
+            self.swap.hold_pid(ev.pid, cid)
+            self.stats["eager_attempts"] += 1
+            bind["eager"] = True
+        core.emit(HostConnect(core.step(conn), cid, host_addr, host_port, bind,
+                              overlay_sock=ev.sock))
 
     # -- server side ---------------------------------------------------------------------------
 
     def accept_traced(self, ev: AcceptTraced) -> None:
         """A local pod accepted a remote pod's connection: pair it with the bind."""
         self.stats["accepts_traced"] += 1
+        if ev.stopped:
+            self.stats["eager_stops"] += 1
+            if not self.config.eager:
+                ev = self.resume(ev, "eager_off")
         self._reused(ev)
         peer_of = self.core.policy.peer_of
         if peer_of(ev.conn.server_addr) != self.core.node:
@@ -140,7 +176,10 @@ class Admission:
                 self.let_go(ev, None, "bind_peer_mismatch")
                 return
             self.core.emit(CancelTimer(BindTimer(conn.cid)))
+            if ev.stopped:
+                self.swap.gate.stop_hold(ev.pid, conn.cid)
             self._match(conn, ev)
+            self._eager_or_resume(conn, ev.stopped)
             return
         old = self._pop_accept(ev.conn)
         if old is not None:
@@ -148,6 +187,10 @@ class Admission:
         self.accepts[ev.conn] = ev
         self.accepts_by_fd[(ev.pid, ev.fd)] = ev.conn
         self.core.emit(StartTimer(AcceptTimer(ev.pid, ev.fd, ev.inode), self.config.bind_wait))
+        if ev.stopped:  # its client's eager bind should be on its way
+            self.swap.gate.stop_hold(ev.pid, StoppedAccept(ev.pid, ev.fd, ev.inode))
+            self.core.emit(StartTimer(EagerTimer(ev.pid, ev.fd, ev.inode),
+                                      self.config.eager_wait))
         if len(self.accepts) > self.config.max_waiting:
             evicted = self._pop_accept(next(iter(self.accepts)))
             assert evicted is not None
@@ -173,14 +216,68 @@ class Admission:
             return
         conn = Conn(cid, Role.SERVER, ev.peer, tup, State.IDLE, host_sock=ev.sock,
                     host_inode=ev.inode)
+        if bind.get("eager") is True:  # the client app is stopped: attempt 1 is eager
+            conn.eager, conn.attempt = True, 1
         core.conns[cid] = conn
         accepted = self._pop_accept(tup)
         if accepted is not None:
             core.emit(CancelTimer(AcceptTimer(accepted.pid, accepted.fd, accepted.inode)))
+            if accepted.stopped:
+                key = (accepted.pid, accepted.fd, accepted.inode)
+                core.emit(CancelTimer(EagerTimer(*key)))
+                self.swap.gate.stop_move(accepted.pid, StoppedAccept(*key), cid)
             self._match(conn, accepted)
+            self._eager_or_resume(conn, accepted.stopped)
+        elif conn.eager and (not self.config.eager or not self._could_stop(tup)):
+            self.swap.eager_decline(conn, WaitReason.NOT_STOPPED)
+            core.unbound[tup] = cid
+            core.emit(StartTimer(BindTimer(cid), self.config.bind_wait))
         else:  # the client may forget it (app closed during its host connect): expire it
             core.unbound[tup] = cid
             core.emit(StartTimer(BindTimer(cid), self.config.bind_wait))
+
+    def _eager_or_resume(self, conn: Conn, stopped: bool) -> None:
+        """A bind and its accept just met: run the eager swap if both apps are stopped for
+        it; decline it if only the client is; resume a stopped server app nobody needs."""
+        if conn.eager and stopped:
+            self.swap.eager_serve(conn)
+        elif conn.eager:
+            self.swap.eager_decline(conn, WaitReason.NOT_STOPPED)
+        elif stopped:
+            assert conn.pid is not None
+            self.swap.resume_if_last(conn.pid, conn.cid)
+
+    def _could_stop(self, tup: FourTuple) -> bool:
+        """An accept of `tup` may still come stopped (our listener is eager)."""
+        return self.listeners.eager_local((tup.server_addr, tup.server_port))
+
+    def eager_expired(self, timer: EagerTimer) -> None:
+        """A stopped accept's client never sent its eager bind in time: let the app run."""
+        tup = self.accepts_by_fd.get((timer.pid, timer.fd))
+        acc = self.accepts.get(tup) if tup is not None else None
+        if acc is None or acc.inode != timer.inode or not acc.stopped:
+            self.stats["stale_timer"] += 1
+            return
+        assert tup is not None
+        self.stats["eager_accept_expired"] += 1
+        self.accepts[tup] = self.resume(acc, "")
+
+    def resume(self, ev: T, why: str) -> T:
+        """Let the app the tracer stopped for `ev` run again (unless another eager swap still
+        holds that stop); `ev` is no longer stopped."""
+        if why:
+            self.stats[why] += 1
+        self._release_stop(ev)
+        return dataclasses.replace(ev, stopped=False)
+
+    def _release_stop(self, ev: Traced) -> None:
+        token = StoppedAccept(ev.pid, ev.fd, ev.inode)
+        if token in self.swap.gate.stops.get(ev.pid, ()):
+            self.core.emit(CancelTimer(EagerTimer(ev.pid, ev.fd, ev.inode)))
+            self.swap.resume_if_last(ev.pid, token)
+        elif not self.swap.gate.stopped(ev.pid):
+            self.stats["resumed"] += 1
+            self.core.emit(Resume(ev.pid))
 
     def _match(self, conn: Conn, ev: AcceptTraced) -> None:
         core = self.core
@@ -241,6 +338,8 @@ class Admission:
         anything was tried) or skipped (a decision: not remote, ruled out, expired, full)."""
         if timer is not None:
             self.core.emit(CancelTimer(timer(ev.pid, ev.fd, ev.inode)))
+        if ev.stopped:
+            self._release_stop(ev)
         self.core.emit(CloseSocket(ev.sock))
         self.stats[why] += 1
         self.stats["traced_short" if short else "traced_skipped"] += 1

@@ -54,6 +54,7 @@ class Attempt:
     peer_replaced: bool = False  # client: ready(replaced) came while still bouncing
     probes: int = 0
     pending_abort: PendingAbort | None = None
+    eager: bool = False  # the eager attempt: both apps stopped at connect()/accept() return
 
 
 @dataclasses.dataclass
@@ -84,6 +85,8 @@ class Conn:
     told_final: bool = False  # a final swap_abort or conn_closed went to the peer
     bounced: bool = False  # a Bounce with bytes ran: this host connection is single-use
     peer_waiting: bool = False  # client: the server said "wait"; next attempt freezes it first
+    eager: bool = False  # an eager swap is under way or still possible (the bind said so)
+    path: str = ""  # how it was swapped: "eager" or "late" (status)
     now: Attempt = dataclasses.field(default_factory=Attempt)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -114,7 +117,8 @@ class Conn:
         """One line for `status`."""
         return {"state": self.state.value, "role": self.role.value, "pid": self.pid,
                 "fd": self.fd, "tuple": str(self.tuple), "peer": self.peer,
-                "attempt": self.attempt}
+                "attempt": self.attempt,
+                "path": self.path or ("eager" if self.eager else "overlay")}
 
 
 @dataclasses.dataclass
@@ -129,8 +133,10 @@ class Listener:
     sock: SockRef | None = None
     host_addr: str = ""
     host_port: int = 0
+    eager: bool = False  # its new connections are stopped and swapped at accept() return
 
     def announcement(self) -> dict[str, Any]:
         """The `listener_add` body."""
         return {"overlay_addr": self.addr, "overlay_port": self.port,
-                "host_addr": self.host_addr, "host_port": self.host_port}
+                "host_addr": self.host_addr, "host_port": self.host_port,
+                "eager": self.eager}

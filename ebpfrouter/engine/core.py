@@ -49,6 +49,11 @@ class EngineConfig:
     # A traced connect is bypassed only once it is this old: a connection that closes sooner
     # costs no host connection and no freeze (0: start at once). The daemon sets 0.2 s.
     min_age: float = 0.0
+    # Eager swap: connections the tracer stopped at connect()/accept() return are swapped
+    # before their first byte. `eager_wait` bounds how long a stopped app waits for the other
+    # side (its accept, the peer's replace) before it resumes on the overlay.
+    eager: bool = True
+    eager_wait: float = 0.1
 
 
 @dataclasses.dataclass

@@ -53,7 +53,8 @@ class ListenTraced(Event):
 class AcceptTraced(Event):
     """A pod process accepted overlay connection `conn` on `fd`; `sock` is the daemon's dup.
 
-    `stopped` is for the later swap-at-accept-return feature: the caller is already stopped.
+    `stopped`: the tracer stopped the caller at `accept()` return (SIGSTOP) for an eager swap;
+    it stays stopped until the engine emits `Resume`.
     """
 
     pid: int
@@ -66,7 +67,9 @@ class AcceptTraced(Event):
 
 @dataclasses.dataclass(frozen=True)
 class ConnectTraced(Event):
-    """A pod process connected `fd` as overlay connection `conn`; `sock` is the daemon's dup."""
+    """A pod process connected `fd` as overlay connection `conn`; `sock` is the daemon's dup.
+
+    `stopped`: as for `AcceptTraced`, at `connect()` return (0 or EINPROGRESS)."""
 
     pid: int
     fd: int
@@ -74,6 +77,14 @@ class ConnectTraced(Event):
     conn: FourTuple
     sock: SockRef
     stopped: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class StopUnclaimed(Event):
+    """The tracer stopped `pid` for a connection the daemon does not follow (not this node's,
+    not readable, shutting down): resume it unless an eager swap holds that stop."""
+
+    pid: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +211,10 @@ class QueuesChecked(Event):
     ref: int
     send_queue: int
     recv_queue: int
+    # TCP_INFO: payload bytes acknowledged by the peer (a client's SYN counts one) and
+    # received; an eager swap requires that none crossed the overlay (None: unknown)
+    bytes_acked: int | None = None
+    bytes_received: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

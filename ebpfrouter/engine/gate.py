@@ -11,12 +11,13 @@ import collections
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .keys import OrphanFreeze, RateTimer
+from .keys import OrphanFreeze, RateTimer, StoppedAccept
 
 if TYPE_CHECKING:
     from .core import EngineConfig
 
 Token = bytes | OrphanFreeze  # a connection id, or a freeze whose connection was forgotten
+StopToken = bytes | StoppedAccept  # a connection id, or a stopped accept not yet bound
 
 
 class ProcessGate:
@@ -29,6 +30,36 @@ class ProcessGate:
         # joined since it was last free (at most max_swaps)
         self.waiters: dict[int, collections.deque[bytes]] = {}  # clients queued per pid
         self.freezes: collections.Counter[int] = collections.Counter()  # per pid, last second
+        # pid -> what keeps it stopped since the tracer stopped it at connect()/accept()
+        # return: it resumes only when none is left (one SIGCONT resumes the whole process,
+        # so one connection's resume must not let another's stopped app run too early)
+        self.stops: dict[int, set[StopToken]] = {}
+
+    def stop_hold(self, pid: int, token: StopToken) -> None:
+        """`token` (an eager swap, or a stopped accept) keeps `pid` stopped."""
+        self.stops.setdefault(pid, set()).add(token)
+
+    def stop_release(self, pid: int, token: StopToken) -> bool:
+        """`token` no longer needs `pid` stopped; True if nothing else does (resume it)."""
+        holders = self.stops.get(pid)
+        if holders is None or token not in holders:
+            return False
+        holders.discard(token)
+        if holders:
+            return False
+        del self.stops[pid]
+        return True
+
+    def stop_move(self, pid: int, old: StopToken, new: StopToken) -> None:
+        """The hold of `old` passes to `new` (a stopped accept is bound to its connection)."""
+        holders = self.stops.get(pid)
+        if holders is not None and old in holders:
+            holders.discard(old)
+            holders.add(new)
+
+    def stopped(self, pid: int | None) -> bool:
+        """The tracer's stop of `pid` is still held."""
+        return pid is not None and pid in self.stops
 
     def full(self, pid: int | None) -> bool:
         """Enough swaps joined this process's current stop: a new one must wait."""
@@ -89,5 +120,6 @@ class ProcessGate:
             del self.freezes[timer.pid]
 
     def exited(self, pid: int) -> None:
-        """`pid` is gone: nobody waits for it any more."""
+        """`pid` is gone: nobody waits for it any more, and nothing needs resuming."""
         self.waiters.pop(pid, None)
+        self.stops.pop(pid, None)

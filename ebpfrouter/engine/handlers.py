@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .conn import Conn, Role, State
+from .conn import Attempt, Conn, Role, State
 from .events import ActionFailed, ConnProbed, QueuesChecked
 from .keys import Abort, WaitReason
 from .steps import SwapSteps
@@ -57,6 +57,51 @@ class RoleHandlers(SwapSteps):
     def _wait_reply(self, conn: Conn, why: WaitReason) -> None:
         self.core.send(conn, "swap_abort", attempt=conn.attempt, reason=why.value, final=False)
 
+    def eager_serve(self, conn: Conn) -> None:
+        """Server: the client's eager bind and our app's stopped accept are both here: seize
+        the app, check that nothing crossed the overlay, replace; or decline (it resumes)."""
+        assert conn.pid is not None
+        if not self.core.policy.allow(Role.SERVER, conn.pid, conn.tuple):
+            self.stats["accept_ruled_out"] += 1
+            self.core.send(conn, "swap_abort", attempt=conn.attempt, reason="ruled out",
+                           final=True)
+            conn.told_final = True
+            self.finish(conn, notify=False)
+            return
+        if self.core.policy.shared(conn):
+            self.stats["socket_shared"] += 1
+            self.eager_decline(conn, WaitReason.SHARED)
+            return
+        conn.now = Attempt(first=Role.SERVER, eager=True)
+        self.hold_pid(conn.pid, conn.cid)
+        self.stats["eager_attempts"] += 1
+        self.freeze(conn)
+
+    def eager_decline(self, conn: Conn, why: WaitReason) -> None:
+        """Server: no eager swap for this connection; the client resumes and goes late."""
+        self.stats["eager_declined"] += 1
+        self._wait_reply(conn, why)
+        conn.eager = False
+        self.thaw(conn)
+
+    def _eager_checked(self, conn: Conn, ev: QueuesChecked) -> None:
+        """Eager: replace if no payload byte crossed the overlay either way (neither app ran
+        since its stop), else fall back (the late swap may take the connection later)."""
+        if conn.pending_abort:
+            self.resolve_pending(conn)
+            return
+        pristine = (not ev.send_queue and not ev.recv_queue and ev.bytes_received == 0
+                    and ev.bytes_acked is not None and ev.bytes_acked <= 1)
+        if not pristine:
+            self.stats["eager_not_pristine"] += 1
+            self.abort(conn, Abort.NOT_PRISTINE, retry=True, notify=True,
+                       detail=f"eager: payload on the overlay (send {ev.send_queue}, recv "
+                              f"{ev.recv_queue}, acked {ev.bytes_acked}, received "
+                              f"{ev.bytes_received})")
+            return
+        assert conn.host_sock is not None and conn.inode is not None
+        self.replace(conn, conn.host_sock, conn.inode, State.REPLACING)
+
     def _final_check(self, conn: Conn, _: Any) -> None:
         """final check"""
         self.check(conn)
@@ -67,7 +112,11 @@ class RoleHandlers(SwapSteps):
         self.migrate(conn)
 
     def _server_checked_queues(self, conn: Conn, ev: QueuesChecked) -> None:
-        """quiet: ready(frozen) first in a server-first attempt, else ready(checked, |R_s|)"""
+        """quiet: ready(frozen) first in a server-first attempt, else ready(checked, |R_s|);
+        eager: replace if nothing crossed the overlay"""
+        if conn.now.eager:
+            self._eager_checked(conn, ev)
+            return
         if not self._quiet(conn, ev):
             return
         conn.now.checks += 1

@@ -58,6 +58,18 @@ class AcceptTimer(FdTimer):
     kind = "accept"
 
 
+class EagerTimer(FdTimer):
+    """An accept the tracer stopped gives up waiting for its client's eager bind: resume it."""
+
+    kind = "eager"
+
+
+class StoppedAccept(FdTimer):
+    """A stop hold of a traced accept that no connection owns yet (not a timer)."""
+
+    kind = "stopped_accept"
+
+
 class BindTimer(TimerKey):
     """A bind gives up waiting for its accept."""
 
@@ -140,6 +152,7 @@ class WaitReason(enum.Enum):
     PROCESS_BUSY = "process busy"
     APP_UNREAD = "app has not read yet"
     SHARED = "socket held by several processes"
+    NOT_STOPPED = "app not stopped at accept"  # eager: no stopped accept (yet): go late
 
     @classmethod
     def of(cls, text: str) -> WaitReason | None:
@@ -164,6 +177,7 @@ class Abort(enum.Enum):
     BUSY = "busy"  # queues not quiet (detail: sizes)
     FAILED = "failed"  # an action failed (detail: why)
     ROLLED_BACK = "rolled back"  # the server put the overlay socket back
+    NOT_PRISTINE = "payload crossed the overlay"  # eager: an app ran after its stop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +193,6 @@ class PendingAbort:
         """What the logs and the peer are told (at most 200 characters)."""
         if self.reason is Abort.PEER_ABORTED:
             return f"peer: {self.detail}"[:200]
-        if self.reason in (Abort.BUSY, Abort.FAILED) and self.detail:
+        if self.reason in (Abort.BUSY, Abort.FAILED, Abort.NOT_PRISTINE) and self.detail:
             return self.detail[:200]
         return str(self.reason.value)

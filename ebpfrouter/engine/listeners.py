@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .actions import CloseSocket, OpenHostListener, SendPeer
+from .actions import CloseSocket, EagerListener, EagerPeer, OpenHostListener, SendPeer
 from .conn import Listener
 from .core import Core
 from .events import HostListenerOpened, ListenTraced, SockRef
@@ -15,6 +15,9 @@ from .keys import ListenerOpening
 log = logging.getLogger("ebpfrouter.engine.machine")
 
 RemoteListener = tuple[str, str, int]  # (peer node, host addr, host port)
+# Eagerness lives in the tracer's kernel maps (`EagerListener`/`EagerPeer`): a connect to an
+# eager remote listener, or an accept on an eager local one from a live peer's pod CIDR, stops
+# its caller at the syscall's return. The book keeps those maps equal to what it knows.
 
 
 class ListenerBook:
@@ -24,6 +27,7 @@ class ListenerBook:
         self.core = core
         self.local: dict[tuple[int, int], Listener] = {}
         self.remote: dict[tuple[str, int], RemoteListener] = {}
+        self.remote_eager: set[tuple[str, int]] = set()  # remote listeners in the kernel map
 
     def traced(self, ev: ListenTraced) -> None:
         """A local pod listens: open a host listener for it (one per overlay addr:port)."""
@@ -50,6 +54,9 @@ class ListenerBook:
             core.emit(CloseSocket(ev.sock))
             return
         listener.sock, listener.host_addr, listener.host_port = ev.sock, ev.host_addr, ev.host_port
+        listener.eager = core.config.eager
+        if listener.eager:
+            core.emit(EagerListener(listener.addr, listener.port, True, remote=False))
         core.stats["listeners_announced"] += 1
         core.emit(SendPeer(None, "listener_add", listener.announcement()))
 
@@ -65,6 +72,8 @@ class ListenerBook:
         """The overlay listener closed: close its host listener, tell the peers."""
         listener = self.local.pop(key)
         self.core.refs.pop(listener.ref, None)
+        if listener.eager:
+            self.core.emit(EagerListener(listener.addr, listener.port, False, remote=False))
         if listener.sock is not None:
             self.core.emit(CloseSocket(listener.sock))
             self.core.emit(SendPeer(None, "listener_remove",
@@ -94,7 +103,9 @@ class ListenerBook:
         return True
 
     def announce_to(self, peer: str) -> None:
-        """A peer came up: tell it every announced listener."""
+        """A peer came up: tell it every announced listener; its pods' accepts may be stopped."""
+        if self.core.config.eager:
+            self.core.emit(EagerPeer(peer, True))
         for listener in self.local.values():
             if listener.sock is not None:
                 self.core.emit(SendPeer(peer, "listener_add", listener.announcement()))
@@ -113,6 +124,10 @@ class ListenerBook:
             core.stats["remote_listeners_full"] += 1
             return None
         self.remote[key] = (peer, body["host_addr"], body["host_port"])
+        eager = body.get("eager") is True and core.config.eager
+        if eager != (key in self.remote_eager):
+            (self.remote_eager.add if eager else self.remote_eager.discard)(key)
+            core.emit(EagerListener(key[0], key[1], eager, remote=True))
         return key
 
     def withdrawn(self, peer: str, body: dict[str, Any]) -> None:
@@ -123,6 +138,22 @@ class ListenerBook:
             self.core.stats["foreign_listener_rejected"] += 1
             return
         del self.remote[key]
+        if key in self.remote_eager:
+            self.remote_eager.discard(key)
+            self.core.emit(EagerListener(key[0], key[1], False, remote=True))
+
+    def peer_lost(self, peer: str) -> None:
+        """`peer`'s router is unreachable: stop nothing on its account (its announcements are
+        kept for when it is back; it sends them again)."""
+        if self.core.config.eager:
+            self.core.emit(EagerPeer(peer, False))
+        for key in [k for k in self.remote_eager if self.remote[k][0] == peer]:
+            self.remote_eager.discard(key)
+            self.core.emit(EagerListener(key[0], key[1], False, remote=True))
+
+    def eager_local(self, key: tuple[str, int]) -> bool:
+        """Our listener at overlay (addr, port) stops its accepts."""
+        return any(lst.eager and (lst.addr, lst.port) == key for lst in self.local.values())
 
     def by_host_sock(self, sock: SockRef) -> Listener | None:
         """Our listener whose host listener is `sock`."""

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from .actions import Action, CloseSocket, Thaw
+from .actions import Action, CloseSocket, Resume, Thaw
 from .admission import Admission
 from .conn import Conn, Listener, Role, State
 from .core import Core, EngineConfig, Policy
@@ -50,6 +50,7 @@ from .events import (
     QueuesChecked,
     ReplaceDone,
     SockRef,
+    StopUnclaimed,
     TimerFired,
 )
 from .gate import ProcessGate
@@ -57,6 +58,7 @@ from .keys import (
     AcceptTimer,
     BindTimer,
     ConnTimer,
+    EagerTimer,
     ListenerOpening,
     OrphanFreeze,
     RateTimer,
@@ -73,7 +75,7 @@ __all__ = ["Conn", "Engine", "EngineConfig", "Listener", "Role", "State", "WAIT_
 log = logging.getLogger(__name__)
 
 WAIT_REASONS = tuple(w.value for w in WaitReason)  # server-side: do not use up an attempt
-NOT_READY, PROCESS_BUSY, APP_UNREAD, SHARED = WAIT_REASONS
+NOT_READY, PROCESS_BUSY, APP_UNREAD, SHARED, NOT_STOPPED = WAIT_REASONS
 
 _RESULTS: dict[type[Event], Trigger] = {
     HostConnected: Trigger.HOST_CONNECTED, FreezeDone: Trigger.FROZEN,
@@ -131,6 +133,7 @@ class Engine:
             AcceptTraced: self.admission.accept_traced,
             HostAccepted: self.admission.host_accepted,
             CloseTraced: self._closed, ProcessExited: self._exited, FdMoved: self._moved,
+            StopUnclaimed: self._stop_unclaimed,
             HostConnected: self._result, FreezeDone: self._freeze_done,
             QueuesChecked: self._result, BounceDone: self._result, ReplaceDone: self._result,
             ConnProbed: self._result, ActionFailed: self._failed, TimerFired: self._timer,
@@ -141,6 +144,7 @@ class Engine:
             YoungTimer: self.admission.grown_up, WaitingTimer: self.admission.unmatched_expired,
             AcceptTimer: self.admission.unmatched_expired,
             BindTimer: self.admission.bind_expired, RateTimer: self.gate.rate_expired,
+            EagerTimer: self.admission.eager_expired,
             ConnTimer: self._conn_timer,
         }
 
@@ -240,8 +244,14 @@ class Engine:
             self.swap.fire(conn, Trigger.HOST_CLOSED)
 
     def _peer_lost(self, ev: PeerLost) -> None:
+        self.book.peer_lost(ev.peer)
         for conn in [c for c in self.core.conns.values() if c.peer == ev.peer]:
             self.swap.fire(conn, Trigger.PEER_LOST)
+
+    def _stop_unclaimed(self, ev: StopUnclaimed) -> None:
+        if not self.gate.stopped(ev.pid):
+            self.stats["eager_unclaimed"] += 1
+            self.core.emit(Resume(ev.pid))
 
     def _closed(self, ev: CloseTraced) -> None:
         self.admission.drop_unstarted(ev.pid, ev.fd)

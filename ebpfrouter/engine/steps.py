@@ -12,16 +12,18 @@ from .actions import (
     CheckQueues,
     CloseSocket,
     Freeze,
+    NoteForgotten,
     NoteSwapped,
     ProbeConn,
     ReplaceFd,
+    Resume,
     StartTimer,
     Thaw,
 )
 from .conn import Attempt, Conn, Role, State
 from .core import Core
 from .events import SockRef
-from .gate import ProcessGate, Token
+from .gate import ProcessGate, StopToken, Token
 from .keys import Abort, BindTimer, OrphanFreeze, PendingAbort
 
 log = logging.getLogger("ebpfrouter.engine.machine")
@@ -100,7 +102,14 @@ class SwapSteps:
         """Put `sock` at the app's fd (if it still holds `expected`)."""
         assert conn.pid is not None and conn.fd is not None
         conn.state = state
-        self.core.emit(ReplaceFd(self.core.step(conn), conn.pid, conn.fd, sock, expected))
+        tup = conn.tuple
+        ours, theirs = (tup.client_addr, tup.client_port), (tup.server_addr, tup.server_port)
+        if conn.role is Role.SERVER:
+            ours, theirs = theirs, ours
+        putting_back = sock == conn.overlay_sock
+        self.core.emit(ReplaceFd(self.core.step(conn), conn.pid, conn.fd, sock, expected,
+                                 cid=conn.cid, overlay_local=None if putting_back else ours,
+                                 overlay_peer=None if putting_back else theirs))
 
     def complete(self, conn: Conn) -> None:
         """Both sides have the host socket: thaw and drop our copies (the overlay one last)."""
@@ -113,9 +122,12 @@ class SwapSteps:
             self.core.emit(CloseSocket(conn.host_sock))
         conn.overlay_sock = conn.host_sock = None
         conn.inode = conn.host_inode
+        conn.path = "eager" if conn.now.eager else "late"
+        conn.eager = False
         self.stats["swapped"] += 1
+        self.stats[f"swapped_{conn.path}"] += 1
         self.core.emit(NoteSwapped(conn.cid, conn.role.value, conn.pid, conn.fd or -1,
-                                   str(conn.tuple)))
+                                   str(conn.tuple), conn.path))
 
     def server_commit(self, conn: Conn) -> None:
         """The client committed: complete, say done, forget if the app closed meanwhile."""
@@ -200,6 +212,10 @@ class SwapSteps:
         self.thaw(conn)
         conn.now.probes = 0
         self.stats["attempts_aborted"] += 1
+        was_eager, conn.eager = conn.now.eager, False
+        if was_eager:  # both apps run on the overlay now; the late swap may take it later
+            self.stats["eager_fallback"] += 1
+            self.stats[f"eager_fallback:{pending.text()[:60]}"] += 1
         log.info("connection %s: attempt %d aborted: %s", conn.tuple, conn.attempt,
                  pending.text())
         if (not pending.retry or conn.close_after or conn.state is State.CONNECTING
@@ -208,8 +224,9 @@ class SwapSteps:
             self.finish(conn, notify=gone or conn.bounced)
             return
         conn.state = State.IDLE
-        if conn.role is Role.CLIENT:
-            self.core.timer(conn, self.backoff(conn))
+        if conn.role is Role.CLIENT:  # (after an eager try, the connection must grow up too)
+            delay = self.backoff(conn)
+            self.core.timer(conn, max(delay, self.config.min_age) if was_eager else delay)
 
     def thaw(self, conn: Conn) -> None:
         """Let go of the app: release its hold in the gate, thaw it if this swap froze it."""
@@ -219,6 +236,14 @@ class SwapSteps:
             assert conn.pid is not None
             conn.now.frozen = False
             self.core.emit(Thaw(conn.pid))
+        if conn.pid is not None:
+            self.resume_if_last(conn.pid, conn.cid)
+
+    def resume_if_last(self, pid: int, token: StopToken) -> None:
+        """`token` lets go of the tracer's stop of `pid`: resume it if nothing else holds it."""
+        if self.gate.stop_release(pid, token):
+            self.stats["resumed"] += 1
+            self.core.emit(Resume(pid))
 
     # -- the process gate ----------------------------------------------------------------------
 
@@ -272,6 +297,8 @@ class SwapSteps:
                 core.emit(CloseSocket(sock))
         conn.overlay_sock = conn.host_sock = None
         core.conns.pop(conn.cid, None)
+        if conn.state is State.SWAPPED:
+            core.emit(NoteForgotten(conn.cid))
         if core.unbound.get(conn.tuple) == conn.cid:
             del core.unbound[conn.tuple]
             core.emit(CancelTimer(BindTimer(conn.cid)))

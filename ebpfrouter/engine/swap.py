@@ -1,5 +1,9 @@
 """The two-phase swap of one connection, as two transition tables (client, server).
 
+The eager swap runs through the same tables: both apps were stopped by the tracer at
+`connect()`/`accept()` return, so an attempt only seizes each side, checks that no payload
+crossed the overlay, and replaces, server first (docs/swap.md, "the eager swap").
+
 Roles: the **client** side (the daemon that traced the overlay `connect`) coordinates; the
 **server** side (the daemon that traced the `accept`) follows. Per attempt, "first" is the side
 frozen first (the writer, so the reader can drain). Every queue check requires the send queue
@@ -68,6 +72,8 @@ class SwapProtocol(RoleHandlers):
         client = {
             **common,
             (State.CONNECTING, Trigger.HOST_CONNECTED): T(self._host_connected),
+            (State.CONNECTING, Trigger.READY_REPLACED): T(self._replaced_before_connected,
+                                                          self._same),
             (State.IDLE, Trigger.TIMER): T(self.next_attempt),
             (State.CHECKING, Trigger.CHECKED): T(self._client_checked),
             (State.MIGRATING, Trigger.BOUNCED): T(self._client_bounced),
@@ -144,10 +150,23 @@ class SwapProtocol(RoleHandlers):
         """keep the host socket; first attempt"""
         conn.host_sock, conn.host_inode = ev.sock, ev.inode
         if conn.pending_abort:
+            if conn.now.eager:  # (a retry is still possible: the late swap)
+                conn.state = State.IDLE
             self.resolve_pending(conn)
             return
         conn.state = State.IDLE
+        if conn.now.eager:  # both apps stopped: the server replaces first
+            if conn.now.peer_replaced:
+                self.freeze(conn)
+            else:
+                conn.state = State.AWAIT_REPLACED
+                self.core.timer(conn, self.config.eager_wait)
+            return
         self.next_attempt(conn)
+
+    def _replaced_before_connected(self, conn: Conn, _: Any) -> None:
+        """eager: the server replaced before our host connect returned; go on once it has"""
+        conn.now.peer_replaced = True
 
     def next_attempt(self, conn: Conn, _: Any = None) -> None:
         """next attempt: wait (process busy or rate-capped, socket shared) or freeze / prepare"""
@@ -191,6 +210,9 @@ class SwapProtocol(RoleHandlers):
 
     def _client_checked(self, conn: Conn, ev: QueuesChecked) -> None:
         """quiet: prepare the server's check, or (final) carry the bytes"""
+        if conn.now.eager:
+            self._eager_checked(conn, ev)
+            return
         if not self._quiet(conn, ev):
             return
         conn.now.checks += 1
@@ -245,7 +267,10 @@ class SwapProtocol(RoleHandlers):
         self.check(conn)
 
     def _server_replaced(self, conn: Conn, _: Any) -> None:
-        """replace our fd"""
+        """replace our fd (eager: seize our stopped app and check it first)"""
+        if conn.now.eager:
+            self.freeze(conn)
+            return
         assert conn.host_sock is not None and conn.inode is not None
         self.replace(conn, conn.host_sock, conn.inode, State.REPLACING)
 

@@ -82,6 +82,13 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "error": {"code": Field(str, 1, 40), "detail": REASON},
 }
 MESSAGE_TYPES = frozenset(SCHEMAS)
+# Fields a body may leave out (a peer of an earlier version does); absent means False.
+# eager: listener_add — new connections to it are swapped at connect()/accept() return;
+# bind — this host connection is for an eager swap (the client app is stopped now).
+OPTIONAL: dict[str, dict[str, Field]] = {
+    "listener_add": {"eager": Field(bool)},
+    "bind": {"eager": Field(bool)},
+}
 
 
 def check_body(msg_type: str, body: Any) -> dict[str, Any]:
@@ -92,12 +99,14 @@ def check_body(msg_type: str, body: Any) -> dict[str, Any]:
     if not isinstance(body, Mapping):
         raise SchemaError(f"{msg_type}: body is {type(body).__name__}, expected a map")
     keys = set(body)
-    if keys != schema.keys():
-        extra = sorted(map(repr, keys - schema.keys()))
+    optional = OPTIONAL.get(msg_type, {})
+    if not schema.keys() <= keys <= schema.keys() | optional.keys():
+        extra = sorted(map(repr, keys - schema.keys() - optional.keys()))
         missing = sorted(schema.keys() - keys)
         raise SchemaError(f"{msg_type}: extra keys {extra}, missing keys {missing}")
-    for name, field in schema.items():
-        field.check(f"{msg_type}.{name}", body[name])
+    for name, field in (*schema.items(), *optional.items()):
+        if name in body:
+            field.check(f"{msg_type}.{name}", body[name])
     return dict(body)
 
 
@@ -135,6 +144,7 @@ class ListenerAdd:
     overlay_port: int
     host_addr: str
     host_port: int
+    eager: bool = False  # its new connections are swapped at connect()/accept() return
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +164,7 @@ class Bind:
     client_port: int
     server_addr: str
     server_port: int
+    eager: bool = False  # for an eager swap: the client app is stopped at connect() return
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ looks its fake runners up in the same table, so a new action needs a runner in b
     TIMERS     timers.Timers              the engine's timers on the event loop
     SOCKETS    sockets.SocketCloser       closing the daemon's copies
     STATUS     status.SwapNotes           counting swaps for status and metrics
+    KERNEL     kernel.EagerMaps           the tracer's eager-swap maps (who is stopped)
 """
 
 from __future__ import annotations
@@ -25,12 +26,16 @@ from ..engine.actions import (
     CancelTimer,
     CheckQueues,
     CloseSocket,
+    EagerListener,
+    EagerPeer,
     Freeze,
     HostConnect,
+    NoteForgotten,
     NoteSwapped,
     OpenHostListener,
     ProbeConn,
     ReplaceFd,
+    Resume,
     SendPeer,
     StartTimer,
     Thaw,
@@ -47,6 +52,7 @@ class Family(enum.Enum):
     TIMERS = "timers"
     SOCKETS = "sockets"
     STATUS = "status"
+    KERNEL = "kernel maps"
 
 
 ACTION_RUNNERS: dict[type[Action], Family] = {
@@ -58,11 +64,15 @@ ACTION_RUNNERS: dict[type[Action], Family] = {
     Freeze: Family.INJECTION,
     Thaw: Family.INJECTION,
     ReplaceFd: Family.INJECTION,
+    Resume: Family.INJECTION,  # after the thaws before it, on the same thread
+    NoteForgotten: Family.INJECTION,  # its address virtualization entry goes
     SendPeer: Family.PEERS,
     StartTimer: Family.TIMERS,
     CancelTimer: Family.TIMERS,
     CloseSocket: Family.SOCKETS,
     NoteSwapped: Family.STATUS,
+    EagerListener: Family.KERNEL,
+    EagerPeer: Family.KERNEL,
 }
 
 

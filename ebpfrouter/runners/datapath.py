@@ -15,7 +15,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from injector.inspect import TCP_STATES, queue_sizes
+from injector.inspect import TCP_STATES, queue_sizes, tcp_info
 
 from ..engine.actions import Action, Bounce, CheckQueues, ProbeConn
 from ..engine.events import ActionFailed, BounceDone, ConnProbed, QueuesChecked, SockRef
@@ -143,8 +143,13 @@ class DataPath:
             log.debug("check pid %d fd %d: failed", action.pid, action.fd)
             feed(ActionFailed(action.ref, f"queue sizes: {exc}"))
             return
+        acked: int | None = None
+        received: int | None = None
+        with contextlib.suppress(OSError):
+            info = tcp_info(sock)
+            acked, received = info.bytes_acked, info.bytes_received
         log.debug("check pid %d fd %d: done (send %d, recv %d)", action.pid, action.fd, send, recv)
-        feed(QueuesChecked(action.ref, send, recv))
+        feed(QueuesChecked(action.ref, send, recv, acked, received))
 
     async def bounce(self, action: Bounce) -> None:
         """Write our unread overlay bytes (peeked) to the host socket; echo the peer's."""

@@ -1,8 +1,14 @@
-"""Injection: freeze a process, put a host socket at its overlay fd, thaw it.
+"""Injection: freeze a process, put a host socket at its overlay fd, thaw it; resume an app
+the tracer stopped for an eager swap.
 
 Every ptrace operation runs on one dedicated thread (`InjectorThread`), because a ptrace
 tracer is a thread: the thread that seized a process must be the one that drives it. Swaps of
 one process may share one freeze: the thread counts holds, and thaws at the last one.
+
+A process the tracer stopped (SIGSTOP at `connect()`/`accept()` return) stays in group-stop
+when it is thawed (detached): `Resume` sends it SIGCONT, on the same thread, after its last
+thaw. Each replaced socket is registered for address virtualization (`ebpfrouter.addrvirt`)
+while the app is still frozen, so its first `getpeername()` already answers the overlay peer.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -20,7 +27,8 @@ from typing import Any
 
 from injector.errors import InjectorError
 
-from ..engine.actions import Action, Freeze, ReplaceFd, Thaw
+from ..addrvirt import AddressVirtualizer
+from ..engine.actions import Action, Freeze, NoteForgotten, ReplaceFd, Resume, Thaw
 from ..engine.events import ActionFailed, Event, FreezeDone, ReplaceDone, SockRef
 from ..socktable import SocketTable
 from ..wiring import Wiring
@@ -41,12 +49,17 @@ def family_name(what: socket.socket | int | None) -> str | None:
 class InjectorThread:
     """The one thread that freezes, replaces and thaws (ptrace is per tracer thread)."""
 
-    def __init__(self, freeze_timeout: float) -> None:
+    def __init__(self, freeze_timeout: float,
+                 on_resumed: Callable[[int], None] | None = None) -> None:
+        """`on_resumed(pid)` hears of every SIGCONT sent (the tracer forgets the stop)."""
         self.freeze_timeout = freeze_timeout
+        self.on_resumed = on_resumed
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="injector")
         self.frozen: dict[int, tuple[Any, Any, int]] = {}  # pid -> (context, proc, holds)
         self.freeze_ns: collections.deque[int] = collections.deque(maxlen=1000)
         self._since: dict[int, int] = {}
+        self.resume_at_thaw: set[int] = set()  # stopped pids to resume once thawed
+        self.resumes = 0
 
     def freeze(self, pid: int) -> None:
         """Stop every thread of `pid` (or add a hold if it is frozen already)."""
@@ -78,12 +91,33 @@ class InjectorThread:
             ctx.__exit__(None, None, None)
         except Exception as exc:  # noqa: BLE001 - thaw must not fail the loop
             log.warning("pid %d: thaw: %s", pid, exc)
+        if pid in self.resume_at_thaw:
+            self.resume_at_thaw.discard(pid)
+            self._sigcont(pid)
         started = self._since.pop(pid, None)
         if started is not None:
             held = time.monotonic_ns() - started
             self.freeze_ns.append(held)
             if held > 500_000_000:
                 log.warning("pid %d was frozen for %.0f ms", pid, held / 1e6)
+
+    def resume(self, pid: int) -> None:
+        """End the tracer's stop of `pid` (SIGCONT), at once or after its last thaw: a seized
+        process must not be woken under the injector's feet."""
+        if pid in self.frozen:
+            self.resume_at_thaw.add(pid)
+            return
+        self._sigcont(pid)
+
+    def _sigcont(self, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        self.resumes += 1
+        if self.on_resumed is not None:
+            try:
+                self.on_resumed(pid)
+            except Exception as exc:  # noqa: BLE001 - bookkeeping must not stop resumes
+                log.warning("pid %d resumed; forgetting its stop: %s", pid, exc)
 
     def replace(self, pid: int, fd: int, sock: socket.socket, expected_inode: int) -> None:
         """Put `sock` at `fd` of frozen `pid` if `fd` still is `expected_inode`."""
@@ -104,9 +138,12 @@ class InjectorThread:
         return []
 
     def thaw_all(self) -> None:
-        """Resume every frozen process."""
+        """Resume every frozen process (and every stopped one waiting for its thaw)."""
         for pid in list(self.frozen):
             self.thaw(pid, force=True)
+        for pid in list(self.resume_at_thaw):
+            self.resume_at_thaw.discard(pid)
+            self._sigcont(pid)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
         """Run `fn(*args)` on the injector thread."""
@@ -126,11 +163,14 @@ class Injection:
     """
 
     def __init__(self, wiring: Wiring, sockets: SocketTable, injector: InjectorThread,
-                 hand_over: Callable[[SockRef], None]) -> None:
+                 hand_over: Callable[[SockRef], None],
+                 virtualizer: AddressVirtualizer | None = None) -> None:
         self.wiring = wiring
         self.sockets = sockets
         self.injector = injector
         self.hand_over = hand_over
+        self.virtualizer = virtualizer  # None: apps see host addresses after a swap
+        self.cookies: dict[bytes, int] = {}  # connection id -> its virtualized socket's cookie
 
     def run(self, action: Action) -> None:
         """Submit a freeze, thaw or replace to the injector thread."""
@@ -141,6 +181,10 @@ class Injection:
                 self._call(action.ref, FreezeDone(action.ref), self.injector.freeze, action.pid)
             case Thaw():
                 self.thaw(action)
+            case Resume():
+                self.injector.submit(self.injector.resume, action.pid)
+            case NoteForgotten():
+                self.injector.submit(self.unvirtualize, action.cid)
             case ReplaceFd():
                 self.replace(action)
             case _:
@@ -196,6 +240,7 @@ class Injection:
 
         def work() -> None:
             self.injector.replace(pid, fd, sock, action.expected_inode)
+            self.virtualize(action, sock)  # (the app is still frozen)
 
         log.debug("injector replace pid %d fd %d: start", pid, fd)
         future = self.injector.submit(work)
@@ -214,6 +259,29 @@ class Injection:
                 self.wiring.feed(ActionFailed(action.ref, str(exc)))
 
         wrapped.add_done_callback(finished)
+
+    def virtualize(self, action: ReplaceFd, sock: socket.socket) -> None:
+        """Register the socket just installed (its overlay addresses), or forget the
+        connection's entry when the overlay socket was put back. Injector thread."""
+        if action.overlay_local is None or action.overlay_peer is None:
+            self.unvirtualize(action.cid)
+            return
+        if self.virtualizer is None:
+            return
+        try:
+            self.cookies[action.cid] = self.virtualizer.add(sock, action.overlay_local,
+                                                            action.overlay_peer)
+            self.wiring.counters["virtualized"] += 1
+        except (OSError, ValueError, RuntimeError) as exc:  # full, or refused: host addresses
+            self.wiring.counters["virtualize_failed"] += 1
+            log.warning("address virtualization of %s: %s", action.overlay_local, exc)
+
+    def unvirtualize(self, cid: bytes) -> None:
+        """The connection ended (or went back to the overlay): drop its entry."""
+        cookie = self.cookies.pop(cid, None)
+        if cookie is not None and self.virtualizer is not None:
+            with contextlib.suppress(OSError):
+                self.virtualizer.remove(cookie)
 
     def _retrack(self, pid: int, fd: int, inode: int) -> None:
         """The tracer keys its tracked fds by (pid, fd) and does not see dup3: re-register."""

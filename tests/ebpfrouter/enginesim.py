@@ -23,6 +23,7 @@ from ebpfrouter.engine import (
     CloseTraced,
     ConnectTraced,
     ConnProbed,
+    EagerListener,
     Engine,
     EngineConfig,
     Event,
@@ -36,6 +37,7 @@ from ebpfrouter.engine import (
     HostConnected,
     HostListenerOpened,
     ListenTraced,
+    NoteForgotten,
     OpenHostListener,
     PeerLost,
     PeerMessage,
@@ -44,6 +46,7 @@ from ebpfrouter.engine import (
     QueuesChecked,
     ReplaceDone,
     ReplaceFd,
+    Resume,
     StartTimer,
     State,
     Thaw,
@@ -111,6 +114,7 @@ class Proc:
     fds: dict[int, Sock]
     frozen: int = 0  # holds: swaps sharing one stop (the injector counts them the same way)
     alive: bool = True
+    stopped: bool = False  # stopped by the tracer at connect()/accept() return (eager)
 
 
 class Daemon:
@@ -157,7 +161,9 @@ class World:
             Family.TIMERS: SimRunner(self._run_timers, self._done_at_once),
             Family.SOCKETS: SimRunner(self._run_sockets, self._done_at_once),
             Family.STATUS: SimRunner(self._run_status, self._done_at_once),
+            Family.KERNEL: SimRunner(self._run_kernel, self._done_at_once),
         }
+        self.eager_maps: dict[str, set[tuple[str, Any]]] = {CLIENT: set(), SERVER: set()}
         self.procs = {CLIENT: Proc(100, CLIENT, {}), SERVER: Proc(200, SERVER, {})}
         self.net: dict[tuple[str, str], collections.deque[tuple[str, dict]]] = {
             (CLIENT, SERVER): collections.deque(), (SERVER, CLIENT): collections.deque()}
@@ -236,10 +242,19 @@ class World:
         if self.link_up:
             self.net[(node, OTHER[node])].append((action.type, action.body))
 
+    def _run_kernel(self, node: str, action: Any) -> None:
+        key = ((action.addr, action.port, action.remote) if isinstance(action, EagerListener)
+               else ("peer", action.peer))
+        (self.eager_maps[node].add if action.on else self.eager_maps[node].discard)(key)
+
     def _run_injection(self, node: str, action: Any) -> None:
         if isinstance(action, Thaw):
             proc = self.proc_of(node, action.pid)
             proc.frozen = max(0, proc.frozen - 1)
+        elif isinstance(action, Resume):
+            self.proc_of(node, action.pid).stopped = False  # (the runner defers it past thaws)
+        elif isinstance(action, NoteForgotten):
+            pass
         else:
             self._pend(node, action)
 

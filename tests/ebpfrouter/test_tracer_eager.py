@@ -67,7 +67,7 @@ def test_connect_to_an_eager_listener_stops_the_caller_before_its_first_write(
         lst.bind((host, 0))
         lst.listen()
         port = lst.getsockname()[1]
-        tracer.eager_listener(host, port)
+        tracer.eager_listener(host, port, remote=True)
         code = (f"import socket,time\ns=socket.create_connection(({host!r},{port}))\n"
                 "s.sendall(b'first bytes')\ntime.sleep(30)\n")
         with _child(code) as proc:
@@ -94,7 +94,7 @@ def test_nonblocking_connect_is_stopped_at_einprogress(tracer: Tracer) -> None:
         lst.bind(("127.0.0.1", 0))
         lst.listen()
         port = lst.getsockname()[1]
-        tracer.eager_listener("127.0.0.1", port)
+        tracer.eager_listener("127.0.0.1", port, remote=True)
         code = (f"import socket,time\ns=socket.socket()\ns.setblocking(False)\n"
                 f"s.connect_ex(('127.0.0.1',{port}))\ntime.sleep(30)\n")
         with _child(code) as proc:
@@ -105,13 +105,27 @@ def test_nonblocking_connect_is_stopped_at_einprogress(tracer: Tracer) -> None:
             assert _state(proc.pid) == "T"
 
 
+def test_a_connect_to_our_own_listener_is_not_stopped(tracer: Tracer) -> None:
+    """Same node: the listener is eager for accepts (ours), not for connects."""
+    with socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen()
+        port = lst.getsockname()[1]
+        tracer.eager_listener("127.0.0.1", port, remote=False)
+        code = f"import socket\nsocket.create_connection(('127.0.0.1',{port})).sendall(b'x')\n"
+        with _child(code) as proc:
+            ev = _wait_event(tracer, EventKind.CONNECT, proc.pid)
+            assert ev is not None and not ev.stopped
+            assert proc.wait(timeout=5) == 0
+
+
 def test_other_connections_are_not_stopped(tracer: Tracer) -> None:
     with socket.socket() as lst, socket.socket() as other:
         lst.bind(("127.0.0.1", 0))
         lst.listen()
         other.bind(("127.0.0.1", 0))
         other.listen()
-        tracer.eager_listener("127.0.0.1", lst.getsockname()[1])
+        tracer.eager_listener("127.0.0.1", lst.getsockname()[1], remote=True)
         port = other.getsockname()[1]
         code = f"import socket\nsocket.create_connection(('127.0.0.1',{port})).sendall(b'x')\n"
         with _child(code) as proc:
@@ -129,7 +143,8 @@ def test_accept_is_stopped_only_from_an_eager_peer_cidr(tracer: Tracer, host: st
         lst.bind((host, 0))
         lst.listen(8)
         port = lst.getsockname()[1]
-        tracer.eager_listener(host, port)
+        tracer.eager_listener(host, port, remote=False)
+        tracer.eager_listener(host, port, remote=True)  # (one machine plays both nodes)
         if peer_on:
             tracer.eager_peer(cidr)
         client = (f"import socket,time\ns=socket.create_connection(({host!r},{port}))\n"
@@ -162,11 +177,14 @@ def test_accept_is_stopped_only_from_an_eager_peer_cidr(tracer: Tracer, host: st
 
 
 def test_eager_maps_forget_entries(tracer: Tracer) -> None:
-    tracer.eager_listener("10.1.2.3", 80)
-    tracer.eager_listener("fd00::5", 443)
+    tracer.eager_listener("10.1.2.3", 80, remote=True)
+    tracer.eager_listener("10.1.2.3", 80, remote=False)
+    tracer.eager_listener("fd00::5", 443, remote=False)
     tracer.eager_peer("10.2.0.0/16")
     assert tracer.eager_entries() == (3, 1)  # IPv4 twice: plain and v4-mapped
-    tracer.eager_listener("10.1.2.3", 80, on=False)
+    tracer.eager_listener("10.1.2.3", 80, on=False, remote=True)
+    assert tracer.eager_entries() == (3, 1)  # still ours: accepts on it are stopped
+    tracer.eager_listener("10.1.2.3", 80, on=False, remote=False)
     assert tracer.eager_entries() == (1, 1)
     tracer.eager_clear()
     assert tracer.eager_entries() == (0, 0)
