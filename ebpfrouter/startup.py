@@ -14,6 +14,8 @@ import collections
 import logging
 import os
 
+from injector.netns import run_in_thread
+
 from . import hostnet
 from .addrvirt import AddressVirtualizer, VirtualizationUnavailable, tcp_socket_cookies
 from .k8s.link import ClusterLink, ClusterLinkError
@@ -142,7 +144,8 @@ def open_virtualizer(node: str, pin: str | None,
                     "addresses; the server waits for its app's first read", exc.reason)
         return None
     if len(virt):
-        pruned = virt.prune(tcp_socket_cookies())
+        pruned = run_in_thread(lambda: virt.prune(tcp_socket_cookies()),  # (pyroute2: no loop)
+                               name="prune")
         log.info("address virtualization: %d entries of swapped connections kept, %d pruned",
                  len(virt), pruned)
     return virt

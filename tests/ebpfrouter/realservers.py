@@ -33,7 +33,6 @@ import re
 import select
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -42,6 +41,8 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from truepeer import kernel_peer  # (tests/ebpfrouter is on sys.path)
 
 from ebpfrouter.testbed import Testbed
 
@@ -245,7 +246,6 @@ def other_side(bed: Testbed, target: str) -> str:
 def tcp_peers(pids: Iterable[int]) -> dict[int, list[tuple[str, int]]]:
     """Peer address of every connected TCP socket each process holds, as its fds see them
     now (read from a `pidfd_getfd` copy, so a swapped socket shows its host-network peer)."""
-    from injector.inspect import copy_socket
 
     out: dict[int, list[tuple[str, int]]] = {}
     for pid in pids:
@@ -260,11 +260,9 @@ def tcp_peers(pids: Iterable[int]) -> dict[int, list[tuple[str, int]]]:
                     continue
             except OSError:
                 continue
-            with contextlib.suppress(Exception), copy_socket(pid, int(name)) as sock:
-                if sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET,
-                                                                       socket.AF_INET6):
-                    host, port = sock.getpeername()[:2]  # a listener raises: skipped
-                    peers.append((host.removeprefix("::ffff:"), port))
+            found = kernel_peer(pid, int(name))  # (getpeername: virtualized)
+            if found is not None:
+                peers.append(found)
         out[pid] = peers
     return out
 

@@ -27,6 +27,9 @@ from ebpfrouter.runners.datapath import carry, peek_unread, peer_closed
 from ebpfrouter.scoping import normalize_addr
 from ebpfrouter.testbed import Testbed
 
+sys.path.insert(0, os.path.dirname(__file__))
+from truepeer import kernel_peer  # noqa: E402
+
 # -- no root -----------------------------------------------------------------------------------
 
 
@@ -285,13 +288,12 @@ class Stream:
                               env=child_env(), cwd=str(PACKAGE_ROOT))
 
     def peer(self) -> tuple[str, int] | None:
-        """Peer address of the app's TCP socket, as the app's fd sees it now."""
-        from injector.inspect import copy_socket
-
+        """Peer address of the app's TCP socket, as the kernel has it now (the app itself
+        still sees the overlay peer: address virtualization)."""
         for name in os.listdir(f"/proc/{self.proc.pid}/fd"):
-            with contextlib.suppress(Exception), copy_socket(self.proc.pid, int(name)) as s:
-                if s.type == socket.SOCK_STREAM and s.family == socket.AF_INET:
-                    return s.getpeername()[:2]
+            found = kernel_peer(self.proc.pid, int(name))
+            if found is not None:
+                return found
         return None
 
     def result(self) -> dict:

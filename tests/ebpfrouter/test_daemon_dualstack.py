@@ -8,7 +8,6 @@ IPPROTO_IPV6 options working, and every byte intact both ways.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 import test_daemon as td  # the daemon tests' testbed, routers and helpers
 from test_daemon import counters, wait_for, wait_listener_announced
+from truepeer import kernel_row
 
 from ebpfrouter.demo import wait_line
 from ebpfrouter.runners.hostconn import host_sockaddr, host_socket
@@ -98,12 +98,10 @@ FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6}
 
 def app_socket(pid: int) -> tuple[int, str] | None:
     """(family, peer address) of the connected TCP socket of `pid`, as its fd holds it now."""
-    from injector.inspect import copy_socket
-
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(Exception), copy_socket(pid, int(name)) as s:
-            if s.type == socket.SOCK_STREAM:
-                return s.family, s.getpeername()[0]  # a listener raises ENOTCONN: skipped
+    for name in os.listdir(f"/proc/{pid}/fd"):  # the kernel's view (getpeername: virtualized)
+        row = kernel_row(pid, int(name))
+        if row is not None:
+            return row.family, row.raddr
     return None
 
 

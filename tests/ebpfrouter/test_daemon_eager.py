@@ -142,3 +142,81 @@ def test_status_shows_each_connection_path(bed: Testbed, routers: Routers) -> No
         status = routers.status("node2")
     assert status["engine"]["stats"].get("swapped_eager", 0) >= 1
     assert any(k.startswith("eager") for k in status["engine"]["stats"])
+
+
+# -- faults: a daemon killed while apps are stopped leaves no process stopped ---------------------
+
+LAZY_SERVER = """
+import socket, sys
+lst = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+print("listening", flush=True)
+sys.stdin.readline()  # accept only when told: until then the client's eager swap waits
+conn, _ = lst.accept()
+got = b""
+while len(got) < 11:
+    got += conn.recv(100)
+print(got.decode(), flush=True)
+"""
+EAGER_CLIENT = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+s.sendall(b"hello world")
+print("sent", flush=True)
+"""
+
+
+def proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.parametrize("killed", ["client", "server"])
+def test_daemon_sigkilled_while_its_app_is_stopped_leaves_it_running(bed: Testbed,
+                                                                     killed: str) -> None:
+    """The guardian resumes the app; the connection then simply runs over the overlay."""
+    port = PORT + 50 + (killed == "server")
+    with routers_on(bed, ["--eager-wait", "2"]) as routers:
+        server = bed.popen("n1p0", [sys.executable, "-c", LAZY_SERVER, str(port)],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        client = None
+        try:
+            wait_line(server, "lazy server")
+            wait_announced(routers, port)
+            if killed == "server":  # the client's router is frozen: no bind ever comes
+                os.kill(routers.procs["node2"].pid, signal.SIGSTOP)
+            client = bed.popen("n2p0", [sys.executable, "-c", EAGER_CLIENT,
+                                        bed.pod("n1p0").ip, str(port)],
+                               stdout=subprocess.PIPE, text=True)
+            if killed == "client":
+                wait_for(lambda: proc_state(client.pid) == "T", 5, "client stopped at connect")
+                victim, app = "node2", client
+            else:
+                assert server.stdin is not None
+                server.stdin.write("go\n")
+                server.stdin.flush()
+                wait_for(lambda: proc_state(server.pid) == "T", 5, "server stopped at accept")
+                victim, app = "node1", server
+            routers.procs[victim].kill()
+            routers.procs[victim].wait()
+            t0 = time.monotonic()
+            wait_for(lambda: proc_state(app.pid) != "T", 2, "the guardian's SIGCONT")
+            resumed_ms = (time.monotonic() - t0) * 1000
+            print(f"app resumed {resumed_ms:.0f} ms after its daemon was killed")
+            if killed == "server":
+                os.kill(routers.procs["node2"].pid, signal.SIGCONT)
+            else:
+                assert server.stdin is not None
+                server.stdin.write("go\n")
+                server.stdin.flush()
+            out, _ = server.communicate(timeout=20)
+            assert out.splitlines()[-1] == "hello world"  # every byte, over the overlay
+            assert client.wait(timeout=20) == 0
+        finally:
+            for proc in (server, client):
+                if proc is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGCONT)
+                    proc.kill()
+                    proc.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(routers.procs["node2"].pid, signal.SIGCONT)
