@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT / "tests" / "ebpfrouter"))
 
 import realservers as rs  # noqa: E402
 
+from ebpfrouter import tools  # noqa: E402
 from ebpfrouter.bench.process import interrupt_on  # noqa: E402
 from ebpfrouter.demo import Routers  # noqa: E402
 from ebpfrouter.testbed import Testbed  # noqa: E402
@@ -79,15 +80,13 @@ def progress(text: str) -> None:
 
 
 def missing_tools() -> list[str]:
-    """Tools this benchmark runs that are not installed (with their Debian package)."""
-    missing = [f"{tool} ({pkg})" for tool, pkg in (("wrk", "wrk"), ("nginx", "nginx-light"),
-                                                   ("setpriv", "util-linux"))
-               if shutil.which(tool) is None]
+    """Tools this benchmark runs that are not installed."""
+    missing = tools.missing(("wrk", "nginx", "setpriv"))
     for tool in ("postgres", "initdb", "pgbench", "psql"):
         try:
             rs.pg_bin(tool)
         except rs.RealServerError:
-            missing.append(f"{tool} (postgresql)")
+            missing.append(tool)
     return missing
 
 
@@ -337,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_real_servers: needs root", file=sys.stderr)
         return 2
     if missing := missing_tools():
-        print(f"bench_real_servers: missing: {', '.join(missing)}", file=sys.stderr)
+        print(f"bench_real_servers: missing {tools.describe_missing(missing)}", file=sys.stderr)
         return 2
     bench = Bench(args)
     interrupted = False

@@ -35,6 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ebpfrouter import tools  # noqa: E402
 from ebpfrouter.bench.process import interrupt_on, usage  # noqa: E402
 from ebpfrouter.demo import Routers, wait_port  # noqa: E402
 from ebpfrouter.testbed import Testbed  # noqa: E402
@@ -236,10 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("soak: needs root", file=sys.stderr)
         return 2
-    for tool in ("redis-server", "redis-benchmark", "iperf3"):
-        if shutil.which(tool) is None:
-            print(f"soak: {tool} is not installed", file=sys.stderr)
-            return 2
+    if absent := tools.missing(("redis-server", "redis-benchmark", "iperf3")):
+        print(f"soak: missing {tools.describe_missing(absent)}", file=sys.stderr)
+        return 2
     with interrupt_on(signal.SIGTERM, signal.SIGINT):  # SIGINT: background jobs ignore it
         soak = Soak(args.iperf_seconds)
         interrupted = False

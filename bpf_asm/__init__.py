@@ -1,15 +1,16 @@
 """bpf_asm: a pure-Python eBPF toolkit.
 
 Assemble programs (a builder with labels, or LLVM's BPF assembly text), load them with
-`bpf(2)`, create maps, attach to tracepoints, read events from perf and ring buffers, read
-struct layouts from the kernel's BTF, and read or write BPF ELF objects — no BCC, no libbpf,
-no clang or kernel headers at run time.
+`bpf(2)`, create maps, attach to tracepoints and cgroup v2 hooks, read events from perf and
+ring buffers, read struct layouts from the kernel's BTF, and read or write BPF ELF objects —
+no BCC, no libbpf, no clang or kernel headers at run time.
 
     from bpf_asm import Map, PerfBuffer, assemble, load_program, attach_tracepoint
 """
 
 from bpf_asm.attach import (
     Link,
+    attach_cgroup,
     attach_kprobe,
     attach_raw_tracepoint,
     attach_tracepoint,
@@ -17,6 +18,7 @@ from bpf_asm.attach import (
 )
 from bpf_asm.btf import BTF, BTFError, FieldLocation
 from bpf_asm.builder import Builder, BuildError, LabelError, UnknownMapError
+from bpf_asm.cgroup import NotCgroup2Error, cgroup2_root
 from bpf_asm.elf import ElfError, ElfObject, ElfProgram, read_elf, write_elf
 from bpf_asm.helpers import UnknownHelperError, helper_id, helper_name
 from bpf_asm.isa import DecodeError, Instruction, Instructions, Reg, decode
@@ -31,9 +33,10 @@ from bpf_asm.tracefs import EventFormat, TracepointNotFoundError, event_format
 __all__ = [
     "BPFError", "BTF", "BTFError", "AssemblerError", "BuildError", "Builder", "DecodeError",
     "ElfError", "ElfObject", "ElfProgram", "EventFormat", "FieldLocation", "Instruction",
-    "Instructions", "LabelError", "Link", "Map", "MapSpec", "NotSupportedError", "PerfBuffer",
-    "Program", "ProgramSpec", "Reg", "RingBuffer", "TracepointNotFoundError",
-    "UnknownHelperError", "UnknownMapError", "VerifierError", "assemble", "attach_kprobe",
-    "attach_raw_tracepoint", "attach_tracepoint", "decode", "event_format", "helper_id",
-    "helper_name", "kprobes_supported", "load_program", "read_elf", "write_elf",
+    "Instructions", "LabelError", "Link", "Map", "MapSpec", "NotCgroup2Error",
+    "NotSupportedError", "PerfBuffer", "Program", "ProgramSpec", "Reg", "RingBuffer",
+    "TracepointNotFoundError", "UnknownHelperError", "UnknownMapError", "VerifierError",
+    "assemble", "attach_cgroup", "attach_kprobe", "attach_raw_tracepoint", "attach_tracepoint",
+    "cgroup2_root", "decode", "event_format", "helper_id", "helper_name", "kprobes_supported",
+    "load_program", "read_elf", "write_elf",
 ]

@@ -23,6 +23,7 @@ __all__ = [
     "MapType",
     "ProgType",
     "AttachType",
+    "LinkType",
     "bpf",
     "perf_event_open",
     "obj_get_info",
@@ -41,6 +42,7 @@ libc.mmap.argtypes = [
     ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
 ]
 libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
 libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
 libc.mount.argtypes = [
     ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p,
@@ -216,28 +218,96 @@ class ProgType(enum.IntEnum):
 
 
 class AttachType(enum.IntEnum):
-    """Attach types (enum bpf_attach_type); only the ones this package uses by name."""
+    """Attach types (enum bpf_attach_type); only the ones this package uses by name.
 
+    Names are the kernel's without `BPF_` (`CGROUP_INET4_GETPEERNAME`); `parse` also takes
+    bpftool's short names for the cgroup hooks (`getpeername4`, `connect6`, `ingress`)."""
+
+    CGROUP_INET_INGRESS = 0
+    CGROUP_INET_EGRESS = 1
+    CGROUP_INET_SOCK_CREATE = 2
+    CGROUP_SOCK_OPS = 3
+    CGROUP_DEVICE = 6
+    CGROUP_INET4_BIND = 8
+    CGROUP_INET6_BIND = 9
+    CGROUP_INET4_CONNECT = 10
+    CGROUP_INET6_CONNECT = 11
+    CGROUP_INET4_POST_BIND = 12
+    CGROUP_INET6_POST_BIND = 13
+    CGROUP_UDP4_SENDMSG = 14
+    CGROUP_UDP6_SENDMSG = 15
+    CGROUP_SYSCTL = 18
+    CGROUP_UDP4_RECVMSG = 19
+    CGROUP_UDP6_RECVMSG = 20
+    CGROUP_GETSOCKOPT = 21
+    CGROUP_SETSOCKOPT = 22
     TRACE_RAW_TP = 23
     TRACE_FENTRY = 24
     TRACE_FEXIT = 25
+    CGROUP_INET4_GETPEERNAME = 29
+    CGROUP_INET6_GETPEERNAME = 30
+    CGROUP_INET4_GETSOCKNAME = 31
+    CGROUP_INET6_GETSOCKNAME = 32
+    CGROUP_INET_SOCK_RELEASE = 34
     XDP = 37
     PERF_EVENT = 41
     TRACE_KPROBE_MULTI = 42
+    CGROUP_UNIX_CONNECT = 49
+    CGROUP_UNIX_SENDMSG = 50
+    CGROUP_UNIX_RECVMSG = 51
+    CGROUP_UNIX_GETPEERNAME = 52
+    CGROUP_UNIX_GETSOCKNAME = 53
 
     @classmethod
     def parse(cls, value: str | int | AttachType) -> int:
         """Accept an AttachType, any number, or a known name."""
         if isinstance(value, int):
             return int(value)
-        return _parse_enum(cls, value, "attach type")
+        return _parse_enum(cls, value, "attach type", _ATTACH_ALIASES)
+
+
+# bpftool's names for the cgroup hooks (`bpftool cgroup attach CGROUP getpeername4 ...`).
+_ATTACH_ALIASES = {
+    "ingress": "cgroup_inet_ingress", "egress": "cgroup_inet_egress",
+    "sock_create": "cgroup_inet_sock_create", "sock_ops": "cgroup_sock_ops",
+    "device": "cgroup_device", "sysctl": "cgroup_sysctl",
+    "getsockopt": "cgroup_getsockopt", "setsockopt": "cgroup_setsockopt",
+    "sock_release": "cgroup_inet_sock_release",
+    **{f"{hook}{v}": f"cgroup_inet{v}_{hook}"
+       for hook in ("bind", "connect", "post_bind", "getpeername", "getsockname")
+       for v in (4, 6)},
+    **{f"{hook}{v}": f"cgroup_udp{v}_{hook}" for hook in ("sendmsg", "recvmsg") for v in (4, 6)},
+    **{f"{hook}_unix": f"cgroup_unix_{hook}"
+       for hook in ("connect", "sendmsg", "recvmsg", "getpeername", "getsockname")},
+}
+
+
+class LinkType(enum.IntEnum):
+    """BPF link types (enum bpf_link_type), as `BPF_OBJ_GET_INFO_BY_FD` reports them."""
+
+    UNSPEC = 0
+    RAW_TRACEPOINT = 1
+    TRACING = 2
+    CGROUP = 3
+    ITER = 4
+    NETNS = 5
+    XDP = 6
+    PERF_EVENT = 7
+    KPROBE_MULTI = 8
+    STRUCT_OPS = 9
+    NETFILTER = 10
+    TCX = 11
+    UPROBE_MULTI = 12
+    NETKIT = 13
+    SOCKMAP = 14
 
 
 _ALIASES = {"ring_buffer": "ringbuf", "raw_tp": "raw_tracepoint"}
 _E = TypeVar("_E", bound=enum.IntEnum)
 
 
-def _parse_enum(cls: type[_E], value: str | int, what: str) -> _E:
+def _parse_enum(cls: type[_E], value: str | int, what: str,
+                aliases: dict[str, str] = _ALIASES) -> _E:
     if isinstance(value, cls):
         return value
     if isinstance(value, int):
@@ -246,7 +316,7 @@ def _parse_enum(cls: type[_E], value: str | int, what: str) -> _E:
         except ValueError:
             raise ValueError(f"unknown {what} {value}") from None
     key = str(value).strip().lower().replace("-", "_")
-    key = _ALIASES.get(key, key)
+    key = aliases.get(key, key)
     try:
         return cls[key.upper()]
     except KeyError:
@@ -325,6 +395,19 @@ class LinkCreateAttr(ctypes.Structure):
     ]
 
 
+class LinkUpdateAttr(ctypes.Structure):
+    """BPF_LINK_UPDATE (old_prog_fd checked only with BPF_F_REPLACE)."""
+
+    _fields_ = [("link_fd", _u32), ("new_prog_fd", _u32), ("flags", _u32),
+                ("old_prog_fd", _u32)]
+
+
+class LinkDetachAttr(ctypes.Structure):
+    """BPF_LINK_DETACH."""
+
+    _fields_ = [("link_fd", _u32)]
+
+
 class TestRunAttr(ctypes.Structure):
     """BPF_PROG_TEST_RUN."""
 
@@ -368,11 +451,23 @@ class ProgInfo(ctypes.Structure):
     ]
 
 
-class LinkInfo(ctypes.Structure):
-    """struct bpf_link_info (common header only)."""
+class CgroupLinkInfo(ctypes.Structure):
+    """The `cgroup` member of struct bpf_link_info's union."""
 
+    _fields_ = [("cgroup_id", _u64), ("attach_type", _u32), ("_pad", _u32)]
+
+
+class _LinkInfoUnion(ctypes.Union):
+    _fields_ = [("raw", ctypes.c_uint8 * 48), ("cgroup", CgroupLinkInfo)]
+
+
+class LinkInfo(ctypes.Structure):
+    """struct bpf_link_info: the common header, and the per-type union (`.cgroup` read for
+    cgroup links, where `cgroup_id` is the inode number of the cgroup's directory)."""
+
+    _anonymous_ = ("_union",)
     _fields_ = [("type", _u32), ("id", _u32), ("prog_id", _u32), ("_pad", _u32),
-                ("_union", ctypes.c_uint8 * 48)]
+                ("_union", _LinkInfoUnion)]
 
 
 # --- calls ----------------------------------------------------------------------------------
@@ -461,6 +556,21 @@ def mount(source: str, target: str, fstype: str, data: str = "") -> None:
                      data.encode() if data else None)
     if ret < 0:
         raise BPFError(ctypes.get_errno(), f"mount {fstype} at {target}")
+
+
+# f_type values of statfs(2) (linux/magic.h).
+CGROUP2_SUPER_MAGIC = 0x63677270
+CGROUP_SUPER_MAGIC = 0x27E0EB
+BPF_FS_MAGIC = 0xCAFE4A11
+TMPFS_MAGIC = 0x01021994
+
+
+def fstatfs_type(fd: int, what: str = "") -> int:
+    """The file system type (`f_type`, a *_MAGIC number) of the file open at `fd`."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    if libc.fstatfs(fd, buf) < 0:
+        raise BPFError(ctypes.get_errno(), f"fstatfs {what or fd}")
+    return int(ctypes.c_long.from_buffer(buf).value) & 0xFFFFFFFF
 
 
 def mount_point(fstype: str, preferred: str | None = None) -> str | None:

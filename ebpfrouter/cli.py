@@ -1,4 +1,4 @@
-"""The `ebpf-router` command line: run, status, testbed, demo."""
+"""The `ebpf-router` command line: run, status, doctor, testbed, demo, bench."""
 
 from __future__ import annotations
 
@@ -68,6 +68,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand."""
     from .bench import add_bench_parser
+    from .doctor import add_doctor_parser
     from .testbed import add_testbed_parser
 
     parser = argparse.ArgumentParser(prog="ebpf-router", description=__doc__)
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     _add_run(sub)
     _add_status(sub)
+    add_doctor_parser(sub)
     add_testbed_parser(sub)
     _add_demo(sub)
     add_bench_parser(sub)

@@ -32,9 +32,10 @@ class ControlError(RuntimeError):
 
 
 class Metrics:
-    """Counters and gauges, thread-safe, rendered in the Prometheus text format.
+    """Counters, gauges and histograms, thread-safe, rendered in the Prometheus text format.
 
-    Names are declared once with their help text; `inc` and `set` take optional labels.
+    Names are declared once with their help text (and, for a histogram, its bucket bounds);
+    `inc` and `set` take optional labels, `observe` adds one sample to a histogram.
     """
 
     def __init__(self, prefix: str = "ebpf_router") -> None:
@@ -42,14 +43,33 @@ class Metrics:
         self._lock = threading.Lock()
         self._kinds: dict[str, tuple[str, str]] = {}
         self._values: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+        self._bounds: dict[str, tuple[float, ...]] = {}
+        self._hists: dict[str, _Histogram] = {}
 
-    def declare(self, name: str, kind: str, help_text: str) -> None:
-        """Declare metric `name` as a 'counter' or 'gauge' with its help line."""
-        if kind not in ("counter", "gauge"):
-            raise ValueError(f"metric {name}: kind must be counter or gauge, not {kind!r}")
+    @property
+    def prefix(self) -> str:
+        """What every rendered name starts with (then `_`)."""
+        return self._prefix
+
+    def declare(self, name: str, kind: str, help_text: str,
+                buckets: Iterable[float] = ()) -> None:
+        """Declare metric `name` as a 'counter', 'gauge' or 'histogram' with its help line.
+
+        A histogram needs its upper bucket bounds (`+Inf` is added when rendered).
+        """
+        if kind not in ("counter", "gauge", "histogram"):
+            raise ValueError(f"metric {name}: kind must be counter, gauge or histogram, "
+                             f"not {kind!r}")
+        bounds = tuple(sorted(float(b) for b in buckets))
+        if (kind == "histogram") != bool(bounds):
+            raise ValueError(f"metric {name}: buckets are for histograms, and a histogram "
+                             "needs them")
         with self._lock:
             self._kinds[name] = (kind, help_text)
             self._values.setdefault(name, {})
+            if bounds:
+                self._bounds[name] = bounds
+                self._hists.setdefault(name, _Histogram(bounds))
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
         """Add `amount` to counter or gauge `name`."""
@@ -64,10 +84,30 @@ class Metrics:
         with self._lock:
             self._series(name)[key] = float(value)
 
-    def value(self, name: str, **labels: str) -> float:
-        """The current value of one series (0 if never touched)."""
+    def observe(self, name: str, value: float) -> None:
+        """Add one sample (in the metric's base unit) to histogram `name`."""
         with self._lock:
+            hist = self._hists.get(name)
+            if hist is None:
+                raise KeyError(f"histogram {name!r} was never declared")
+            hist.add(value)
+
+    def value(self, name: str, **labels: str) -> float:
+        """The current value of one series (0 if never touched); a histogram's count."""
+        with self._lock:
+            if name in self._hists:
+                return float(self._hists[name].count)
             return self._series(name).get(tuple(sorted(labels.items())), 0.0)
+
+    def names(self) -> list[str]:
+        """Every sample name `render` writes (histograms: `_bucket`, `_sum`, `_count`)."""
+        with self._lock:
+            out: list[str] = []
+            for name, (kind, _) in sorted(self._kinds.items()):
+                full = f"{self._prefix}_{name}"
+                out += ([full + s for s in ("_bucket", "_sum", "_count")]
+                        if kind == "histogram" else [full])
+            return out
 
     def snapshot(self) -> dict[str, float]:
         """All series as `name{label="v"}` → value, for status output and tests."""
@@ -84,8 +124,11 @@ class Metrics:
         with self._lock:
             for name, (kind, help_text) in sorted(self._kinds.items()):
                 full = f"{self._prefix}_{name}"
-                lines.append(f"# HELP {full} {help_text}")
+                lines.append(f"# HELP {full} {_escape_help(help_text)}")
                 lines.append(f"# TYPE {full} {kind}")
+                if kind == "histogram":
+                    lines += self._hists[name].lines(full)
+                    continue
                 series = self._values.get(name) or {(): 0.0}
                 for key, value in sorted(series.items()):
                     lines.append(f"{full}{_format_labels(key)} {_format_number(value)}")
@@ -94,12 +137,43 @@ class Metrics:
     def _series(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
         if name not in self._kinds:
             raise KeyError(f"metric {name!r} was never declared")
+        if name in self._hists:
+            raise KeyError(f"metric {name!r} is a histogram: use observe()")
         return self._values[name]
+
+
+class _Histogram:
+    """Cumulative bucket counts, sum and count of one unlabelled histogram."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.count = 0
+        self.sum = 0.0
+
+    def add(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+        self.count += 1
+        self.sum += value
+
+    def lines(self, full: str) -> list[str]:
+        out = [f'{full}_bucket{{le="{_format_number(b)}"}} {n}'
+               for b, n in zip(self.bounds, self.counts, strict=True)]
+        out.append(f'{full}_bucket{{le="+Inf"}} {self.count}')
+        out.append(f"{full}_sum {_format_number(self.sum)}")
+        out.append(f"{full}_count {self.count}")
+        return out
 
 
 def _format_labels(key: Iterable[tuple[str, str]]) -> str:
     parts = [f'{k}="{_escape_label(v)}"' for k, v in key]
     return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
 
 
 def _escape_label(value: str) -> str:

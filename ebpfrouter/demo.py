@@ -338,6 +338,11 @@ def run_demo(seconds: float = 5.0, as_json: bool = False, builtin: bool = False,
     result: dict[str, Any] = {"tool": tool, "seconds": seconds, "overlay_bps": None,
                               "bypass_bps": None, "host_bps": None, "bypassed_connections": 0,
                               "integrity_ok": False}
+    if not use_iperf and not builtin:
+        from .tools import describe_missing
+
+        progress("iperf3 is not installed: measuring with the built-in stream instead (for "
+                 f"iperf3 figures: {describe_missing(['iperf3'])})")
     workdir = Path(tempfile.mkdtemp(prefix="ebpf-router-demo-"))
     bed: Testbed | None = None
     routers: Routers | None = None

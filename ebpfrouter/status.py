@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from .control import Metrics
+from .metrics import declare_all, observe_samples
 from .policy import SwapPolicy
 from .runners.injection import InjectorThread, family_name
 from .runners.peers import PeerLinks
@@ -19,13 +20,6 @@ from .runners.timers import Timers
 from .scoping import NodeScope
 from .socktable import SocketTable
 from .wiring import Wiring
-
-_METRICS = (("connections_seen", "counter", "overlay connections traced on this node"),
-            ("connections_bypassed", "counter", "connections moved to the host network"),
-            ("connections_failed", "counter", "connections left on the overlay"),
-            ("connections_short", "counter", "connections closed before min_age (never tried)"),
-            ("peer_frames_rejected", "counter", "peer frames rejected"),
-            ("connections_pending", "gauge", "connections being swapped"))
 
 
 def percentile_ms(values: list[int], q: float) -> float | None:
@@ -54,9 +48,15 @@ class Status:
         self.privileges: list[str] | None = None  # capabilities kept after the drop
 
     def declare_metrics(self) -> None:
-        """Declare the metrics `snapshot` sets."""
-        for name, kind, help_text in _METRICS:
-            self.metrics.declare(name, kind, help_text)
+        """Declare the metrics (`ebpfrouter.metrics`); freeze and swap times feed histograms.
+
+        Called once at start-up, before the first freeze.
+        """
+        declare_all(self.metrics)
+        self.injector.freeze_ns = observe_samples(self.injector.freeze_ns, self.metrics,
+                                                  "freeze_seconds")
+        self.notes.latency_ns = observe_samples(self.notes.latency_ns, self.metrics,
+                                                "traced_to_swapped_seconds")
 
     def snapshot(self) -> dict[str, Any]:
         """Counters and connections (runs on the loop)."""
@@ -78,7 +78,7 @@ class Status:
             "peer_rejected": sum(rejected.values()) + counters_in["host_conn_rejected"],
             "ruled_out": counters_in["ruled_out"],
         }
-        self._set_metrics(counters, pending)
+        self._set_metrics(counters, pending, tracer.lost if tracer is not None else 0)
         freezes = sorted(self.injector.freeze_ns)
         swaps = sorted(self.notes.latency_ns)
         return {
@@ -112,13 +112,16 @@ class Status:
             "frozen_now": self.injector.frozen_pids(),
         }
 
-    def _set_metrics(self, counters: dict[str, int], pending: int) -> None:
-        self.metrics.set("connections_seen", counters["seen"])
-        self.metrics.set("connections_bypassed", counters["bypassed"])
-        self.metrics.set("connections_failed", counters["failed"])
-        self.metrics.set("connections_short", counters["short"])
-        self.metrics.set("connections_pending", pending)
-        self.metrics.set("peer_frames_rejected", counters["peer_rejected"])
+    def _set_metrics(self, counters: dict[str, int], pending: int, lost: int) -> None:
+        m = self.metrics
+        m.set("connections_seen_total", counters["seen"])
+        m.set("connections_bypassed_total", counters["bypassed"])
+        m.set("connections_failed_total", counters["failed"])
+        m.set("connections_short_total", counters["short"])
+        m.set("peer_frames_rejected_total", counters["peer_rejected"])
+        m.set("tracer_events_lost_total", lost)
+        m.set("connections_pending", pending)
+        m.set("processes_frozen", len(self.injector.frozen_pids()))
 
     def threadsafe(self) -> dict[str, Any]:
         """`snapshot()` from another thread (the control socket's)."""

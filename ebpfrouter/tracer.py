@@ -15,6 +15,7 @@ leaving the ``with`` block, also when opening fails half way.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -34,6 +35,9 @@ from injector.netns import netns_inode
 
 from .tracer_layout import (
     CONFIG_VALUE,
+    EAGER_KEY,
+    EAGER_PEER_KEY,
+    FLAG_STOPPED,
     RECORD,
     RECORD_SIZE,
     TRACKED_KEY,
@@ -87,15 +91,15 @@ class SocketEvent:
     rport: int = 0
     listen_fd: int | None = None
     child_pid: int | None = None  # FORK: the new task (a process, or a thread of `pid`)
+    stopped: bool = False  # the program stopped the caller (SIGSTOP) for the eager swap
 
     @classmethod
     def decode(cls, data: bytes) -> SocketEvent:
         """Decode one record (trailing padding ignored)."""
         if len(data) < RECORD_SIZE:
             raise ValueError(f"tracer record of {len(data)} bytes, expected {RECORD_SIZE}")
-        (kind, pid, tid, fd, netns, arg, ino, ret, ts, family, lport, rport, _pad, laddr, raddr) = (
-            RECORD.unpack_from(data)
-        )
+        (kind, pid, tid, fd, netns, arg, ino, ret, ts, family, lport, rport, flags, laddr,
+         raddr) = RECORD.unpack_from(data)
         try:
             k = EventKind(kind)
         except ValueError:
@@ -121,7 +125,17 @@ class SocketEvent:
             rport=socket.ntohs(rport),
             listen_fd=arg if k == EventKind.ACCEPT else None,
             child_pid=arg if k == EventKind.FORK else None,
+            stopped=bool(flags & FLAG_STOPPED),
         )
+
+
+def _eager_keys(addr: str, port: int) -> list[bytes]:
+    ip = ipaddress.ip_address(addr)
+    if ip.version == 4:
+        mapped = b"\0" * 10 + b"\xff\xff" + ip.packed
+        return [EAGER_KEY.pack(socket.AF_INET, port, ip.packed),
+                EAGER_KEY.pack(socket.AF_INET6, port, mapped)]
+    return [EAGER_KEY.pack(socket.AF_INET6, port, ip.packed)]
 
 
 class Tracer:
@@ -354,6 +368,59 @@ class Tracer:
                 )
             )
         return out
+
+    # ------------------------------------------------------------------ eager swap maps
+
+    def eager_listener(self, addr: str, port: int, on: bool = True) -> None:
+        """Stop new connections to (connect) or accepted on (accept) overlay `addr:port` at
+        the syscall's return, or no longer (``on=False``). IPv4 addresses are entered in
+        both forms, plain and v4-mapped (a dual-stack socket reports the latter)."""
+        lst = self._map("eager_listeners")
+        for key in _eager_keys(addr, port):
+            if on:
+                lst[key] = (1).to_bytes(4, "little")
+            else:
+                with contextlib.suppress(KeyError, BPFError):
+                    lst.delete(key)
+
+    def eager_peer(self, cidr: str, on: bool = True) -> None:
+        """Accepts from pod CIDR `cidr` (served by a live peer router) may be stopped."""
+        net = ipaddress.ip_network(cidr, strict=False)
+        if net.version == 4:
+            addr, plen = b"\0" * 10 + b"\xff\xff" + net.network_address.packed, 96 + net.prefixlen
+        else:
+            addr, plen = net.network_address.packed, net.prefixlen
+        key = EAGER_PEER_KEY.pack(plen, addr)
+        peers = self._map("eager_peers")
+        if on:
+            peers[key] = (1).to_bytes(4, "little")
+        else:
+            with contextlib.suppress(KeyError, BPFError):
+                peers.delete(key)
+
+    def eager_clear(self) -> None:
+        """Forget every eager listener and peer: nothing is stopped any more."""
+        for name in ("eager_listeners", "eager_peers"):
+            m = self._map(name)
+            for k in list(m.keys()):
+                with contextlib.suppress(KeyError, BPFError):
+                    m.delete(k)
+
+    def eager_entries(self) -> tuple[int, int]:
+        """(listener keys, peer CIDRs) in the kernel maps now."""
+        return (sum(1 for _ in self._map("eager_listeners")),
+                sum(1 for _ in self._map("eager_peers")))
+
+    @property
+    def stops_map(self) -> Map:
+        """u32 pid -> u64 ktime of each process a program stopped and the daemon has not
+        resumed (its fd is handed to the guardian)."""
+        return self._map("stops")
+
+    def stop_settled(self, pid: int) -> None:
+        """`pid` was resumed (or is gone): forget its stop."""
+        with contextlib.suppress(KeyError, BPFError):
+            self._map("stops").delete(pid.to_bytes(4, "little"))
 
     def _forget_pid(self, pid: int) -> None:
         tracked = self._map("tracked")

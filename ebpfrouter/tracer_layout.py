@@ -21,6 +21,9 @@ from bpf_asm.tracefs import EventFormat, event_format
 
 __all__ = [
     "CONFIG_VALUE",
+    "EAGER_KEY",
+    "EAGER_PEER_KEY",
+    "FLAG_STOPPED",
     "EventKind",
     "KernelLayout",
     "RECORD",
@@ -63,16 +66,22 @@ SYSCALL_KIND = {
 #   0 u32 kind      4 u32 pid (tgid)    8 u32 tid        12 s32 fd
 #  16 u32 netns    20 s32 arg (accept: listening fd; fork: child pid; else -1)
 #  24 u64 sock_ino  32 s64 ret          40 u64 ktime_ns
-#  48 u16 family   50 u16 lport (host order)  52 u16 rport (network order)  54 u16 pad
+#  48 u16 family   50 u16 lport (host order)  52 u16 rport (network order)
+#  54 u16 flags (FLAG_STOPPED: the program stopped the caller for the eager swap)
 #  56 u8 laddr[16] 72 u8 raddr[16]      (IPv4: first 4 bytes)
 RECORD = struct.Struct("=IIIiIiQqQHHHH16s16s")
 RECORD_SIZE = RECORD.size
 OFF_KIND, OFF_PID, OFF_TID, OFF_FD, OFF_NETNS, OFF_ARG = 0, 4, 8, 12, 16, 20
 OFF_INO, OFF_RET, OFF_TS = 24, 32, 40
-OFF_FAMILY, OFF_LPORT, OFF_RPORT = 48, 50, 52
+OFF_FAMILY, OFF_LPORT, OFF_RPORT, OFF_FLAGS = 48, 50, 52, 54
 OFF_LADDR, OFF_RADDR = 56, 72
 assert RECORD_SIZE == 88
 
+FLAG_STOPPED = 1
+#: eager_listeners key: u16 family, u16 port (host order), u8 addr[16] (IPv4: first 4 bytes)
+EAGER_KEY = struct.Struct("=HH16s")
+#: eager_peers key (LPM trie): u32 prefix length, u8 addr[16] (IPv4 v4-mapped, /96 + n)
+EAGER_PEER_KEY = struct.Struct("=I16s")
 #: stash value: u32 fd, u32 kind, u32 netns, u32 pad (key: u64 pid_tgid)
 STASH_VALUE = struct.Struct("=IIII")
 #: tracked key: u32 pid, s32 fd

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -51,9 +52,13 @@ from bpf_asm.relocate import MapFd
 
 from .tracer_layout import (
     CONFIG_VALUE,
+    EAGER_KEY,
+    EAGER_PEER_KEY,
+    FLAG_STOPPED,
     OFF_ARG,
     OFF_FAMILY,
     OFF_FD,
+    OFF_FLAGS,
     OFF_INO,
     OFF_KIND,
     OFF_LADDR,
@@ -87,6 +92,9 @@ __all__ = ["MAX_TRACKED", "RING_SIZE", "TRACEPOINTS", "EventKind", "ProgramDef",
 # The hash maps are LRU, so nothing can fill them up for good.
 
 MAX_TRACKED = 65536  # entries of stash, tracked and pids (the daemon's default)
+MAX_EAGER_LISTENERS = 16384
+MAX_EAGER_PEERS = 1024
+MAX_STOPS = 16384
 RING_SIZE = 1 << 20  # bytes of the events ring buffer
 
 
@@ -108,6 +116,13 @@ def map_specs(
     * ``stash`` (pid_tgid -> :data:`STASH_VALUE`): a syscall's enter, waiting for its exit;
     * ``tracked`` (:data:`TRACKED_KEY` -> :data:`TRACKED_VALUE`): the sockets being followed;
     * ``pids`` (u32 pid -> u32 1): processes with tracked sockets (their exit and forks count);
+    * ``eager_listeners`` (:data:`EAGER_KEY` -> u32 flags): overlay listeners whose new
+      connections are stopped at `connect()`/`accept()` return (peers' announced listeners for
+      the client side, ours for the server side), kept by the daemon;
+    * ``eager_peers`` (LPM trie, :data:`EAGER_PEER_KEY` -> u32 1): remote pod CIDRs served by a
+      live peer router (IPv4 as v4-mapped); an accept is stopped only from one of them;
+    * ``stops`` (u32 pid -> u64 ktime): processes a program stopped that the daemon has not
+      resumed yet (the guardian resumes them if the daemon dies);
     * ``events``: see :func:`events_spec`.
     """
     return {
@@ -117,6 +132,11 @@ def map_specs(
             "lru_hash", TRACKED_KEY.size, TRACKED_VALUE.size, max_tracked, name="er_tracked"
         ),
         "pids": MapSpec("lru_hash", 4, 4, max_tracked, name="er_pids"),
+        "eager_listeners": MapSpec("hash", EAGER_KEY.size, 4, MAX_EAGER_LISTENERS,
+                                   name="er_eager_lst"),
+        "eager_peers": MapSpec("lpm_trie", EAGER_PEER_KEY.size, 4, MAX_EAGER_PEERS,
+                               name="er_eager_peer"),
+        "stops": MapSpec("hash", 4, 8, MAX_STOPS, name="er_stops"),
         "events": events_spec(ringbuf, ring_size),
     }
 
@@ -128,11 +148,16 @@ _KEY = _SCRATCH - 8  # u64 pid_tgid / u32 0 for the config lookup
 _TKEY = _KEY - 8  # tracked key
 _SVAL = _TKEY - 16  # stash value / tracked value
 _ZERO = _SVAL - 8  # u32 0 for array lookups
+_EKEY = _ZERO - 24  # eager_listeners key (EAGER_KEY, 20 bytes)
+_PKEY = _EKEY - 24  # eager_peers key (EAGER_PEER_KEY, 20 bytes)
 
 BPF_ANY = 0
 BPF_F_CURRENT_CPU = 0xFFFFFFFF
 S_IFMT = 0o170000
 S_IFSOCK = 0o140000
+SIGSTOP = 19
+# bytes 8..11 of a v4-mapped IPv6 address (00 00 ff ff) as the s32 a BPF store takes
+_V4MAPPED_WORD = int.from_bytes(b"\0\0\xff\xff", sys.byteorder, signed=True)
 
 
 @dataclass(frozen=True)
@@ -446,6 +471,8 @@ def _exit_program(lay: KernelLayout, args: TracepointArgs, sc: str, ringbuf: boo
     b.stx(16, R10, R1, _REC + OFF_LPORT)
     g.read_field(R1, R8, lay.sk_dport, "emit")
     b.stx(16, R10, R1, _REC + OFF_RPORT)
+    if kind in (EventKind.ACCEPT, EventKind.CONNECT):
+        _stop_if_eager(g, kind)
     b.label("emit")
     g.emit_record()
     # Track (pid, fd) -> (inode, netns), and the pid.
@@ -470,6 +497,64 @@ def _exit_program(lay: KernelLayout, args: TracepointArgs, sc: str, ringbuf: boo
     b.call("map_update_elem")
     g.finish()
     return b
+
+
+def _stop_if_eager(g: _Gen, kind: EventKind) -> None:
+    """Stop the caller (SIGSTOP to this thread: the whole process group-stops before it runs
+    another instruction of its own) if the connection is eligible for the eager swap, and flag
+    the record `stopped`. Eligible: a connect to a listener in ``eager_listeners`` (a live
+    peer announced it), or an accept on one of ours from a pod CIDR in ``eager_peers``.
+    Falls through to "emit" either way. r1-r5, r0 clobbered; r8 (the sock) is not needed after.
+    """
+    b = g.b
+    skip = g.fresh("not_eager")
+    addr, port = (OFF_RADDR, OFF_RPORT) if kind == EventKind.CONNECT else (OFF_LADDR, OFF_LPORT)
+    b.ldx(16, R1, R10, _REC + OFF_FAMILY)
+    b.stx(16, R10, R1, _EKEY)
+    b.ldx(16, R1, R10, _REC + port)
+    if kind == EventKind.CONNECT:
+        b.be(R1, 16)  # skc_dport is in network order; the key's port is in host order
+    b.stx(16, R10, R1, _EKEY + 2)
+    for off in range(0, 16, 4):  # (the key's address is 4-byte aligned only)
+        b.ldx(32, R1, R10, _REC + addr + off)
+        b.stx(32, R10, R1, _EKEY + 4 + off)
+    b.ld_map_fd(R1, "eager_listeners")
+    b.mov64(R2, R10).add64(R2, _EKEY)
+    b.call("map_lookup_elem")
+    b.jeq(R0, 0, skip)
+    if kind == EventKind.ACCEPT:  # and the client is a remote pod served by a live peer
+        b.st(32, R10, _PKEY, 128)
+        b.ldx(16, R1, R10, _REC + OFF_FAMILY)
+        v6 = g.fresh("peer_v6")
+        look = g.fresh("peer_lookup")
+        b.jne(R1, socket.AF_INET, v6)
+        b.st(32, R10, _PKEY + 4, 0)
+        b.st(32, R10, _PKEY + 8, 0)
+        b.st(32, R10, _PKEY + 12, _V4MAPPED_WORD)  # ::ffff:a.b.c.d
+        b.ldx(32, R1, R10, _REC + OFF_RADDR)
+        b.stx(32, R10, R1, _PKEY + 16)
+        b.ja(look)
+        b.label(v6)
+        for off in range(0, 16, 4):
+            b.ldx(32, R1, R10, _REC + OFF_RADDR + off)
+            b.stx(32, R10, R1, _PKEY + 4 + off)
+        b.label(look)
+        b.ld_map_fd(R1, "eager_peers")
+        b.mov64(R2, R10).add64(R2, _PKEY)
+        b.call("map_lookup_elem")
+        b.jeq(R0, 0, skip)
+    b.mov64(R1, SIGSTOP)
+    b.call("send_signal_thread")
+    b.jne(R0, 0, skip)
+    b.st(16, R10, _REC + OFF_FLAGS, FLAG_STOPPED)
+    b.call("ktime_get_ns")
+    b.stx(64, R10, R0, _SCRATCH)
+    b.ld_map_fd(R1, "stops")
+    b.mov64(R2, R10).add64(R2, _REC + OFF_PID)
+    b.mov64(R3, R10).add64(R3, _SCRATCH)
+    b.mov64(R4, BPF_ANY)
+    b.call("map_update_elem")
+    b.label(skip)
 
 
 def _close_exit_program(lay: KernelLayout, args: TracepointArgs, ringbuf: bool) -> Builder:

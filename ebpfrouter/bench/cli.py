@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import shlex
 import signal
 import sys
@@ -77,6 +78,9 @@ def run_bench(args: argparse.Namespace) -> int:
                         rule_files=args.rule, command=command,
                         router_loglevel=args.router_loglevel,
                         order=args.order or ("phased" if args.quick else "grouped"))
+    if importlib.util.find_spec("matplotlib") is None:
+        _progress("[bench] matplotlib is not installed: results.json and results.md only, no "
+                  "PNG plots (for plots: pip install 'ebpf-router[bench]')")
     try:
         with interrupt_on(signal.SIGTERM):  # SIGTERM = Ctrl-C: the runner cleans up
             result = run_suite(opts, _progress)

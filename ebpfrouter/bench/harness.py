@@ -59,21 +59,6 @@ def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def require_tool(name: str, workload: str) -> str:
-    """The path of `name`, or a BenchError naming the workload and the Debian package."""
-    path = shutil.which(name)
-    if path is None:
-        raise BenchError(f"{workload}: {name} is not installed (Debian: apt-get install "
-                         f"{TOOL_PACKAGES.get(name, name)})")
-    return path
-
-
-TOOL_PACKAGES = {"iperf3": "iperf3", "sockperf": "sockperf", "redis-server": "redis-server",
-                 "redis-benchmark": "redis-tools", "memcached": "memcached",
-                 "memcaslap": "libmemcached-tools", "mpirun": "openmpi-bin",
-                 "mpicc": "libopenmpi-dev"}
-
-
 class Harness:
     """Runs things in a testbed's pods and nodes; `endpoints(mode)` says which."""
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import tools
 from ..testbed import Testbed, TestbedError
 from .harness import BenchError, Harness, RouterSet
 from .report import MODES, fmt
@@ -42,7 +43,8 @@ class BenchOptions:
 
 
 def make_workloads(opts: BenchOptions) -> list[Workload]:
-    """Instantiate the selected workloads; unknown keys name the known ones."""
+    """Instantiate the selected workloads; unknown keys name the known ones, and every missing
+    tool is named with the packages to install (before anything runs)."""
     unknown = [k for k in opts.keys if k not in WORKLOADS]
     if unknown:
         raise BenchError(f"unknown workload {', '.join(unknown)} (known: {', '.join(WORKLOADS)})")
@@ -50,8 +52,13 @@ def make_workloads(opts: BenchOptions) -> list[Workload]:
     if bad_modes:
         raise BenchError(f"unknown mode {', '.join(bad_modes)} (known: {', '.join(MODES)})")
     workloads = [WORKLOADS[k](opts.quick) for k in dict.fromkeys(opts.keys)]
-    for w in workloads:
-        w.check()
+    absent = tools.missing(t for w in workloads for t in w.tools())
+    if absent:
+        who = {t: [w.key for w in workloads if t in w.tools()] for t in absent}
+        raise BenchError("missing tools (" + "; ".join(f"{t}: {', '.join(k)}"
+                                                      for t, k in who.items()) + "): "
+                         + tools.describe_missing(absent)
+                         + "; or leave those workloads out (ebpf-router bench KEY...)")
     return workloads
 
 

@@ -666,7 +666,7 @@ def test_health_and_metrics(bed, routers):
                             "/readyz", "/metrics"])
     lines = dict(line.split(" ", 1) for line in res.stdout.splitlines())
     assert lines["/healthz"].startswith("200") and lines["/readyz"].startswith("200")
-    assert "ebpf_router_connections_bypassed 1" in lines["/metrics"]
+    assert "ebpf_router_connections_bypassed_total 1" in lines["/metrics"]
 
 
 @pytest.mark.root

@@ -25,6 +25,8 @@ from bpf_asm.isa import Instruction
 from ebpfrouter.tracer import EventKind, SocketEvent, Tracer, netns_inode, socket_inode
 from ebpfrouter.tracer_layout import (
     CONFIG_VALUE,
+    EAGER_KEY,
+    EAGER_PEER_KEY,
     RECORD,
     RECORD_SIZE,
     STASH_VALUE,
@@ -33,7 +35,14 @@ from ebpfrouter.tracer_layout import (
     KernelLayout,
     TracepointArgs,
 )
-from ebpfrouter.tracer_programs import TRACEPOINTS, generate_programs, map_specs
+from ebpfrouter.tracer_programs import (
+    MAX_EAGER_LISTENERS,
+    MAX_EAGER_PEERS,
+    MAX_STOPS,
+    TRACEPOINTS,
+    generate_programs,
+    map_specs,
+)
 from ebpfrouter.tracer_seed import parse_proc_net_tcp
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -214,9 +223,12 @@ def test_every_map_a_program_uses_has_a_spec() -> None:
         "stash": (8, STASH_VALUE.size, 128),
         "tracked": (TRACKED_KEY.size, TRACKED_VALUE.size, 128),
         "pids": (4, 4, 128),
+        "eager_listeners": (EAGER_KEY.size, 4, MAX_EAGER_LISTENERS),
+        "eager_peers": (EAGER_PEER_KEY.size, 4, MAX_EAGER_PEERS),
+        "stops": (4, 8, MAX_STOPS),
         "events": (None, None, 1 << 20),
     }
-    assert all(s.name == "er_" + n for n, s in specs.items())
+    assert all(s.name.startswith("er_") and len(s.name) < 16 for s in specs.values())
     assert map_specs()["stash"] is not map_specs()["stash"]  # fresh specs, nothing shared
 
 

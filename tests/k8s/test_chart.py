@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import subprocess
 from pathlib import Path
 
@@ -58,6 +59,12 @@ def validate_all(docs: list[dict], kube_version: str = KUBE_VERSION) -> None:
             pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} at {path}: {exc.message}")
 
 
+def named(docs: list[dict], kind: str, name: str) -> dict:
+    found = [d for d in by_kind(docs, kind) if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name}, got {len(found)}"
+    return found[0]
+
+
 def router_container(docs: list[dict]) -> dict:
     containers = one(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"]
     return next(c for c in containers if c["name"] == "router")
@@ -108,10 +115,13 @@ def test_daemonset_shape(helm: str, chart: Path) -> None:
     assert "hostIPC" not in pod
     assert pod["priorityClassName"] == "system-node-critical"
     host_paths = {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
-    assert host_paths == {"/sys/fs/bpf", "/sys/kernel/tracing", "/sys/kernel/btf"}
+    assert host_paths == {"/sys/fs/bpf", "/sys/kernel/tracing", "/sys/kernel/btf",
+                          "/sys/fs/cgroup"}
     router = router_container(docs)
     mounts = {m["mountPath"]: m for m in router["volumeMounts"]}
     assert mounts["/sys/kernel/btf"]["readOnly"] is True
+    # The node's cgroup hierarchy, where address virtualization attaches: read-only will do.
+    assert mounts["/sys/fs/cgroup"]["readOnly"] is True
     assert mounts["/etc/rules"]["readOnly"] is True
     assert not any(p.startswith("/usr/src") for p in mounts)
     sc = router["securityContext"]
@@ -193,7 +203,7 @@ def parse_key_values(text: str) -> dict[str, str]:
 
 def test_rules_configmap_matches_values_and_loads(helm: str, chart: Path, tmp_path: Path) -> None:
     docs = render(helm, chart, "-f", str(FULL_VALUES))
-    data = one(docs, "ConfigMap")["data"]
+    data = named(docs, "ConfigMap", "bypass-router-rules")["data"]
     wanted = yaml.safe_load(FULL_VALUES.read_text())["rules"]
     assert set(data) == set(wanted)
     for name, rule in wanted.items():
@@ -203,6 +213,16 @@ def test_rules_configmap_matches_values_and_loads(helm: str, chart: Path, tmp_pa
     # The router's own loader reads the rendered files.
     rules = RuleSet.load(tmp_path)
     assert len(rules.filters) == 2 and len(rules.validators) == 2
+
+
+def test_grafana_dashboard_configmap_carries_the_file(helm: str, chart: Path) -> None:
+    docs = render(helm, chart, "-f", str(FULL_VALUES))
+    cm = named(docs, "ConfigMap", "bypass-router-dashboard")
+    assert cm["metadata"]["namespace"] == "monitoring"
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["labels"]["team"] == "networking"
+    shipped = (chart / "dashboards" / "ebpf-router.json").read_text()
+    assert json.loads(cm["data"]["ebpf-router.json"]) == json.loads(shipped)
 
 
 def test_no_rules_renders_an_empty_configmap(helm: str, chart: Path) -> None:
