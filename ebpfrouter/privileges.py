@@ -5,6 +5,12 @@ afterwards, the bounding, effective, permitted, inheritable and ambient capabili
 `keep`, and sets `PR_SET_NO_NEW_PRIVS` (no exec can gain privileges back, setuid binaries and
 file capabilities included). It uses `capget`/`capset`/`prctl` through ctypes.
 
+Reducing the bounding set needs CAP_SETPCAP, which the Helm chart does not add (a container
+whose bounding set is the chart's list has nothing else in it anyway). Without it the bounding
+set is left as it is and reported in `bounding_kept`: those capabilities are out of reach all
+the same, since they are no longer permitted (capset cannot add them back) and no_new_privs
+caps what any execve, even a root one, may be granted at the permitted set it had.
+
 Capabilities are a per-thread attribute in Linux: call it while the daemon has one thread
 (before any executor or watcher thread starts); threads created later inherit the reduced
 sets. `DroppedReport.other_threads` names any thread that still holds more.
@@ -140,6 +146,7 @@ class DroppedReport:
     missing: tuple[str, ...]  # asked to keep but not held in the first place
     no_new_privs: bool
     other_threads: tuple[int, ...]  # tids of this process still holding more than `kept`
+    bounding_kept: tuple[str, ...] = ()  # left in the bounding set: no CAP_SETPCAP to drop them
 
 
 def last_cap() -> int:
@@ -247,27 +254,28 @@ def chart_capabilities() -> list[str]:
 def drop_privileges(keep: set[str] | frozenset[str]) -> DroppedReport:
     """Reduce every capability set of the calling thread to `keep` and set no_new_privs.
 
-    Order: ambient cleared, bounding set reduced (needs CAP_SETPCAP, which goes last),
-    inheritable cleared, permitted and effective set to `keep`. Idempotent; a capability in
-    `keep` that is not held is reported in `missing`, never gained.
+    Order: ambient cleared, bounding set reduced (if CAP_SETPCAP is effective; it goes with
+    the rest), inheritable cleared, permitted and effective set to `keep`. Idempotent; a
+    capability in `keep` that is not held is reported in `missing`, never gained.
     """
     _check_names(keep)
     before = current()
     held = before.permitted
     # ambient capabilities would survive execve of unprivileged programs: clear them
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "CAP_AMBIENT_CLEAR_ALL")
-    bounding_dropped = []
+    bounding_dropped, bounding_kept = [], []
     for name in sorted(before.bounding - keep, key=CAP_NUMBERS.__getitem__):
         if "CAP_SETPCAP" not in before.effective:
-            raise PrivilegeError(1, f"cannot drop {name} from the bounding set without "
-                                    "CAP_SETPCAP in the effective set")
+            bounding_kept.append(name)  # unreachable once not permitted, under no_new_privs
+            continue
         _prctl(PR_CAPBSET_DROP, CAP_NUMBERS[name], f"CAPBSET_DROP {name}")
         bounding_dropped.append(name)
     kept = held & keep
     _capset(_mask(kept), _mask(kept), 0)
     _prctl(PR_SET_NO_NEW_PRIVS, 1, "SET_NO_NEW_PRIVS")
     after = current()
-    if after.permitted != kept or after.effective != kept or after.bounding - keep:
+    if after.permitted != kept or after.effective != kept or \
+            after.bounding - keep - set(bounding_kept):
         raise PrivilegeError(1, f"capabilities after the drop are {sorted(after.permitted)}, "
                                 f"expected {sorted(kept)}")
     me = threading.get_native_id()
@@ -290,4 +298,5 @@ def drop_privileges(keep: set[str] | frozenset[str]) -> DroppedReport:
         missing=tuple(sorted(set(keep) - held, key=CAP_NUMBERS.__getitem__)),
         no_new_privs=no_new_privs(),
         other_threads=tuple(sorted(others)),
+        bounding_kept=tuple(bounding_kept),
     )

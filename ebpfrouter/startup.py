@@ -125,6 +125,9 @@ def drop_privileges(counters: collections.Counter[str]) -> list[str] | None:
         log.warning("threads %s still hold more capabilities than %s", report.other_threads,
                     ", ".join(report.kept))
     log.info("capabilities kept: %s", ", ".join(report.kept))
+    if report.bounding_kept:
+        log.info("bounding set keeps %s (no CAP_SETPCAP to drop them; not permitted, and "
+                 "no_new_privs stops any exec from gaining them)", ", ".join(report.bounding_kept))
     return list(report.kept)
 
 

@@ -270,6 +270,36 @@ def test_daemon_set_keeps_run_time_operations_and_loses_the_rest(target, netns_p
     assert f"CapEff:\t{mask:016x}" in out["exec"] and f"CapBnd:\t{mask:016x}" in out["exec"]
 
 
+def test_drop_in_the_charts_container_without_setpcap() -> None:
+    """The chart's container: bounding set = the chart's list, no CAP_SETPCAP. The drop still
+    happens (it used to give up and keep everything): permitted and effective reduced,
+    no_new_privs set, the start-up capabilities left in the bounding set but out of reach,
+    also for a root program exec'd afterwards."""
+    chart = {f"CAP_{c}" for c in privileges.chart_capabilities()}
+    keep = privileges.daemon_required(tracer_open=True)
+
+    def prepare() -> None:
+        for name in sorted(privileges.current().bounding - chart):
+            privileges._prctl(privileges.PR_CAPBSET_DROP, privileges.CAP_NUMBERS[name], name)
+        privileges._capset(privileges._mask(chart), privileges._mask(chart), 0)
+
+    def act(_: Any) -> Any:
+        report = drop_privileges(keep)  # again, for the report (idempotent)
+        status = _status()
+        execd = subprocess.run(["grep", "^Cap[EPB]", "/proc/self/status"],
+                               capture_output=True, text=True, check=True).stdout
+        return report, status, execd
+
+    result = in_child(prepare, keep, act)
+    assert result[0] == "ok", result
+    report, status, execd = result[1]
+    mask = privileges._mask(keep)
+    assert report.bounding_kept == ("CAP_PERFMON", "CAP_BPF") and report.no_new_privs
+    assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == mask
+    assert int(status["CapBnd"], 16) == privileges._mask(chart)
+    assert f"CapPrm:\t{mask:016x}" in execd and f"CapEff:\t{mask:016x}" in execd, execd
+
+
 def test_report_and_idempotence() -> None:
     def act(_: Any) -> Any:
         again = drop_privileges({"CAP_SYS_PTRACE", "CAP_CHOWN"})  # CAP_CHOWN is gone already

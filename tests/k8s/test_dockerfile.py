@@ -73,3 +73,43 @@ def test_hadolint_is_clean() -> None:
     proc = subprocess.run([hadolint, "--no-color", str(DOCKERFILE)], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def build_args() -> dict[str, list[str]]:
+    """Every `ARG NAME=default` of the Dockerfile: name -> defaults, in order of appearance."""
+    out: dict[str, list[str]] = {}
+    for command in dockerfile.parse_file(str(DOCKERFILE)):
+        if command.cmd == "ARG" and "=" in command.value[0]:
+            name, default = command.value[0].split("=", 1)
+            out.setdefault(name, []).append(default)
+    return out
+
+
+def test_crictl_is_pinned_by_digest_for_each_architecture() -> None:
+    import re
+
+    args = build_args()
+    assert len(set(args["CRICTL_VERSION"])) == 1  # the crictl stage and the label agree
+    assert re.fullmatch(r"v\d+\.\d+\.\d+", args["CRICTL_VERSION"][0])
+    for arch in ("AMD64", "ARM64"):
+        assert re.fullmatch(r"[0-9a-f]{64}", args[f"CRICTL_SHA256_{arch}"][0]), arch
+    crictl_stage = next(s for s in stages() if s[0].value[-1] == "crictl")
+    run = " ".join(c.value[0] for c in crictl_stage if c.cmd == "RUN")
+    assert "sha256sum -c" in run and ".sha256" not in run  # checked against the pin only
+    assert not any(c.cmd == "ADD" for c in crictl_stage)
+
+
+def test_oci_labels_name_version_commit_and_source() -> None:
+    import yaml
+
+    labels_cmd = next(c for c in stages()[-1] if c.cmd == "LABEL")
+    labels = dict(zip(labels_cmd.value[::2], (v.strip('"') for v in labels_cmd.value[1::2]),
+                      strict=True))
+    assert labels["org.opencontainers.image.version"] == "${VERSION}"
+    assert labels["org.opencontainers.image.revision"] == "${REVISION}"
+    assert labels["org.opencontainers.image.source"] == "${SOURCE}"
+    args = build_args()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    chart = yaml.safe_load((ROOT / "charts" / "ebpf-router" / "Chart.yaml").read_text())
+    assert args["VERSION"] == [project["version"]] == [chart["appVersion"]]
+    assert args["SOURCE"] == [chart["sources"][0]]
