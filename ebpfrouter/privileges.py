@@ -35,9 +35,11 @@ What each daemon operation needs (kernel 5.8+; each line is checked by
                                               read-write open would need CAP_DAC_OVERRIDE)
     setns into a pod's network namespace   CAP_SYS_ADMIN
     bind a host listener below port 1024   CAP_NET_BIND_SERVICE (the overlay port is reused)
+    SIGCONT a stopped app of another uid   CAP_KILL (the eager swap's resume; uid 0 may
+                                              signal only its own uid's processes without it)
 
 So once the tracer is open the daemon keeps CAP_SYS_PTRACE, CAP_SYS_ADMIN,
-CAP_DAC_READ_SEARCH and CAP_NET_BIND_SERVICE; CAP_BPF and CAP_PERFMON only while it may still
+CAP_DAC_READ_SEARCH, CAP_NET_BIND_SERVICE and CAP_KILL; CAP_BPF and CAP_PERFMON only while it may still
 load or attach programs. `CAPABILITIES` below is the one list: the daemon keeps what it names
 for after start-up, and the Helm chart adds exactly its names (a chart test checks
 `securityContext.capabilities` against `chart_capabilities()`).
@@ -86,6 +88,8 @@ CAPABILITIES: dict[str, tuple[str, str]] = {
                               "the pod's addresses)"),
     "CAP_NET_BIND_SERVICE": ("kept", "bind a host listener on the overlay port when it is "
                                      "below 1024"),
+    "CAP_KILL": ("kept", "kill(2) SIGCONT: resume an app of another uid that the tracer "
+                         "stopped at connect()/accept() return for the eager swap"),
 }
 
 # Which capability each operation of the daemon needs (see the module docstring).
@@ -100,6 +104,7 @@ OPERATION_CAPS: dict[str, frozenset[str]] = {
     "inject_other_uid": frozenset({"CAP_SYS_PTRACE"}),
     "setns_network": frozenset({"CAP_SYS_ADMIN"}),
     "bind_port_below_1024": frozenset({"CAP_NET_BIND_SERVICE"}),
+    "sigcont_other_uid": frozenset({"CAP_KILL"}),
 }
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522

@@ -391,9 +391,10 @@ def test_cross_node_bypassed_every_byte_arrives(bed, shared):
     status1 = routers.status("node1")
     assert status1["counters"]["bypassed_server"] >= 1
     # all of that with only the capabilities the daemon still needs, in every thread
-    assert status1["capabilities"] == ["CAP_DAC_READ_SEARCH", "CAP_NET_BIND_SERVICE",
-                                       "CAP_SYS_PTRACE", "CAP_SYS_ADMIN"]
-    wanted = (1 << 2) | (1 << 10) | (1 << 19) | (1 << 21)
+    assert status1["capabilities"] == ["CAP_DAC_READ_SEARCH", "CAP_KILL",
+                                       "CAP_NET_BIND_SERVICE", "CAP_SYS_PTRACE",
+                                       "CAP_SYS_ADMIN"]
+    wanted = (1 << 2) | (1 << 5) | (1 << 10) | (1 << 19) | (1 << 21)
     pid = routers.procs["node1"].pid
     checked = 0
     for tid in os.listdir(f"/proc/{pid}/task"):

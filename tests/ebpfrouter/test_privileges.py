@@ -10,6 +10,7 @@ import ctypes
 import errno
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import threading
@@ -167,6 +168,9 @@ def operations(target_pid: int, netns_pid: int,
         with socket.socket() as s:
             s.bind(("0.0.0.0", 80))
 
+    def sigcont(_: Any) -> None:  # the eager swap's resume of a non-root pod's process
+        os.kill(other_uid_pid, signal.SIGCONT)
+
     return {
         "bpf_load_tracing_program": (_nothing, load),
         "bpf_create_map": (_nothing, create_map),
@@ -178,6 +182,7 @@ def operations(target_pid: int, netns_pid: int,
         "read_proc_fd_other_uid": (_nothing, other_uid_fds),
         "inject_other_uid": (_nothing, other_uid_memory),
         "bind_port_below_1024": (own_netns, low_bind),
+        "sigcont_other_uid": (_nothing, sigcont),
     }
 
 
@@ -188,7 +193,9 @@ def test_every_operation_is_tested() -> None:
 @pytest.fixture(scope="module")
 def other_uid_proc() -> Iterator[subprocess.Popen]:
     """A process of uid/gid 65534 (nobody), dumpable: its /proc/PID/fd is 0500 and its own."""
-    proc = subprocess.Popen(["sleep", "60"], user=65534, group=65534, extra_groups=[])
+    # (its own session, like a pod's: SIGCONT within one session needs no privilege)
+    proc = subprocess.Popen(["sleep", "60"], user=65534, group=65534, extra_groups=[],
+                            start_new_session=True)
     deadline = time.monotonic() + 5
     while os.stat(f"/proc/{proc.pid}/fd").st_uid != 65534:  # until the exec is done
         assert time.monotonic() < deadline, "the uid 65534 process did not start"
