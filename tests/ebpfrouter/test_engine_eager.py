@@ -1,0 +1,192 @@
+"""The eager swap in the engine, without I/O: stop holds, the message path, every fallback
+resumes the stopped apps exactly once and leaves the connection to the late swap."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from ebpfrouter.engine import (
+    AcceptTraced,
+    ConnectTraced,
+    Engine,
+    EngineConfig,
+    FourTuple,
+    FreezeDone,
+    HostAccepted,
+    HostConnected,
+    HostListenerOpened,
+    ListenTraced,
+    PeerMessage,
+    PeerUp,
+    QueuesChecked,
+    ReplaceDone,
+    Resume,
+    StopUnclaimed,
+    TimerFired,
+)
+from ebpfrouter.engine.actions import (
+    EagerListener,
+    EagerPeer,
+    Freeze,
+    HostConnect,
+    OpenHostListener,
+    ReplaceFd,
+    SendPeer,
+    StartTimer,
+    Thaw,
+)
+from ebpfrouter.engine.keys import ConnTimer, EagerTimer
+
+sys.path.insert(0, os.path.dirname(__file__))
+from enginesim import CLIENT, SERVER, peer_of  # noqa: E402
+
+TUP = FourTuple("10.244.1.2", 40000, "10.244.2.2", 5201)
+CID = b"\x01" * 16
+
+
+def of(actions: list[Any], kind: type) -> list[Any]:
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def client_engine(**config: Any) -> Engine:
+    eng = Engine(EngineConfig(CLIENT, **config), peer_of, new_cid=lambda: CID)
+    eng.handle(PeerMessage(SERVER, "listener_add", {
+        "overlay_addr": "10.244.2.2", "overlay_port": 5201, "host_addr": "192.168.77.2",
+        "host_port": 41000, "eager": True}))
+    return eng
+
+
+def server_engine(**config: Any) -> tuple[Engine, int]:
+    eng = Engine(EngineConfig(SERVER, **config), peer_of)
+    out = eng.handle(ListenTraced(200, 3, 900, "10.244.2.2", 5201))
+    ref = of(out, OpenHostListener)[0].ref
+    out = eng.handle(HostListenerOpened(ref, 77, "192.168.77.2", 41000))
+    assert of(out, EagerListener) == [EagerListener("10.244.2.2", 5201, True, remote=False)]
+    assert of(eng.handle(PeerUp(CLIENT)), EagerPeer) == [EagerPeer(CLIENT, True)]
+    return eng, 77
+
+
+def test_announcements_keep_the_kernel_maps() -> None:
+    eng = Engine(EngineConfig(CLIENT), peer_of)
+    body = {"overlay_addr": "10.244.2.2", "overlay_port": 5201, "host_addr": "192.168.77.2",
+            "host_port": 41000}
+    assert of(eng.handle(PeerMessage(SERVER, "listener_add", body)), EagerListener) == []
+    out = eng.handle(PeerMessage(SERVER, "listener_add", {**body, "eager": True}))
+    assert of(out, EagerListener) == [EagerListener("10.244.2.2", 5201, True, remote=True)]
+    from ebpfrouter.engine import PeerLost
+
+    out = eng.handle(PeerLost(SERVER))
+    assert EagerListener("10.244.2.2", 5201, False, remote=True) in out
+    assert EagerPeer(SERVER, False) in out
+
+
+def test_client_eager_path_resumes_once_after_the_commit() -> None:
+    eng = client_engine()
+    out = eng.handle(ConnectTraced(100, 5, 1000, TUP, 11, stopped=True))
+    connect = of(out, HostConnect)[0]
+    assert connect.bind["eager"] is True and not of(out, Resume)
+    out = eng.handle(HostConnected(connect.ref, 12, 2000))
+    assert of(out, StartTimer)  # waiting for the server, at most eager_wait
+    out = eng.handle(PeerMessage(SERVER, "swap_ready", {"cid": CID, "attempt": 1,
+                                                        "stage": "replaced", "migrate_len": 0}))
+    freeze = of(out, Freeze)[0]
+    out = eng.handle(FreezeDone(freeze.ref))
+    check = out[0]
+    out = eng.handle(QueuesChecked(check.ref, 0, 0, bytes_acked=1, bytes_received=0))
+    replace = of(out, ReplaceFd)[0]
+    assert replace.overlay_local == ("10.244.1.2", 40000)
+    assert replace.overlay_peer == ("10.244.2.2", 5201)
+    out = eng.handle(ReplaceDone(replace.ref))
+    names = [type(a).__name__ for a in out]
+    assert names.index("Thaw") < names.index("Resume")  # SIGCONT after the detach
+    assert of(out, Resume) == [Resume(100)]
+    assert of(out, SendPeer)[0].type == "swap_commit"
+    assert eng.stats["swapped_eager"] == 1
+    assert eng.conns[CID].summary()["path"] == "eager"
+
+
+def test_client_timeout_resumes_and_falls_back_to_the_late_swap() -> None:
+    eng = client_engine(min_age=0.2)
+    out = eng.handle(ConnectTraced(100, 5, 1000, TUP, 11, stopped=True))
+    out = eng.handle(HostConnected(of(out, HostConnect)[0].ref, 12, 2000))
+    timer = of(out, StartTimer)[-1].key
+    out = eng.handle(TimerFired(timer))
+    assert of(out, Resume) == [Resume(100)]
+    assert of(out, SendPeer)[0].type == "swap_abort"
+    later = [a for a in of(out, StartTimer) if isinstance(a.key, ConnTimer)]
+    assert later and later[-1].delay >= 0.2  # the late swap waits for min_age too
+    assert eng.stats["eager_fallback"] == 1
+    assert eng.conns[CID].summary()["path"] == "overlay"
+
+
+def test_a_payload_on_the_overlay_aborts_the_eager_attempt() -> None:
+    eng = client_engine()
+    out = eng.handle(ConnectTraced(100, 5, 1000, TUP, 11, stopped=True))
+    eng.handle(HostConnected(of(out, HostConnect)[0].ref, 12, 2000))
+    out = eng.handle(PeerMessage(SERVER, "swap_ready", {"cid": CID, "attempt": 1,
+                                                        "stage": "replaced", "migrate_len": 0}))
+    out = eng.handle(FreezeDone(of(out, Freeze)[0].ref))
+    out = eng.handle(QueuesChecked(out[0].ref, 0, 0, bytes_acked=12, bytes_received=0))
+    assert not of(out, ReplaceFd) and of(out, Thaw) and of(out, Resume) == [Resume(100)]
+    assert eng.stats["eager_not_pristine"] == 1
+
+
+def test_two_stopped_connects_of_one_process_resume_it_once_at_the_last() -> None:
+    cids = iter([b"\x01" * 16, b"\x02" * 16])
+    eng = Engine(EngineConfig(CLIENT, min_age=0.2), peer_of, new_cid=lambda: next(cids))
+    eng.handle(PeerMessage(SERVER, "listener_add", {
+        "overlay_addr": "10.244.2.2", "overlay_port": 5201, "host_addr": "192.168.77.2",
+        "host_port": 41000, "eager": True}))
+    a = of(eng.handle(ConnectTraced(100, 5, 1000, TUP, 11, stopped=True)), HostConnect)[0]
+    tup2 = FourTuple("10.244.1.2", 40001, "10.244.2.2", 5201)
+    b = of(eng.handle(ConnectTraced(100, 6, 1001, tup2, 13, stopped=True)), HostConnect)[0]
+    timer_a = of(eng.handle(HostConnected(a.ref, 12, 2000)), StartTimer)[-1].key
+    timer_b = of(eng.handle(HostConnected(b.ref, 14, 2001)), StartTimer)[-1].key
+    assert not of(eng.handle(TimerFired(timer_a)), Resume)  # b still needs it stopped
+    assert of(eng.handle(TimerFired(timer_b)), Resume) == [Resume(100)]
+
+
+def test_a_stop_nobody_claims_is_resumed_unless_held() -> None:
+    eng = client_engine()
+    assert of(eng.handle(StopUnclaimed(100)), Resume) == [Resume(100)]
+    eng.handle(ConnectTraced(100, 5, 1000, TUP, 11, stopped=True))
+    assert not of(eng.handle(StopUnclaimed(100)), Resume)
+
+
+def test_ruled_out_or_unannounced_connects_resume_at_once() -> None:
+    eng = Engine(EngineConfig(CLIENT, min_age=0.2), peer_of)  # no listener announced
+    out = eng.handle(ConnectTraced(100, 5, 1000, TUP, 11, stopped=True))
+    assert of(out, Resume) == [Resume(100)] and eng.stats["eager_no_listener"] == 1
+    assert (100, 5) in eng.young  # it ages like any connection
+    eng = Engine(EngineConfig(CLIENT), peer_of, allow=lambda role, pid, conn: False)
+    out = eng.handle(ConnectTraced(100, 5, 1000, TUP, 11, stopped=True))
+    assert of(out, Resume) == [Resume(100)]
+
+
+def test_server_eager_path_and_its_fallbacks() -> None:
+    eng, lst = server_engine()
+    bind = {"cid": CID, **TUP.to_body(), "eager": True}
+    out = eng.handle(AcceptTraced(200, 50, 3000, TUP, 21, stopped=True))
+    assert of(out, StartTimer)[-1].key == EagerTimer(200, 50, 3000)
+    out = eng.handle(HostAccepted(lst, 22, 3001, CLIENT, bind))
+    freeze = of(out, Freeze)[0]
+    out = eng.handle(FreezeDone(freeze.ref))
+    out = eng.handle(QueuesChecked(out[0].ref, 0, 0, bytes_acked=0, bytes_received=0))
+    replace = of(out, ReplaceFd)[0]
+    assert replace.overlay_local == ("10.244.2.2", 5201)
+    assert replace.overlay_peer == ("10.244.1.2", 40000)
+    out = eng.handle(ReplaceDone(replace.ref))
+    assert of(out, SendPeer)[0].body["stage"] == "replaced" and not of(out, Resume)
+    out = eng.handle(PeerMessage(CLIENT, "swap_commit", {"cid": CID, "attempt": 1}))
+    assert of(out, Resume) == [Resume(200)] and eng.stats["swapped_eager"] == 1
+
+    # the client's bind never comes in time: the app resumes, the accept waits as usual
+    eng, lst = server_engine()
+    eng.handle(AcceptTraced(200, 50, 3000, TUP, 21, stopped=True))
+    out = eng.handle(TimerFired(EagerTimer(200, 50, 3000)))
+    assert of(out, Resume) == [Resume(200)]
+    out = eng.handle(HostAccepted(lst, 22, 3001, CLIENT, bind))  # late: decline, no stop
+    assert of(out, SendPeer)[0].body["reason"] == "app not stopped at accept"
+    assert not of(out, Freeze) and not of(out, Resume)
