@@ -61,8 +61,8 @@ def routers_on(bed: Testbed, extra: list[str] | None = None) -> Iterator[Routers
                     print(f"--- router log {node.name}\n{r.log_of(node.name).read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def routers(bed: Testbed) -> Iterator[Routers]:
+@pytest.fixture
+def routers(bed: Testbed) -> Iterator[Routers]:  # (per test: the fault tests run their own)
     with routers_on(bed) as r:
         yield r
 
