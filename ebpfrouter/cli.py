@@ -44,9 +44,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                      help="swap an accepted connection once its app has read from it, or once "
                           "it is this old (at most 8; 0: do not wait for a read; default 0 "
                           "with address virtualization, else 3)")
-    run.add_argument("--eager", choices=("on", "off"), default="on",
+    run.add_argument("--eager", choices=("auto", "always", "off"), default="auto",
                      help="swap new connections at connect()/accept() return, before their "
-                          "first byte (default on; needs address virtualization)")
+                          "first byte: auto (default) for listeners whose connections live "
+                          "past --min-age, learned per listener; always; off. Needs address "
+                          "virtualization")
     run.add_argument("--eager-wait", type=float, default=0.1, metavar="SECONDS",
                      help="how long an app stopped for the eager swap waits for the other "
                           "side before it runs on over the overlay (default 0.1, at most 2)")
@@ -126,7 +128,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                             kubernetes_sync_timeout=args.kubernetes_sync_timeout,
                             scope_netns=list(args.scope_netns),
                             min_age=args.min_age, read_first_wait=args.read_first_wait,
-                            swap_batch=args.swap_batch, eager=args.eager == "on",
+                            swap_batch=args.swap_batch, eager=args.eager != "off",
+                            eager_mode=args.eager if args.eager != "off" else "auto",
                             eager_wait=args.eager_wait,
                             drop_privileges=not args.keep_privileges)
     return run_daemon(options)

@@ -76,6 +76,7 @@ class DaemonOptions:
     # has read from it, or once it is this old (0: at once; None: 0 with address
     # virtualization, else 3 s); see `SwapPolicy.server_ready`
     eager: bool = True  # swap at connect()/accept() return (needs address virtualization)
+    eager_mode: str = "auto"  # which listeners: learned ("auto") or "always"
     eager_wait: float = 0.1  # how long a stopped app waits for the other side
     addrvirt_pin: str | None = ""  # bpffs dir keeping address virtualization across restarts
     # ("": /sys/fs/bpf/ebpf-router/addrvirt-<node, dots as _>; None: not pinned)
@@ -165,7 +166,8 @@ class Daemon:
                         "connections are swapped late")
         w.engine = Engine(EngineConfig(node=scope.node, min_age=opts.min_age,
                                        max_swaps_per_process=opts.swap_batch, eager=eager,
-                                       eager_wait=opts.eager_wait),
+                                       eager_wait=opts.eager_wait,
+                                       eager_mode=opts.eager_mode),
                           scope.peer_of, self.policy.allow, server_ready=self.policy.server_ready,
                           shared=scope.shared)
         self.server = PeerServer(codec, self.peers.on_message, host=scope.host_addr,

@@ -39,9 +39,9 @@ What each daemon operation needs (kernel 5.8+; each line is checked by
                                               signal only its own uid's processes without it)
 
 So once the tracer is open the daemon keeps CAP_SYS_PTRACE, CAP_SYS_ADMIN,
-CAP_DAC_READ_SEARCH, CAP_NET_BIND_SERVICE and CAP_KILL; CAP_BPF and CAP_PERFMON only while it may still
-load or attach programs. `CAPABILITIES` below is the one list: the daemon keeps what it names
-for after start-up, and the Helm chart adds exactly its names (a chart test checks
+CAP_DAC_READ_SEARCH, CAP_NET_BIND_SERVICE and CAP_KILL; CAP_BPF and CAP_PERFMON only while it
+may still load or attach programs. `CAPABILITIES` below is the one list: the daemon keeps
+what it names for after start-up, and the Helm chart adds exactly its names (a chart test checks
 `securityContext.capabilities` against `chart_capabilities()`).
 
 CAP_DAC_READ_SEARCH, not CAP_DAC_OVERRIDE: the router only reads and searches (listing fds,

@@ -286,6 +286,8 @@ class Admission:
         conn.pid, conn.fd, conn.inode, conn.overlay_sock = ev.pid, ev.fd, ev.inode, ev.sock
         core.by_fd[(ev.pid, ev.fd)] = conn.cid
         self.stats["bound"] += 1
+        if not conn.eager:  # its client waited min_age: a long connection
+            self.listeners.outcome((conn.tuple.server_addr, conn.tuple.server_port), long=True)
 
     def _pop_accept(self, tup: FourTuple) -> AcceptTraced | None:
         """Take a traced accept that waits for its bind out of `accepts` (and its index)."""
@@ -357,6 +359,7 @@ class Admission:
             acc = self._pop_accept(tup)
             assert acc is not None
             self.let_go(acc, AcceptTimer, "closed_before_bind", short=True)
+            self.listeners.outcome((acc.conn.server_addr, acc.conn.server_port), long=False)
 
     def unstarted_fds(self, pid: int) -> set[FdKey]:
         """Every fd of `pid` waiting in a table."""

@@ -87,6 +87,7 @@ class Conn:
     peer_waiting: bool = False  # client: the server said "wait"; next attempt freezes it first
     eager: bool = False  # an eager swap is under way or still possible (the bind said so)
     path: str = ""  # how it was swapped: "eager" or "late" (status)
+    aging: bool = False  # server, swapped eagerly: min_age not reached yet (its AgeTimer runs)
     now: Attempt = dataclasses.field(default_factory=Attempt)
 
     def __setattr__(self, name: str, value: Any) -> None:

@@ -54,6 +54,13 @@ class EngineConfig:
     # side (its accept, the peer's replace) before it resumes on the overlay.
     eager: bool = True
     eager_wait: float = 0.1
+    # Which of our listeners are eager: "auto" learns it per listener from the lifetimes of
+    # its connections (`ListenerBook.outcome`): eager once `eager_after` connections lived
+    # past `min_age` and at most a quarter of the last `eager_window` closed younger;
+    # "always" makes every listener eager from its first connection.
+    eager_mode: str = "auto"
+    eager_after: int = 3
+    eager_window: int = 32
 
 
 @dataclasses.dataclass
@@ -81,6 +88,8 @@ class Core:
         self.refs: dict[int, Ref] = {}
         self._next_ref = 1
         self.out: list[Action] = []
+        # our listener's connection `tup` lived past min_age (True) or closed younger
+        self.lifetime: Callable[[FourTuple, bool], None] = lambda tup, long: None
 
     def emit(self, action: Action) -> None:
         """Ask for `action` (returned by `Engine.handle`, in order)."""

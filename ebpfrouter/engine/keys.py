@@ -70,6 +70,20 @@ class StoppedAccept(FdTimer):
     kind = "stopped_accept"
 
 
+class AgeTimer(TimerKey):
+    """A connection swapped eagerly on the server side has lived `min_age`: a long one."""
+
+    kind = "age"
+
+    def __new__(cls, cid: bytes) -> AgeTimer:
+        return tuple.__new__(cls, (cls.kind, cid))
+
+    @property
+    def cid(self) -> bytes:
+        """The connection's id."""
+        return bytes(self[1])
+
+
 class BindTimer(TimerKey):
     """A bind gives up waiting for its accept."""
 

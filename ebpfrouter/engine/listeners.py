@@ -3,6 +3,7 @@ peers' announcements (where to connect for an overlay address)."""
 
 from __future__ import annotations
 
+import collections
 import logging
 from typing import Any
 
@@ -28,6 +29,9 @@ class ListenerBook:
         self.local: dict[tuple[int, int], Listener] = {}
         self.remote: dict[tuple[str, int], RemoteListener] = {}
         self.remote_eager: set[tuple[str, int]] = set()  # remote listeners in the kernel map
+        # (addr, port) of ours -> lifetimes of its recent connections (True: lived past
+        # min_age), for `eager_mode` "auto"
+        self.lifetimes: dict[tuple[str, int], collections.deque[bool]] = {}
 
     def traced(self, ev: ListenTraced) -> None:
         """A local pod listens: open a host listener for it (one per overlay addr:port)."""
@@ -54,7 +58,8 @@ class ListenerBook:
             core.emit(CloseSocket(ev.sock))
             return
         listener.sock, listener.host_addr, listener.host_port = ev.sock, ev.host_addr, ev.host_port
-        listener.eager = core.config.eager
+        listener.eager = core.config.eager and (
+            core.config.eager_mode == "always" or self._learned((listener.addr, listener.port)))
         if listener.eager:
             core.emit(EagerListener(listener.addr, listener.port, True, remote=False))
         core.stats["listeners_announced"] += 1
@@ -150,6 +155,32 @@ class ListenerBook:
         for key in [k for k in self.remote_eager if self.remote[k][0] == peer]:
             self.remote_eager.discard(key)
             self.core.emit(EagerListener(key[0], key[1], False, remote=True))
+
+    def outcome(self, key: tuple[str, int], long: bool) -> None:
+        """A connection accepted on our listener `key` lived past `min_age` (``long``) or
+        closed younger: learn whether its new connections should be swapped eagerly (a
+        listener of short connections is not: each would cost both apps a stop)."""
+        cfg = self.core.config
+        if not cfg.eager or cfg.eager_mode != "auto":
+            return
+        seen = self.lifetimes.setdefault(key, collections.deque(maxlen=cfg.eager_window))
+        seen.append(long)
+        while len(self.lifetimes) > cfg.max_remote_listeners:
+            self.lifetimes.pop(next(iter(self.lifetimes)))
+        want = self._learned(key)
+        for lst in self.local.values():
+            if (lst.addr, lst.port) == key and lst.sock is not None and lst.eager != want:
+                lst.eager = want
+                self.core.stats["eager_on" if want else "eager_off"] += 1
+                self.core.emit(EagerListener(lst.addr, lst.port, want, remote=False))
+                self.core.emit(SendPeer(None, "listener_add", lst.announcement()))
+
+    def _learned(self, key: tuple[str, int]) -> bool:
+        seen = self.lifetimes.get(key)
+        if not seen:
+            return False
+        longs = sum(seen)
+        return longs >= self.core.config.eager_after and (len(seen) - longs) * 4 <= len(seen)
 
     def eager_local(self, key: tuple[str, int]) -> bool:
         """Our listener at overlay (addr, port) stops its accepts."""

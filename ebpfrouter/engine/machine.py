@@ -56,6 +56,7 @@ from .events import (
 from .gate import ProcessGate
 from .keys import (
     AcceptTimer,
+    AgeTimer,
     BindTimer,
     ConnTimer,
     EagerTimer,
@@ -126,6 +127,8 @@ class Engine:
         self.swap = SwapProtocol(self.core, self.gate)
         self.book = ListenerBook(self.core)
         self.admission = Admission(self.core, self.book, self.swap, self._forget_fd)
+        self.core.lifetime = lambda tup, long: self.book.outcome(
+            (tup.server_addr, tup.server_port), long)
         self._handlers: dict[type[Event], Callable[[Any], None]] = {
             ListenTraced: self.book.traced, HostListenerOpened: self.book.opened,
             PeerUp: lambda ev: self.book.announce_to(ev.peer),
@@ -144,7 +147,7 @@ class Engine:
             YoungTimer: self.admission.grown_up, WaitingTimer: self.admission.unmatched_expired,
             AcceptTimer: self.admission.unmatched_expired,
             BindTimer: self.admission.bind_expired, RateTimer: self.gate.rate_expired,
-            EagerTimer: self.admission.eager_expired,
+            EagerTimer: self.admission.eager_expired, AgeTimer: self._aged,
             ConnTimer: self._conn_timer,
         }
 
@@ -247,6 +250,12 @@ class Engine:
         self.book.peer_lost(ev.peer)
         for conn in [c for c in self.core.conns.values() if c.peer == ev.peer]:
             self.swap.fire(conn, Trigger.PEER_LOST)
+
+    def _aged(self, key: AgeTimer) -> None:
+        conn = self.core.conns.get(key.cid)
+        if conn is not None and conn.aging:
+            conn.aging = False
+            self.core.lifetime(conn.tuple, True)
 
     def _stop_unclaimed(self, ev: StopUnclaimed) -> None:
         if not self.gate.stopped(ev.pid):

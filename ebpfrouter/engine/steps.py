@@ -24,7 +24,7 @@ from .conn import Attempt, Conn, Role, State
 from .core import Core
 from .events import SockRef
 from .gate import ProcessGate, StopToken, Token
-from .keys import Abort, BindTimer, OrphanFreeze, PendingAbort
+from .keys import Abort, AgeTimer, BindTimer, OrphanFreeze, PendingAbort
 
 log = logging.getLogger("ebpfrouter.engine.machine")
 
@@ -124,6 +124,9 @@ class SwapSteps:
         conn.inode = conn.host_inode
         conn.path = "eager" if conn.now.eager else "late"
         conn.eager = False
+        if conn.path == "eager" and conn.role is Role.SERVER:  # learn how long it lives
+            conn.aging = True
+            self.core.emit(StartTimer(AgeTimer(conn.cid), self.config.min_age or 0.2))
         self.stats["swapped"] += 1
         self.stats[f"swapped_{conn.path}"] += 1
         self.core.emit(NoteSwapped(conn.cid, conn.role.value, conn.pid, conn.fd or -1,
@@ -299,6 +302,10 @@ class SwapSteps:
         core.conns.pop(conn.cid, None)
         if conn.state is State.SWAPPED:
             core.emit(NoteForgotten(conn.cid))
+        if conn.aging:  # closed before min_age: its listener's connections may be short
+            conn.aging = False
+            core.emit(CancelTimer(AgeTimer(conn.cid)))
+            core.lifetime(conn.tuple, False)
         if core.unbound.get(conn.tuple) == conn.cid:
             del core.unbound[conn.tuple]
             core.emit(CancelTimer(BindTimer(conn.cid)))

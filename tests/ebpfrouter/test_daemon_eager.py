@@ -47,7 +47,8 @@ def routers_on(bed: Testbed, extra: list[str] | None = None) -> Iterator[Routers
         r = Routers(bed, Path(tmp), loglevel="INFO")
         (Path(tmp) / "rules").mkdir()
         try:
-            r.start(extra_args={n.name: list(extra or []) for n in bed.nodes})
+            args = ["--eager", "always", *(extra or [])]  # (auto learns it per listener)
+            r.start(extra_args={n.name: args for n in bed.nodes})
             yield r
         finally:
             for node in bed.nodes:  # shown by pytest when the test failed

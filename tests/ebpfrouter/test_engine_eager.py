@@ -59,7 +59,7 @@ def client_engine(**config: Any) -> Engine:
 
 
 def server_engine(**config: Any) -> tuple[Engine, int]:
-    eng = Engine(EngineConfig(SERVER, **config), peer_of)
+    eng = Engine(EngineConfig(SERVER, **{"eager_mode": "always", **config}), peer_of)
     out = eng.handle(ListenTraced(200, 3, 900, "10.244.2.2", 5201))
     ref = of(out, OpenHostListener)[0].ref
     out = eng.handle(HostListenerOpened(ref, 77, "192.168.77.2", 41000))
@@ -190,3 +190,28 @@ def test_server_eager_path_and_its_fallbacks() -> None:
     out = eng.handle(HostAccepted(lst, 22, 3001, CLIENT, bind))  # late: decline, no stop
     assert of(out, SendPeer)[0].body["reason"] == "app not stopped at accept"
     assert not of(out, Freeze) and not of(out, Resume)
+
+
+def test_auto_mode_learns_eagerness_from_lifetimes() -> None:
+    """A listener becomes eager after long connections, and stops being eager when most of
+    its connections close young (short connections must not pay for stops)."""
+    eng = Engine(EngineConfig(SERVER, eager_after=3, eager_window=8), peer_of)
+    ref = of(eng.handle(ListenTraced(200, 3, 900, "10.244.2.2", 5201)), OpenHostListener)[0].ref
+    out = eng.handle(HostListenerOpened(ref, 77, "192.168.77.2", 41000))
+    assert not of(out, EagerListener)  # nothing learned yet: late
+    outs = []
+    for i in range(3):  # three connections bound after their client's min_age: long
+        tup = FourTuple("10.244.1.2", 41000 + i, "10.244.2.2", 5201)
+        eng.handle(AcceptTraced(200, 60 + i, 3100 + i, tup, 30 + i))
+        outs += eng.handle(HostAccepted(77, 40 + i, 3200 + i, CLIENT,
+                                        {"cid": bytes([i + 1]) * 16, **tup.to_body()}))
+    assert of(outs, EagerListener) == [EagerListener("10.244.2.2", 5201, True, remote=False)]
+    assert [a.body["eager"] for a in of(outs, SendPeer) if a.type == "listener_add"] == [True]
+    from ebpfrouter.engine import CloseTraced
+
+    outs = []
+    for i in range(3):  # then short ones: closed before their bind
+        tup = FourTuple("10.244.1.2", 42000 + i, "10.244.2.2", 5201)
+        eng.handle(AcceptTraced(200, 70 + i, 3300 + i, tup, 50 + i))
+        outs += eng.handle(CloseTraced(200, 70 + i))
+    assert EagerListener("10.244.2.2", 5201, False, remote=False) in outs
