@@ -33,6 +33,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import faultlib  # noqa: E402
 from faultlib import PeerMsg, PeerWatch  # noqa: E402
+from truepeer import kernel_peer
 
 from ebpfrouter.demo import PACKAGE_ROOT, Routers, child_env, wait_line  # noqa: E402
 from ebpfrouter.testbed import Testbed  # noqa: E402
@@ -268,7 +269,7 @@ class Sender:
                 for t in os.listdir(f"/proc/{pid}/task")))
         for fd in self.fds:
             with contextlib.suppress(Exception), copy_socket(pid, fd) as sock:
-                parts.append(f"fd {fd} -> {sock.getpeername()[0]} queues {queue_sizes(sock)}")
+                parts.append(f"fd {fd} -> {fd_peer(pid, fd)} queues {queue_sizes(sock)}")
         return "; ".join(parts)
 
     def peers(self) -> list[str | None]:
@@ -296,12 +297,10 @@ class Sender:
 
 
 def fd_peer(pid: int, fd: int) -> str | None:
-    """Peer IP of `fd` in `pid` (pidfd_getfd; None if gone or not connected)."""
-    from injector.inspect import copy_socket
-
-    with contextlib.suppress(Exception), copy_socket(pid, fd) as sock:
-        return sock.getpeername()[0]
-    return None
+    """Peer IP of `fd` in `pid` as the kernel has it (None if gone or not connected; the app's
+    own getpeername() answers the overlay peer either way: address virtualization)."""
+    found = kernel_peer(pid, fd)
+    return found[0] if found else None
 
 
 def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
