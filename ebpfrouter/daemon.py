@@ -169,7 +169,7 @@ class Daemon:
                                        eager_wait=opts.eager_wait,
                                        eager_mode=opts.eager_mode),
                           scope.peer_of, self.policy.allow, server_ready=self.policy.server_ready,
-                          shared=scope.shared)
+                          shared=scope.shared, listener_mode=self.policy.listener_mode)
         self.server = PeerServer(codec, self.peers.on_message, host=scope.host_addr,
                                  port=cfg.router_port)
         try:
@@ -307,6 +307,8 @@ class Daemon:
             assert self.policy.rules is not None
             if self.policy.rules.poll():
                 self.counters["rules_reloads"] += 1
+                for action in self.wiring.running_engine.rules_changed():
+                    self.run_action(action)
             self.sockets.collect(self.wiring.running_engine.held_socks())
             scope.prune_exited()
             for host in scope.cluster_hosts():

@@ -52,6 +52,10 @@ class SwapPolicy:
             self.wiring.counters["ruled_out"] += 1
         return ok
 
+    def listener_mode(self, addr: str, port: int) -> str | None:
+        """A rule's `swap=` for our listener at `addr` ("eager"/"late"; None: learn it)."""
+        return self.rules.rules.swap_mode(addr) if self.rules is not None else None
+
     def server_ready(self, conn: Conn) -> bool:
         """Whether an accepted connection may be swapped: its app has read from it once.
 

@@ -8,6 +8,9 @@ A rule file holds `key=value` lines (`#` starts a comment, blank lines are ignor
     reverse=true         # also match with server and client exchanged
     name=app             # label name (label rules)
     value=iperf          # label value
+    swap=eager           # cidr rules only, optional: how new connections to listeners in
+                         # `from` are swapped: eager (at connect()/accept() return) or late
+                         # (after --min-age); without it the router learns it per listener
 
 Label rules are *filters* (applied first), cidr rules *validators* (applied after). With no
 filter rules everything passes the filter stage; with no validators everything passes that
@@ -31,11 +34,12 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 RULE_TYPES = {"cidr": "cidr", "podlabel": "podLabel", "containerlabel": "containerLabel"}
 KEYS_FOR_TYPE = {
-    "cidr": ({"type", "from", "to"}, {"reverse"}),
+    "cidr": ({"type", "from", "to"}, {"reverse", "swap"}),
     "podLabel": ({"type", "name", "value"}, set()),
     "containerLabel": ({"type", "name", "value"}, set()),
 }
-ALL_KEYS = {"type", "name", "value", "from", "to", "reverse"}
+ALL_KEYS = {"type", "name", "value", "from", "to", "reverse", "swap"}
+SWAP_MODES = ("eager", "late")
 MAX_RULE_FILE_BYTES = 64 * 1024
 
 
@@ -73,6 +77,7 @@ class Rule:
     from_net: IPNetwork | None = None
     to_net: IPNetwork | None = None
     reverse: bool = False
+    swap: str | None = None  # cidr rules: "eager" or "late" for listeners in from_net
 
     @property
     def is_filter(self) -> bool:
@@ -167,7 +172,13 @@ def parse_rule_text(text: str, path: str | os.PathLike[str] = "<rule>") -> Rule:
     to_net = _network(where, seen["to"][1], "to", seen["to"][0])
     if from_net.version != to_net.version:
         raise RuleError(where, seen["to"][1], "from and to mix IPv4 and IPv6")
-    return Rule(kind=kind, source=str(where), from_net=from_net, to_net=to_net, reverse=reverse)
+    swap = None
+    if "swap" in seen:
+        swap, number = seen["swap"][0].lower(), seen["swap"][1]
+        if swap not in SWAP_MODES:
+            raise RuleError(where, number, f"swap={seen['swap'][0]!r}: expected eager or late")
+    return Rule(kind=kind, source=str(where), from_net=from_net, to_net=to_net, reverse=reverse,
+                swap=swap)
 
 
 def rule_files(directory: str | os.PathLike[str]) -> list[Path]:
@@ -240,6 +251,16 @@ class RuleSet:
         if self.filters and not any(rule.matches(conn) for rule in self.filters):
             return False
         return not self.validators or any(rule.matches(conn) for rule in self.validators)
+
+    def swap_mode(self, listener_addr: str) -> str | None:
+        """The `swap=` of the first cidr rule (file order) whose `from` holds this listener
+        address ("eager" or "late"); None: no rule says, the router decides."""
+        addr = _addr(listener_addr)
+        for rule in self.validators:
+            if (rule.swap is not None and addr is not None and rule.from_net is not None
+                    and _within(addr, rule.from_net)):
+                return rule.swap
+        return None
 
     def __len__(self) -> int:
         return len(self.filters) + len(self.validators)

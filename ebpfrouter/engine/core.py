@@ -72,6 +72,8 @@ class Policy:
     new_cid: Callable[[], bytes] = lambda: os.urandom(16)
     server_ready: Callable[[Conn], bool] = lambda conn: True  # its app has read once
     shared: Callable[[Conn], bool] = lambda conn: False  # another process holds the socket
+    # a rule's choice for our listener at (addr, port): "eager", "late" or None (learn it)
+    listener_mode: Callable[[str, int], str | None] = lambda addr, port: None
 
 
 class Core:

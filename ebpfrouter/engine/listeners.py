@@ -58,8 +58,7 @@ class ListenerBook:
             core.emit(CloseSocket(ev.sock))
             return
         listener.sock, listener.host_addr, listener.host_port = ev.sock, ev.host_addr, ev.host_port
-        listener.eager = core.config.eager and (
-            core.config.eager_mode == "always" or self._learned((listener.addr, listener.port)))
+        listener.eager = self._wanted((listener.addr, listener.port))
         if listener.eager:
             core.emit(EagerListener(listener.addr, listener.port, True, remote=False))
         core.stats["listeners_announced"] += 1
@@ -167,11 +166,31 @@ class ListenerBook:
         seen.append(long)
         while len(self.lifetimes) > cfg.max_remote_listeners:
             self.lifetimes.pop(next(iter(self.lifetimes)))
-        want = self._learned(key)
+        want = self._wanted(key)
         for lst in self.local.values():
             if (lst.addr, lst.port) == key and lst.sock is not None and lst.eager != want:
                 lst.eager = want
                 self.core.stats["eager_on" if want else "eager_off"] += 1
+                self.core.emit(EagerListener(lst.addr, lst.port, want, remote=False))
+                self.core.emit(SendPeer(None, "listener_add", lst.announcement()))
+
+    def _wanted(self, key: tuple[str, int]) -> bool:
+        """Whether our listener `key` should be eager now: a rule's `swap=` wins, then
+        `eager_mode` ("always", or learned)."""
+        cfg = self.core.config
+        if not cfg.eager:
+            return False
+        mode = self.core.policy.listener_mode(*key)
+        if mode is not None:
+            return mode == "eager"
+        return cfg.eager_mode == "always" or self._learned(key)
+
+    def refresh_modes(self) -> None:
+        """The rules changed: re-decide every listener's mode (announced if it changed)."""
+        for lst in self.local.values():
+            want = self._wanted((lst.addr, lst.port))
+            if lst.sock is not None and lst.eager != want:
+                lst.eager = want
                 self.core.emit(EagerListener(lst.addr, lst.port, want, remote=False))
                 self.core.emit(SendPeer(None, "listener_add", lst.announcement()))
 

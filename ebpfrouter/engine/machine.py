@@ -107,6 +107,7 @@ class Engine:
         new_cid: Callable[[], bytes] | None = None,
         server_ready: Callable[[Conn], bool] | None = None,
         shared: Callable[[Conn], bool] | None = None,
+        listener_mode: Callable[[str, int], str | None] | None = None,
     ) -> None:
         """`peer_of(overlay_ip)` names the node owning an overlay address (None: not overlay);
         `allow(role, pid, conn)` applies the rules; `new_cid` makes 16-byte connection ids;
@@ -115,10 +116,13 @@ class Engine:
         after its first message has done so on the overlay); False makes the client wait.
         `shared(conn)` says whether more than one process holds the connection's socket now
         (just after a fork): replacing one fd would leave the other process on the overlay
-        socket, so such a connection waits (both sides) until one holder is left."""
+        socket, so such a connection waits (both sides) until one holder is left.
+        `listener_mode(addr, port)` is a rule's `swap=` for our listener ("eager", "late",
+        None: learn it)."""
         policy = Policy(peer_of)
         for name, fn in (("allow", allow), ("new_cid", new_cid),
-                         ("server_ready", server_ready), ("shared", shared)):
+                         ("server_ready", server_ready), ("shared", shared),
+                         ("listener_mode", listener_mode)):
             if fn is not None:
                 setattr(policy, name, fn)
         self.core = Core(config, policy)
@@ -256,6 +260,13 @@ class Engine:
         if conn is not None and conn.aging:
             conn.aging = False
             self.core.lifetime(conn.tuple, True)
+
+    def rules_changed(self) -> list[Action]:
+        """The rules were reloaded: re-decide each listener's swap mode; the actions."""
+        self.core.out = []
+        self.book.refresh_modes()
+        out, self.core.out = self.core.out, []
+        return out
 
     def _stop_unclaimed(self, ev: StopUnclaimed) -> None:
         if not self.gate.stopped(ev.pid):

@@ -215,3 +215,28 @@ def test_auto_mode_learns_eagerness_from_lifetimes() -> None:
         eng.handle(AcceptTraced(200, 70 + i, 3300 + i, tup, 50 + i))
         outs += eng.handle(CloseTraced(200, 70 + i))
     assert EagerListener("10.244.2.2", 5201, False, remote=False) in outs
+
+
+def test_a_rules_swap_key_overrides_the_learned_mode() -> None:
+    from ebpfrouter.rules import RuleError, RuleSet, parse_rule_text
+
+    rule = parse_rule_text("type=cidr\nfrom=10.244.2.0/24\nto=10.244.1.0/24\nswap=eager\n")
+    assert rule.swap == "eager"
+    rules = RuleSet.from_rules([rule])
+    assert rules.swap_mode("10.244.2.2") == "eager" and rules.swap_mode("10.244.3.1") is None
+    for bad in ("swap=soon", "swap="):
+        try:
+            parse_rule_text(f"type=cidr\nfrom=10.0.0.0/8\nto=10.0.0.0/8\n{bad}\n", "r1")
+        except RuleError as exc:
+            assert "swap" in str(exc) and "r1:4" in str(exc)
+        else:
+            raise AssertionError(bad)
+    mode = {"value": "eager"}
+    eng = Engine(EngineConfig(SERVER), peer_of, listener_mode=lambda a, p: mode["value"])
+    ref = of(eng.handle(ListenTraced(200, 3, 900, "10.244.2.2", 5201)), OpenHostListener)[0].ref
+    out = eng.handle(HostListenerOpened(ref, 77, "192.168.77.2", 41000))
+    assert of(out, EagerListener) == [EagerListener("10.244.2.2", 5201, True, remote=False)]
+    mode["value"] = "late"
+    out = eng.rules_changed()
+    assert of(out, EagerListener) == [EagerListener("10.244.2.2", 5201, False, remote=False)]
+    assert of(out, SendPeer)[0].body["eager"] is False
