@@ -15,9 +15,10 @@ hang of the benchmark: the router logs show the survivor swapped, then closed by
 within milliseconds (`swapped -> forgotten` on both nodes), and `ss` shows no rank-to-rank
 socket left in either rank (Open MPI 4.1.4 here).
 
-The fix: the accepting side is swapped only once its app has read from the connection
-(`Daemon.server_ready`, up to `--read-first-wait`), so the check sees the pod IP; the survivor
-is swapped afterwards and traffic keeps flowing.
+The fix was a wait: the accepting side swapped only once its app had read from the
+connection (`--read-first-wait`). Now address virtualization answers `getpeername()` with the
+pod IP after any swap, so `--read-first-wait` defaults to 0 and this test runs with that
+default: the check passes however early the swap came, and traffic keeps flowing.
 """
 
 from __future__ import annotations
