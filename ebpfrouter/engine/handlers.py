@@ -100,6 +100,10 @@ class RoleHandlers(SwapSteps):
                               f"{ev.bytes_received})")
             return
         assert conn.host_sock is not None and conn.inode is not None
+        if conn.role is Role.CLIENT and not conn.now.peer_replaced:  # the server goes first
+            conn.state = State.AWAIT_REPLACED
+            self.core.timer(conn, self.config.eager_wait)
+            return
         self.replace(conn, conn.host_sock, conn.inode, State.REPLACING)
 
     def _final_check(self, conn: Conn, _: Any) -> None:

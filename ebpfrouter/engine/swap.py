@@ -72,8 +72,10 @@ class SwapProtocol(RoleHandlers):
         client = {
             **common,
             (State.CONNECTING, Trigger.HOST_CONNECTED): T(self._host_connected),
-            (State.CONNECTING, Trigger.READY_REPLACED): T(self._replaced_before_connected,
+            (State.CONNECTING, Trigger.READY_REPLACED): T(self._replaced_early_eager,
                                                           self._same),
+            (State.FREEZING, Trigger.READY_REPLACED): T(self._replaced_early_eager, self._same),
+            (State.CHECKING, Trigger.READY_REPLACED): T(self._replaced_early_eager, self._same),
             (State.IDLE, Trigger.TIMER): T(self.next_attempt),
             (State.CHECKING, Trigger.CHECKED): T(self._client_checked),
             (State.MIGRATING, Trigger.BOUNCED): T(self._client_bounced),
@@ -155,17 +157,13 @@ class SwapProtocol(RoleHandlers):
             self.resolve_pending(conn)
             return
         conn.state = State.IDLE
-        if conn.now.eager:  # both apps stopped: the server replaces first
-            if conn.now.peer_replaced:
-                self.freeze(conn)
-            else:
-                conn.state = State.AWAIT_REPLACED
-                self.core.timer(conn, self.config.eager_wait)
+        if conn.now.eager:  # both apps stopped: seize and check ours while the server works
+            self.freeze(conn)
             return
         self.next_attempt(conn)
 
-    def _replaced_before_connected(self, conn: Conn, _: Any) -> None:
-        """eager: the server replaced before our host connect returned; go on once it has"""
+    def _replaced_early_eager(self, conn: Conn, _: Any) -> None:
+        """eager: the server replaced before our seize and check were done; replace after"""
         conn.now.peer_replaced = True
 
     def next_attempt(self, conn: Conn, _: Any = None) -> None:
@@ -267,10 +265,7 @@ class SwapProtocol(RoleHandlers):
         self.check(conn)
 
     def _server_replaced(self, conn: Conn, _: Any) -> None:
-        """replace our fd (eager: seize our stopped app and check it first)"""
-        if conn.now.eager:
-            self.freeze(conn)
-            return
+        """replace our fd"""
         assert conn.host_sock is not None and conn.inode is not None
         self.replace(conn, conn.host_sock, conn.inode, State.REPLACING)
 

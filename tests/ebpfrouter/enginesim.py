@@ -147,11 +147,16 @@ class World:
     frozen, which the swap must bounce over the host connection before handing it over.
     """
 
-    def __init__(self, n: int = 1, unread: tuple[int, int] = (0, 0), **config: Any) -> None:
+    def __init__(self, n: int = 1, unread: tuple[int, int] = (0, 0), eager: bool = False,
+                 **config: Any) -> None:
+        """`eager`: the tracer stops both apps at connect()/accept() return (every listener
+        eager); the apps must end up resumed whatever happens."""
         self.cids = (bytes([i]) * 16 for i in itertools.count(1))
         self.inodes = itertools.count(1000)
         self.handle_ids = itertools.count(1)
         config.setdefault("probe_limit", 3)
+        if eager:
+            config.setdefault("eager_mode", "always")
         self.daemons = {node: Daemon(self, node, **config) for node in (CLIENT, SERVER)}
         self.runners: dict[Family, SimRunner] = {
             Family.HOST: SimRunner(self._pend, self._complete_host),
@@ -191,9 +196,17 @@ class World:
             self.procs[SERVER].fds[50 + i] = s
             ch = self._hold(CLIENT, c)
             sh = self._hold(SERVER, s)
-            self.inbox[CLIENT].append(ConnectTraced(100, 5 + i, c.inode, tup, ch))
-            self.inbox[SERVER].append(AcceptTraced(200, 50 + i, s.inode, tup, sh))
+            self.inbox[CLIENT].append(ConnectTraced(100, 5 + i, c.inode, tup, ch, eager))
+            self.inbox[SERVER].append(AcceptTraced(200, 50 + i, s.inode, tup, sh, eager))
+        for proc in self.procs.values():
+            proc.stopped = eager
         self.feed(SERVER, ListenTraced(200, 49, next(self.inodes), "10.244.2.2", 5201))
+        if eager:  # the listener is announced (eager) before the connects: the kernel stopped
+            # them because the client's map already had it
+            self.complete(next(i for i, (_, a) in enumerate(self.pending)
+                               if isinstance(a, OpenHostListener)))
+            while self.net[(SERVER, CLIENT)]:
+                self.deliver(SERVER)
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -325,8 +338,11 @@ class World:
 
     def _complete_datapath(self, node: str, action: Any, proc: Proc, busy: bool) -> None:
         daemon, ref = self.daemons[node], action.ref
-        if isinstance(action, CheckQueues):
-            self.feed(node, QueuesChecked(ref, 1 if busy else 0, self.unread[node]))
+        if isinstance(action, CheckQueues):  # (a client's SYN is one acknowledged byte)
+            # (what the other side sent us was acknowledged: it counts in its bytes_acked)
+            self.feed(node, QueuesChecked(ref, 1 if busy else 0, self.unread[node],
+                                          (5 if busy else 0) + (node == CLIENT)
+                                          + self.unread[OTHER[node]], self.unread[node]))
         elif isinstance(action, Bounce):
             i = daemon.handles[action.host_sock].conn
             frozen = any(p.frozen for p in (proc, *self.parents[node]))
@@ -408,6 +424,7 @@ class World:
         daemon.handles.clear()
         daemon.timers.clear()
         self.procs[node].frozen = 0
+        self.procs[node].stopped = False  # the guardian's SIGCONT
         self.pending = [(n, a) for n, a in self.pending if n != node]
         self.inbox[node].clear()
         self.link_up = False
@@ -463,7 +480,8 @@ class World:
         out += [("complete", (i,)) for i in range(len(self.pending))]
         out += [("hand_off", (node,)) for node in (CLIENT, SERVER)
                 if node not in self.handed_off and self.procs[node].alive
-                and not self.procs[node].frozen and self.daemons[node].alive
+                and not self.procs[node].frozen and not self.procs[node].stopped
+                and self.daemons[node].alive
                 and not any(n == node for n, _ in self.pending)
                 and not any(isinstance(e, (ConnectTraced, AcceptTraced))
                             for e in self.inbox[node])]  # traced before the fork
@@ -501,6 +519,8 @@ class World:
         for node, proc in self.procs.items():
             if any(p.frozen for p in (proc, *self.parents[node]) if p.alive):
                 raise Violation(f"{node}: process left frozen")
+            if proc.alive and proc.stopped:
+                raise Violation(f"{node}: process left stopped by the tracer")
         for node, daemon in self.daemons.items():
             if not daemon.alive:
                 continue

@@ -510,7 +510,7 @@ def test_hostile_messages_never_act_on_untraced(data: st.DataObject) -> None:
 def test_random_interleavings_never_one_sided(data: st.DataObject) -> None:
     world = World(n=data.draw(st.integers(1, 2)), max_attempts=4,
                   unread=data.draw(st.sampled_from([(0, 0), (7, 3), (0, 5), (5, 0)])),
-                  min_age=data.draw(st.sampled_from([0.0, 0.2])))
+                  min_age=data.draw(st.sampled_from([0.0, 0.2])), eager=data.draw(st.booleans()))
     world.app_read = data.draw(st.booleans())
     faults = set()
     for _ in range(data.draw(st.integers(0, 120))):
@@ -558,7 +558,7 @@ def test_random_interleavings_never_one_sided(data: st.DataObject) -> None:
                 world.crash(CLIENT if fault == "crash_client" else SERVER)
         elif fault == "close":
             node = data.draw(st.sampled_from([CLIENT, SERVER]))
-            if not world.procs[node].frozen:
+            if not world.procs[node].frozen and not world.procs[node].stopped:  # (no syscalls)
                 world.app_close(node, data.draw(st.integers(0, world.n - 1)))
         elif fault == "exit":
             world.app_exit(data.draw(st.sampled_from([CLIENT, SERVER])))
@@ -931,3 +931,15 @@ def test_moved_accept_waits_for_its_bind_under_the_new_holder() -> None:
     server.handle(HostAccepted(900, 960, 99, CLIENT, {"cid": cid, **TUP.to_body()}))
     assert server.conns[cid].pid == 300 and server.conns[cid].fd == 9
     assert server.handle(FdMoved(1, 2, 3, 4)) == []  # unknown: ignored
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_eager_world_swaps_at_birth_and_resumes_everyone(n: int) -> None:
+    world = World(n=n, eager=True)
+    world.drain()
+    assert world.check_final() == ["swapped"] * n
+    for node in (CLIENT, SERVER):
+        stats = world.daemons[node].engine.stats
+        assert stats["swapped"] == stats["swapped_eager"] == n
+        assert not world.procs[node].stopped
+    assert "Bounce" not in [a for _, a in world.log]  # nothing to carry: no byte was sent

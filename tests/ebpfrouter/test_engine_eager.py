@@ -88,13 +88,13 @@ def test_client_eager_path_resumes_once_after_the_commit() -> None:
     connect = of(out, HostConnect)[0]
     assert connect.bind["eager"] is True and not of(out, Resume)
     out = eng.handle(HostConnected(connect.ref, 12, 2000))
-    assert of(out, StartTimer)  # waiting for the server, at most eager_wait
-    out = eng.handle(PeerMessage(SERVER, "swap_ready", {"cid": CID, "attempt": 1,
-                                                        "stage": "replaced", "migrate_len": 0}))
-    freeze = of(out, Freeze)[0]
+    freeze = of(out, Freeze)[0]  # ours is seized and checked while the server works
     out = eng.handle(FreezeDone(freeze.ref))
     check = out[0]
     out = eng.handle(QueuesChecked(check.ref, 0, 0, bytes_acked=1, bytes_received=0))
+    assert of(out, StartTimer) and not of(out, ReplaceFd)  # waiting, at most eager_wait
+    out = eng.handle(PeerMessage(SERVER, "swap_ready", {"cid": CID, "attempt": 1,
+                                                        "stage": "replaced", "migrate_len": 0}))
     replace = of(out, ReplaceFd)[0]
     assert replace.overlay_local == ("10.244.1.2", 40000)
     assert replace.overlay_peer == ("10.244.2.2", 5201)
@@ -107,13 +107,21 @@ def test_client_eager_path_resumes_once_after_the_commit() -> None:
     assert eng.conns[CID].summary()["path"] == "eager"
 
 
+def await_server(eng: Engine, ev: ConnectTraced, sock: int) -> Any:
+    """Drive a stopped connect to the point where the client waits for the server's
+    replace (seized, checked); the wait's timer key."""
+    out = eng.handle(ev)
+    out = eng.handle(HostConnected(of(out, HostConnect)[0].ref, sock, sock + 1000))
+    out = eng.handle(FreezeDone(of(out, Freeze)[0].ref))
+    out = eng.handle(QueuesChecked(out[0].ref, 0, 0, bytes_acked=1, bytes_received=0))
+    return [a for a in of(out, StartTimer) if isinstance(a.key, ConnTimer)][-1].key
+
+
 def test_client_timeout_resumes_and_falls_back_to_the_late_swap() -> None:
     eng = client_engine(min_age=0.2)
-    out = eng.handle(ConnectTraced(100, 5, 1000, TUP, 11, stopped=True))
-    out = eng.handle(HostConnected(of(out, HostConnect)[0].ref, 12, 2000))
-    timer = of(out, StartTimer)[-1].key
+    timer = await_server(eng, ConnectTraced(100, 5, 1000, TUP, 11, stopped=True), 12)
     out = eng.handle(TimerFired(timer))
-    assert of(out, Resume) == [Resume(100)]
+    assert of(out, Thaw) and of(out, Resume) == [Resume(100)]
     assert of(out, SendPeer)[0].type == "swap_abort"
     later = [a for a in of(out, StartTimer) if isinstance(a.key, ConnTimer)]
     assert later and later[-1].delay >= 0.2  # the late swap waits for min_age too
@@ -124,9 +132,7 @@ def test_client_timeout_resumes_and_falls_back_to_the_late_swap() -> None:
 def test_a_payload_on_the_overlay_aborts_the_eager_attempt() -> None:
     eng = client_engine()
     out = eng.handle(ConnectTraced(100, 5, 1000, TUP, 11, stopped=True))
-    eng.handle(HostConnected(of(out, HostConnect)[0].ref, 12, 2000))
-    out = eng.handle(PeerMessage(SERVER, "swap_ready", {"cid": CID, "attempt": 1,
-                                                        "stage": "replaced", "migrate_len": 0}))
+    out = eng.handle(HostConnected(of(out, HostConnect)[0].ref, 12, 2000))
     out = eng.handle(FreezeDone(of(out, Freeze)[0].ref))
     out = eng.handle(QueuesChecked(out[0].ref, 0, 0, bytes_acked=12, bytes_received=0))
     assert not of(out, ReplaceFd) and of(out, Thaw) and of(out, Resume) == [Resume(100)]
@@ -139,11 +145,9 @@ def test_two_stopped_connects_of_one_process_resume_it_once_at_the_last() -> Non
     eng.handle(PeerMessage(SERVER, "listener_add", {
         "overlay_addr": "10.244.2.2", "overlay_port": 5201, "host_addr": "192.168.77.2",
         "host_port": 41000, "eager": True}))
-    a = of(eng.handle(ConnectTraced(100, 5, 1000, TUP, 11, stopped=True)), HostConnect)[0]
+    timer_a = await_server(eng, ConnectTraced(100, 5, 1000, TUP, 11, stopped=True), 12)
     tup2 = FourTuple("10.244.1.2", 40001, "10.244.2.2", 5201)
-    b = of(eng.handle(ConnectTraced(100, 6, 1001, tup2, 13, stopped=True)), HostConnect)[0]
-    timer_a = of(eng.handle(HostConnected(a.ref, 12, 2000)), StartTimer)[-1].key
-    timer_b = of(eng.handle(HostConnected(b.ref, 14, 2001)), StartTimer)[-1].key
+    timer_b = await_server(eng, ConnectTraced(100, 6, 1001, tup2, 13, stopped=True), 14)
     assert not of(eng.handle(TimerFired(timer_a)), Resume)  # b still needs it stopped
     assert of(eng.handle(TimerFired(timer_b)), Resume) == [Resume(100)]
 
