@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from bpf_asm.maps import Map
 
@@ -33,18 +34,29 @@ def process_state(pid: int) -> str | None:
         return None
 
 
-def resume_stopped(stops: Map) -> list[int]:
-    """SIGCONT every process in `stops` that is still stopped; empty the map; the pids."""
-    resumed = []
-    for key in list(stops.keys()):
-        pid = int.from_bytes(key, "little")
-        if process_state(pid) == "T":
+def resume_stopped(stops: Map, settle: float = 0.0) -> list[int]:
+    """SIGCONT every process in `stops` that is still stopped; empty the map; the pids.
+
+    `settle`: keep at it for up to that long while any of them is still stopped. A dying
+    daemon closes its fds (our EOF) before the kernel detaches its tracees, so a process it
+    had seized may still show "t" (tracing stop) at first; SIGCONT ends the group stop at once
+    (the detach then lets it run), and the loop makes sure."""
+    pids = {int.from_bytes(key, "little"): key for key in list(stops.keys())}
+    resumed: set[int] = set()
+    deadline = time.monotonic() + settle
+    while True:
+        stopped = [pid for pid in pids if process_state(pid) in ("T", "t")]
+        for pid in stopped:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-                resumed.append(pid)
+                resumed.add(pid)
+        if not stopped or time.monotonic() >= deadline:
+            break
+        time.sleep(0.02)
+    for key in pids.values():
         with contextlib.suppress(Exception):
             stops.delete(key)
-    return resumed
+    return sorted(resumed)
 
 
 class Guardian:
@@ -89,7 +101,7 @@ def main(argv: list[str]) -> int:
                 break
         except InterruptedError:
             continue
-    resumed = resume_stopped(stops)
+    resumed = resume_stopped(stops, settle=2.0)
     if resumed:
         print(f"ebpf-router guardian: resumed {len(resumed)} stopped processes: "
               f"{' '.join(map(str, resumed))}", file=sys.stderr, flush=True)
