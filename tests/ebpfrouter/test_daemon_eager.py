@@ -14,12 +14,12 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import test_daemon as td  # the daemon tests' router helpers
 
 from ebpfrouter.demo import PACKAGE_ROOT, Routers, child_env, wait_line
 from ebpfrouter.testbed import Testbed
@@ -43,23 +43,11 @@ def bed() -> Iterator[Testbed]:
 
 @contextlib.contextmanager
 def routers_on(bed: Testbed, extra: list[str] | None = None) -> Iterator[Routers]:
-    with tempfile.TemporaryDirectory(prefix="er-eager-") as tmp:
-        r = Routers(bed, Path(tmp), loglevel="INFO")
-        (Path(tmp) / "rules").mkdir()
-        try:
-            args = ["--eager", "always", *(extra or [])]  # (auto learns it per listener)
-            r.start(extra_args={n.name: args for n in bed.nodes})
-            yield r
-        finally:
-            for node in bed.nodes:  # shown by pytest when the test failed
-                with contextlib.suppress(Exception):
-                    status = r.status(node.name)
-                    print(f"--- status {node.name}: {status['counters']} "
-                          f"{status['engine']['stats']}")
-            r.stop()
-            for node in bed.nodes:
-                with contextlib.suppress(OSError):
-                    print(f"--- router log {node.name}\n{r.log_of(node.name).read_text()[-3000:]}")
+    """The daemon tests' routers (status and logs shown on failure), every listener eager."""
+    with td._routers(bed) as r:
+        args = ["--eager", "always", *(extra or [])]  # (auto learns it per listener)
+        r.start(extra_args={n.name: args for n in bed.nodes})
+        yield r
 
 
 @pytest.fixture
