@@ -20,6 +20,7 @@ from .syscall import (
     BPFError,
     Cmd,
     GetIdAttr,
+    MapBatchAttr,
     MapCreateAttr,
     MapElemAttr,
     MapInfo,
@@ -371,6 +372,56 @@ class Map(Closing):
                 raise KeyError(f"map {self.name!r} is empty") from None
             raise
         return self._decode_value(buf.raw)
+
+    def take(self, key: object) -> Any:
+        """Hash maps: remove `key` and return its value in one step
+        (BPF_MAP_LOOKUP_AND_DELETE_ELEM, 5.14+), or None if it was absent. Of a program
+        deleting the same key at the same time and this call, exactly one succeeds."""
+        buf = self._value_buf()
+        try:
+            self._call(Cmd.MAP_LOOKUP_AND_DELETE_ELEM, self._key.encode(key), buf)
+        except BPFError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+        return self._decode_value(buf.raw)
+
+    def lookup_batch(self, chunk: int = 256) -> list[tuple[Any, Any]]:
+        """Every (key, value) of a hash, LRU or array map, read `chunk` entries per
+        BPF_MAP_LOOKUP_BATCH call (one syscall for a small map instead of two per entry).
+        Not a snapshot: entries changed meanwhile may or may not be seen."""
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1, not {chunk}")
+        out: list[tuple[Any, Any]] = []
+        token_in = ctypes.create_string_buffer(8)
+        token_out = ctypes.create_string_buffer(8)
+        first = True
+        while True:
+            keys = ctypes.create_string_buffer(max(self.key_size, 1) * chunk)
+            slot = max(self._slot * self._ncpus, 1)
+            values = ctypes.create_string_buffer(slot * chunk)
+            attr = MapBatchAttr(in_batch=0 if first else ctypes.addressof(token_in),
+                                out_batch=ctypes.addressof(token_out),
+                                keys=ctypes.addressof(keys), values=ctypes.addressof(values),
+                                count=chunk, map_fd=self.fd)
+            done = False
+            try:
+                bpf(Cmd.MAP_LOOKUP_BATCH, attr, self._label())
+            except BPFError as e:
+                if e.errno == errno.ENOSPC and attr.count == 0:  # a bucket larger than chunk
+                    chunk *= 2
+                    continue
+                if e.errno != errno.ENOENT:
+                    raise
+                done = True  # the last batch (`count` entries still came back)
+            ks, vs = keys.raw, values.raw
+            for i in range(attr.count):
+                out.append((self._key.decode(ks[i * self.key_size:(i + 1) * self.key_size]),
+                            self._decode_value(vs[i * slot:(i + 1) * slot])))
+            if done:
+                return out
+            ctypes.memmove(token_in, token_out, 8)
+            first = False
 
     def push(self, value: object, flags: int | str = BPF_ANY) -> None:
         """Queue/stack maps: add a value."""

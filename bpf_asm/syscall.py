@@ -125,6 +125,10 @@ class Cmd(enum.IntEnum):
     MAP_LOOKUP_AND_DELETE_ELEM = 21
     MAP_FREEZE = 22
     BTF_GET_NEXT_ID = 23
+    MAP_LOOKUP_BATCH = 24
+    MAP_LOOKUP_AND_DELETE_BATCH = 25
+    MAP_UPDATE_BATCH = 26
+    MAP_DELETE_BATCH = 27
     LINK_CREATE = 28
     LINK_UPDATE = 29
     LINK_GET_FD_BY_ID = 30
@@ -345,6 +349,13 @@ class MapElemAttr(ctypes.Structure):
     """BPF_MAP_{LOOKUP,UPDATE,DELETE}_ELEM, BPF_MAP_GET_NEXT_KEY."""
 
     _fields_ = [("map_fd", _u32), ("key", _u64), ("value", _u64), ("flags", _u64)]
+
+
+class MapBatchAttr(ctypes.Structure):
+    """BPF_MAP_{LOOKUP,LOOKUP_AND_DELETE,UPDATE,DELETE}_BATCH."""
+
+    _fields_ = [("in_batch", _u64), ("out_batch", _u64), ("keys", _u64), ("values", _u64),
+                ("count", _u32), ("map_fd", _u32), ("elem_flags", _u64), ("flags", _u64)]
 
 
 class ProgLoadAttr(ctypes.Structure):

@@ -268,3 +268,40 @@ def test_closed_map_says_so(unique_name: str) -> None:
     with pytest.raises(ValueError, match=f"map '{unique_name}' is closed"):
         m[key32(0)]
     assert "closed" in repr(m)
+
+
+@pytest.mark.parametrize("kind", ["hash", "lru_hash", "array"])
+def test_lookup_batch_reads_every_entry(unique_name: str, kind: str) -> None:
+    n = 1000
+    with Map.create(kind, key_size=4, value_size=8, max_entries=n + 24, name=unique_name,
+                    key="<I", value="<Q") as m:
+        if kind != "array":
+            assert m.lookup_batch() == []
+        for i in range(n):
+            m[i] = i * 3
+        got = m.lookup_batch(chunk=64)  # many calls, each resuming from the kernel's token
+        expect = dict(m.items())
+        assert len(got) == len(expect) == (n + 24 if kind == "array" else n)
+        assert dict(got) == expect
+        assert dict(m.lookup_batch(chunk=5000)) == expect  # one call
+        # a chunk smaller than a hash bucket is grown, not an error
+        assert dict(m.lookup_batch(chunk=1)) == expect
+    with pytest.raises(ValueError, match="chunk"):
+        m.lookup_batch(chunk=0)
+
+
+def test_lookup_batch_per_cpu_values(unique_name: str) -> None:
+    with Map.create("percpu_hash", key_size=4, value_size=4, max_entries=8, name=unique_name,
+                    key="<I", value="<I") as m:
+        m[1] = list(range(NCPUS))
+        m[2] = 9
+        assert dict(m.lookup_batch()) == {1: list(range(NCPUS)), 2: [9] * NCPUS}
+
+
+def test_take_removes_and_returns_once(unique_name: str) -> None:
+    with Map.create("lru_hash", key_size=4, value_size=8, max_entries=8, name=unique_name,
+                    key="<I", value="<Q") as m:
+        m[5] = 55
+        assert m.take(5) == 55
+        assert m.take(5) is None
+        assert 5 not in m
