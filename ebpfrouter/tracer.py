@@ -34,11 +34,16 @@ from bpf_asm.syscall import BPFError, MapType
 from injector.netns import netns_inode
 
 from .tracer_layout import (
+    CONFIG_AGE,
+    CONFIG_FILTER_REMOTE,
     CONFIG_VALUE,
+    COUNT_VALUE,
     EAGER_ACCEPT,
     EAGER_CONNECT,
     EAGER_KEY,
     EAGER_PEER_KEY,
+    FLAG_AGED,
+    FLAG_FORKED,
     FLAG_STOPPED,
     RECORD,
     RECORD_SIZE,
@@ -94,6 +99,8 @@ class SocketEvent:
     listen_fd: int | None = None
     child_pid: int | None = None  # FORK: the new task (a process, or a thread of `pid`)
     stopped: bool = False  # the program stopped the caller (SIGSTOP) for the eager swap
+    aged: bool = False  # held in the kernel until `age` old (``ts_ns``: when it happened)
+    forked: bool = False  # reported at its close: its process forked, the child may hold it
 
     @classmethod
     def decode(cls, data: bytes) -> SocketEvent:
@@ -128,7 +135,29 @@ class SocketEvent:
             listen_fd=arg if k == EventKind.ACCEPT else None,
             child_pid=arg if k == EventKind.FORK else None,
             stopped=bool(flags & FLAG_STOPPED),
+            aged=bool(flags & FLAG_AGED),
+            forked=bool(flags & FLAG_FORKED),
         )
+
+
+def _peer_key(cidr: str) -> bytes:
+    """The LPM key of `cidr` in ``eager_peers``/``remote_pods`` (IPv4 as v4-mapped)."""
+    net = ipaddress.ip_network(cidr, strict=False)
+    if net.version == 4:
+        addr, plen = b"\0" * 10 + b"\xff\xff" + net.network_address.packed, 96 + net.prefixlen
+    else:
+        addr, plen = net.network_address.packed, net.prefixlen
+    return EAGER_PEER_KEY.pack(plen, addr)
+
+
+def _listener_of(key: bytes) -> tuple[str, int]:
+    """(addr, port) of an ``eager_listeners``/``young_closes`` key; a v4-mapped address as
+    plain IPv4."""
+    family, port, raw = EAGER_KEY.unpack(key)
+    if family == socket.AF_INET:
+        return socket.inet_ntop(family, raw[:4]), port
+    ip = ipaddress.IPv6Address(raw)
+    return str(ip.ipv4_mapped or ip), port
 
 
 def _eager_keys(addr: str, port: int) -> list[bytes]:
@@ -146,6 +175,13 @@ class Tracer:
     ``host_netns_inode``: processes in this network namespace are not traced (default:
     this process's namespace; 0 traces every namespace). ``buffer``: "auto" (ring buffer
     if the kernel has it), "ringbuf" or "perf".
+
+    In-kernel filtering, both off by default: ``filter_remote`` reports (and tracks) only
+    connects and accepts whose peer is in one of the CIDRs given to :meth:`remote_pods`;
+    ``age`` (seconds, > 0) keeps each connect and accept the programs did not stop in the
+    kernel until it is that old: :meth:`read` reports it then (``aged``, with the time it
+    happened), and one closed younger is never reported at all (:attr:`young_closed`,
+    :meth:`young_closes` count them).
     """
 
     def __init__(
@@ -157,9 +193,15 @@ class Tracer:
         max_tracked: int = MAX_TRACKED,
         ring_size: int = RING_SIZE,
         perf_pages: int = 64,
+        filter_remote: bool = False,
+        age: float = 0.0,
     ) -> None:
         if buffer not in ("auto", "ringbuf", "perf"):
             raise ValueError(f"buffer must be 'auto', 'ringbuf' or 'perf', not {buffer!r}")
+        if not 0 <= age <= 3600:
+            raise ValueError(f"age must be 0..3600 seconds, not {age}")
+        self.filter_remote = filter_remote
+        self.age_ns = int(age * 1e9)
         self.host_netns = netns_inode() if host_netns_inode is None else host_netns_inode
         self.buffer = buffer
         self._btf = btf
@@ -198,7 +240,9 @@ class Tracer:
         specs = map_specs(self.max_tracked, self.ring_size, ringbuf=self.buffer != "perf")
         for name, spec in specs.items():
             self.maps[name] = self._events_map(spec) if name == "events" else spec.load()
-        self.maps["config"][b"\0\0\0\0"] = CONFIG_VALUE.pack(self.host_netns, 0)
+        flags = ((CONFIG_FILTER_REMOTE if self.filter_remote else 0)
+                 | (CONFIG_AGE if self.age_ns else 0))
+        self.maps["config"][b"\0\0\0\0"] = CONFIG_VALUE.pack(self.host_netns, 0, flags, 0)
         ringbuf = self.kind == "ringbuf"
         defs = generate_programs(layout, args, ringbuf=ringbuf)
         for d in defs:
@@ -278,9 +322,10 @@ class Tracer:
     ) -> list[SocketEvent]:
         """Events waiting now, or within ``timeout`` seconds (None: block until some).
 
-        On a process exit the process's remaining tracked fds are forgotten.
+        With ``age``, connections that have lived that long in the kernel come first (oldest
+        first). On a process exit the process's remaining tracked fds are forgotten.
         """
-        out = []
+        out = self._grown_up() if self.age_ns else []
         for raw in self._reader().read(timeout, max_records):
             try:
                 ev = SocketEvent.decode(raw)
@@ -291,6 +336,66 @@ class Tracer:
                 self._forget_pid(ev.pid)
             out.append(ev)
         return out
+
+    def _grown_up(self) -> list[SocketEvent]:
+        """Take the connections at least `age` old out of ``young`` (a close racing with
+        this either finds its record gone and reports itself, or takes it and reports
+        nothing; `Map.take` is what decides)."""
+        young = self._map("young")
+        entries = young.lookup_batch()
+        if not entries:
+            return []
+        limit = time.monotonic_ns() - self.age_ns
+        out = []
+        for key, raw in entries:
+            if RECORD.unpack_from(raw)[8] > limit:
+                continue
+            taken = young.take(key)
+            if taken is None:  # closed meanwhile
+                continue
+            try:
+                out.append(SocketEvent.decode(taken))
+            except ValueError as e:
+                log.warning("dropping malformed young record: %s", e)
+        out.sort(key=lambda ev: ev.ts_ns)
+        return out
+
+    @property
+    def young_closed(self) -> int:
+        """Connections closed young and forgotten in the kernel (never reported)."""
+        return CONFIG_VALUE.unpack(self._map("config")[b"\0\0\0\0"])[3]
+
+    def young_closes(self) -> dict[tuple[str, int], int]:
+        """Accepted connections closed young per local listener (addr, port) since the last
+        call (the counts are taken out of the kernel map)."""
+        counts = self._map("young_closes")
+        out: dict[tuple[str, int], int] = {}
+        for key, _ in counts.lookup_batch():
+            value = counts.take(key)
+            if value is not None:
+                lst = _listener_of(key)
+                out[lst] = out.get(lst, 0) + COUNT_VALUE.unpack(value)[0]
+        return out
+
+    def young_entries(self) -> int:
+        """Connections waiting in the kernel to grow up."""
+        return len(self._map("young").lookup_batch())
+
+    # ------------------------------------------------------------------ remote pods
+
+    def remote_pods(self, cidr: str, on: bool = True) -> None:
+        """With ``filter_remote``: connections to or from pod CIDR `cidr` (another node's)
+        are reported, or no longer (``on=False``)."""
+        pods = self._map("remote_pods")
+        if on:
+            pods[_peer_key(cidr)] = (1).to_bytes(4, "little")
+        else:
+            with contextlib.suppress(KeyError, BPFError):
+                pods.delete(_peer_key(cidr))
+
+    def remote_pod_entries(self) -> int:
+        """CIDRs in ``remote_pods`` now."""
+        return sum(1 for _ in self._map("remote_pods"))
 
     @property
     def lost(self) -> int:
@@ -394,12 +499,7 @@ class Tracer:
 
     def eager_peer(self, cidr: str, on: bool = True) -> None:
         """Accepts from pod CIDR `cidr` (served by a live peer router) may be stopped."""
-        net = ipaddress.ip_network(cidr, strict=False)
-        if net.version == 4:
-            addr, plen = b"\0" * 10 + b"\xff\xff" + net.network_address.packed, 96 + net.prefixlen
-        else:
-            addr, plen = net.network_address.packed, net.prefixlen
-        key = EAGER_PEER_KEY.pack(plen, addr)
+        key = _peer_key(cidr)
         peers = self._map("eager_peers")
         if on:
             peers[key] = (1).to_bytes(4, "little")
@@ -433,11 +533,14 @@ class Tracer:
             self._map("stops").delete(pid.to_bytes(4, "little"))
 
     def _forget_pid(self, pid: int) -> None:
-        tracked = self._map("tracked")
-        for k in list(tracked.keys()):
-            if TRACKED_KEY.unpack(k)[0] == pid:
-                with contextlib.suppress(KeyError, BPFError):
-                    tracked.delete(k)
+        for name in ("tracked", "young"):
+            m = self._map(name)
+            for k in list(m.keys()):
+                if TRACKED_KEY.unpack(k)[0] == pid:
+                    with contextlib.suppress(KeyError, BPFError):
+                        m.delete(k)
+        with contextlib.suppress(KeyError, BPFError):
+            self._map("forks").delete(pid.to_bytes(4, "little"))
 
     def _map(self, name: str) -> Map:
         m = self.maps.get(name)

@@ -20,11 +20,16 @@ from bpf_asm.btf import BTF, BTFError, FieldLocation
 from bpf_asm.tracefs import EventFormat, event_format
 
 __all__ = [
+    "CONFIG_AGE",
+    "CONFIG_FILTER_REMOTE",
     "CONFIG_VALUE",
+    "COUNT_VALUE",
     "EAGER_ACCEPT",
     "EAGER_CONNECT",
     "EAGER_KEY",
     "EAGER_PEER_KEY",
+    "FLAG_AGED",
+    "FLAG_FORKED",
     "FLAG_STOPPED",
     "EventKind",
     "KernelLayout",
@@ -80,21 +85,32 @@ OFF_LADDR, OFF_RADDR = 56, 72
 assert RECORD_SIZE == 88
 
 FLAG_STOPPED = 1
+#: the record lived in ``young`` until user space found it `age` old (no min_age wait left)
+FLAG_AGED = 2
+#: the record comes out of ``young`` at its close because its process forked meanwhile: the
+#: socket may live on in the child (the close record that follows carries the flag too)
+FLAG_FORKED = 4
+#: config flags: report connects/accepts only with a peer in ``remote_pods``; keep them in
+#: ``young`` until user space finds them old enough (a young close is forgotten, no event)
+CONFIG_FILTER_REMOTE, CONFIG_AGE = 1, 2
 #: eager_listeners value bits: stop a connect to it (a peer's listener), an accept on it (ours)
 EAGER_CONNECT, EAGER_ACCEPT = 1, 2
 #: eager_listeners key: u16 family, u16 port (host order), u8 addr[16] (IPv4: first 4 bytes)
 EAGER_KEY = struct.Struct("=HH16s")
 #: eager_peers key (LPM trie): u32 prefix length, u8 addr[16] (IPv4 v4-mapped, /96 + n)
 EAGER_PEER_KEY = struct.Struct("=I16s")
-#: stash value: u32 fd, u32 kind, u32 netns, u32 pad (key: u64 pid_tgid)
+#: stash value: u32 fd, u32 kind, u32 netns, u32 config flags (key: u64 pid_tgid)
 STASH_VALUE = struct.Struct("=IIII")
 #: tracked key: u32 pid, s32 fd
 TRACKED_KEY = struct.Struct("=Ii")
 #: tracked value: u64 socket inode, u32 netns, u32 pad
 TRACKED_VALUE = struct.Struct("=QII")
 #: config value (array map, key 0): u64 host netns inode (0 = trace every namespace),
-#: u64 records dropped because the perf/ring buffer was full (counted by the programs)
-CONFIG_VALUE = struct.Struct("=QQ")
+#: u64 records dropped because the perf/ring buffer was full (counted by the programs),
+#: u64 flags (CONFIG_*), u64 connections closed young and forgotten in the kernel
+CONFIG_VALUE = struct.Struct("=QQQQ")
+#: young_closes value: u64 accepted connections closed young (key: EAGER_KEY of the listener)
+COUNT_VALUE = struct.Struct("=Q")
 
 
 # ----------------------------------------------------------------------------- layouts

@@ -51,11 +51,16 @@ from bpf_asm.maps import MapSpec
 from bpf_asm.relocate import MapFd
 
 from .tracer_layout import (
+    CONFIG_AGE,
+    CONFIG_FILTER_REMOTE,
     CONFIG_VALUE,
+    COUNT_VALUE,
     EAGER_ACCEPT,
     EAGER_CONNECT,
     EAGER_KEY,
     EAGER_PEER_KEY,
+    FLAG_AGED,
+    FLAG_FORKED,
     FLAG_STOPPED,
     OFF_ARG,
     OFF_FAMILY,
@@ -97,6 +102,8 @@ MAX_TRACKED = 65536  # entries of stash, tracked and pids (the daemon's default)
 MAX_EAGER_LISTENERS = 16384
 MAX_EAGER_PEERS = 1024
 MAX_STOPS = 16384
+MAX_REMOTE_PODS = 4096  # remote pod CIDRs (one or two per node)
+MAX_COUNTED_LISTENERS = 4096  # listeners whose young closes are counted
 RING_SIZE = 1 << 20  # bytes of the events ring buffer
 
 
@@ -126,6 +133,16 @@ def map_specs(
       live peer router (IPv4 as v4-mapped); an accept is stopped only from one of them;
     * ``stops`` (u32 pid -> u64 ktime): processes a program stopped that the daemon has not
       resumed yet (the guardian resumes them if the daemon dies);
+    * ``remote_pods`` (LPM trie, :data:`EAGER_PEER_KEY` -> u32 1): other nodes' pod CIDRs; with
+      :data:`CONFIG_FILTER_REMOTE` a connect or accept whose peer is not in them is not
+      reported (nor tracked);
+    * ``young`` (:data:`TRACKED_KEY` -> the record): with :data:`CONFIG_AGE`, connects and
+      accepts wait here instead of the ring until user space finds them old enough (and takes
+      them out); a close finding its record here deletes it, and nothing is reported;
+    * ``young_closes`` (:data:`EAGER_KEY` of a listener -> :data:`COUNT_VALUE`): its accepted
+      connections closed young (how user space learns which listeners serve short ones);
+    * ``forks`` (u32 pid -> u64 ktime): the last fork of each process in ``pids`` (a young
+      socket older than that may live on in the child: its close reports it);
     * ``events``: see :func:`events_spec`.
     """
     return {
@@ -140,6 +157,13 @@ def map_specs(
         "eager_peers": MapSpec("lpm_trie", EAGER_PEER_KEY.size, 4, MAX_EAGER_PEERS,
                                name="er_eager_peer"),
         "stops": MapSpec("hash", 4, 8, MAX_STOPS, name="er_stops"),
+        "remote_pods": MapSpec("lpm_trie", EAGER_PEER_KEY.size, 4, MAX_REMOTE_PODS,
+                               name="er_remote_pods"),
+        "young": MapSpec("lru_hash", TRACKED_KEY.size, RECORD_SIZE, max_tracked,
+                         name="er_young"),
+        "young_closes": MapSpec("lru_hash", EAGER_KEY.size, COUNT_VALUE.size,
+                                MAX_COUNTED_LISTENERS, name="er_young_closes"),
+        "forks": MapSpec("lru_hash", 4, 8, max_tracked, name="er_forks"),
         "events": events_spec(ringbuf, ring_size),
     }
 
@@ -152,7 +176,9 @@ _TKEY = _KEY - 8  # tracked key
 _SVAL = _TKEY - 16  # stash value / tracked value
 _ZERO = _SVAL - 8  # u32 0 for array lookups
 _EKEY = _ZERO - 24  # eager_listeners key (EAGER_KEY, 20 bytes)
-_PKEY = _EKEY - 24  # eager_peers key (EAGER_PEER_KEY, 20 bytes)
+_PKEY = _EKEY - 24  # eager_peers / remote_pods key (EAGER_PEER_KEY, 20 bytes)
+_CFLAGS = _PKEY - 8  # u32 config flags, from the stash
+_YREC = _CFLAGS - RECORD_SIZE  # close: the young record, copied out of its map
 
 BPF_ANY = 0
 BPF_F_CURRENT_CPU = 0xFFFFFFFF
@@ -252,14 +278,16 @@ class _Gen:
         for off in range(_REC, 0, 8):
             self.b.st(64, R10, off, 0)
 
-    def emit_record(self) -> None:
-        """Output the record on the stack to the ``events`` map (ctx in r6)."""
+    def emit_record(self, at: int = _REC, stamp: bool = True) -> None:
+        """Output the record on the stack at ``at`` to the ``events`` map (ctx in r6),
+        time-stamped now (``stamp``) or keeping its time."""
         b = self.b
-        b.call("ktime_get_ns")
-        b.stx(64, R10, R0, _REC + OFF_TS)
+        if stamp:
+            b.call("ktime_get_ns")
+            b.stx(64, R10, R0, at + OFF_TS)
         if self.ringbuf:
             b.ld_map_fd(R1, "events")
-            b.mov64(R2, R10).add64(R2, _REC)
+            b.mov64(R2, R10).add64(R2, at)
             b.mov64(R3, RECORD_SIZE)
             b.mov64(R4, 0)
             b.call("ringbuf_output")
@@ -267,7 +295,7 @@ class _Gen:
             b.mov64(R1, R6)
             b.ld_map_fd(R2, "events")
             b.ld_imm64(R3, BPF_F_CURRENT_CPU)
-            b.mov64(R4, R10).add64(R4, _REC)
+            b.mov64(R4, R10).add64(R4, at)
             b.mov64(R5, RECORD_SIZE)
             b.call("perf_event_output")
         # Count records the kernel could not deliver (ring full) in config.drops.
@@ -280,6 +308,73 @@ class _Gen:
         b.jeq(R0, 0, done)
         b.mov64(R1, 1)
         b.atomic("add", 64, R0, R1, 8)
+        b.label(done)
+
+    def peer_key(self, family_off: int, addr_off: int) -> None:
+        """The ``remote_pods``/``eager_peers`` key at _PKEY for the address at r10 +
+        ``addr_off`` of the family at r10 + ``family_off`` (IPv4 as v4-mapped /128)."""
+        b = self.b
+        v6 = self.fresh("peer_v6")
+        done = self.fresh("peer_key")
+        b.st(32, R10, _PKEY, 128)
+        b.ldx(16, R1, R10, family_off)
+        b.jne(R1, socket.AF_INET, v6)
+        b.st(32, R10, _PKEY + 4, 0)
+        b.st(32, R10, _PKEY + 8, 0)
+        b.st(32, R10, _PKEY + 12, _V4MAPPED_WORD)  # ::ffff:a.b.c.d
+        b.ldx(32, R1, R10, addr_off)
+        b.stx(32, R10, R1, _PKEY + 16)
+        b.ja(done)
+        b.label(v6)
+        for off in range(0, 16, 4):
+            b.ldx(32, R1, R10, addr_off + off)
+            b.stx(32, R10, R1, _PKEY + 4 + off)
+        b.label(done)
+
+    def listener_key(self, rec: int) -> None:
+        """The ``eager_listeners``/``young_closes`` key at _EKEY of the local (addr, port) of
+        the record at r10 + ``rec`` (an accept's: its listener)."""
+        b = self.b
+        b.ldx(16, R1, R10, rec + OFF_FAMILY)
+        b.stx(16, R10, R1, _EKEY)
+        b.ldx(16, R1, R10, rec + OFF_LPORT)
+        b.stx(16, R10, R1, _EKEY + 2)
+        for off in range(0, 16, 4):  # (the key's address is 4-byte aligned only)
+            b.ldx(32, R1, R10, rec + OFF_LADDR + off)
+            b.stx(32, R10, R1, _EKEY + 4 + off)
+
+    def count(self, map_name: str, key_off: int) -> None:
+        """``map_name``[r10 + key_off] += 1 (a u64 counter; created at 1)."""
+        b = self.b
+        made = self.fresh("counted")
+        b.ld_map_fd(R1, map_name)
+        b.mov64(R2, R10).add64(R2, key_off)
+        b.call("map_lookup_elem")
+        add = self.fresh("count_add")
+        b.jne(R0, 0, add)
+        b.st(64, R10, _SCRATCH, 1)
+        b.ld_map_fd(R1, map_name)
+        b.mov64(R2, R10).add64(R2, key_off)
+        b.mov64(R3, R10).add64(R3, _SCRATCH)
+        b.mov64(R4, BPF_ANY)
+        b.call("map_update_elem")
+        b.ja(made)
+        b.label(add)
+        b.mov64(R1, 1)
+        b.atomic("add", 64, R0, R1, 0)
+        b.label(made)
+
+    def config_add(self, off: int) -> None:
+        """config.<u64 at ``off``> += 1."""
+        b = self.b
+        done = self.fresh("config_added")
+        b.st(32, R10, _ZERO, 0)
+        b.ld_map_fd(R1, "config")
+        b.mov64(R2, R10).add64(R2, _ZERO)
+        b.call("map_lookup_elem")
+        b.jeq(R0, 0, done)
+        b.mov64(R1, 1)
+        b.atomic("add", 64, R0, R1, off)
         b.label(done)
 
     def host_netns(self, dst: Reg, out: str) -> None:
@@ -331,12 +426,13 @@ def _enter_program(lay: KernelLayout, args: TracepointArgs, sc: str, ringbuf: bo
     b.call("get_current_task").mov64(R8, R0)
     g.netns_inum(R8, R8, "out")
     g.host_netns(R9, "out")
+    b.ldx(32, R1, R0, 16)  # config flags (r0: the config value still)
+    b.stx(32, R10, R1, _SVAL + 12)
     b.jeq(R8, R9, "out")
     g.ctx_load(R1, args.enter_fd[sc])
     b.stx(32, R10, R1, _SVAL + 0)
     b.st(32, R10, _SVAL + 4, int(SYSCALL_KIND[sc]))
     b.stx(32, R10, R8, _SVAL + 8)
-    b.st(32, R10, _SVAL + 12, 0)
     b.stx(64, R10, R7, _KEY)
     b.ld_map_fd(R1, "stash")
     b.mov64(R2, R10).add64(R2, _KEY)
@@ -392,6 +488,8 @@ def _take_stash(g: _Gen, kind: EventKind) -> None:
     b.ldx(32, R1, R0, 8)  # netns
     g.zero_record()
     b.stx(32, R10, R1, _REC + OFF_NETNS)
+    b.ldx(32, R1, R0, 12)  # config flags, as the enter program saw them
+    b.stx(32, R10, R1, _CFLAGS)
     b.ld_map_fd(R1, "stash")
     b.mov64(R2, R10).add64(R2, _KEY)
     b.call("map_delete_elem")
@@ -475,9 +573,12 @@ def _exit_program(lay: KernelLayout, args: TracepointArgs, sc: str, ringbuf: boo
     g.read_field(R1, R8, lay.sk_dport, "emit")
     b.stx(16, R10, R1, _REC + OFF_RPORT)
     if kind in (EventKind.ACCEPT, EventKind.CONNECT):
+        _skip_unless_remote(g)
         _stop_if_eager(g, kind)
-    b.label("emit")
-    g.emit_record()
+        _keep_young_or_emit(g)
+    else:
+        b.label("emit")
+        g.emit_record()
     # Track (pid, fd) -> (inode, netns), and the pid.
     b.ldx(32, R1, R10, _REC + OFF_PID)
     b.stx(32, R10, R1, _TKEY)
@@ -502,6 +603,55 @@ def _exit_program(lay: KernelLayout, args: TracepointArgs, sc: str, ringbuf: boo
     return b
 
 
+def _skip_unless_remote(g: _Gen) -> None:
+    """With CONFIG_FILTER_REMOTE, a connection whose peer is not in ``remote_pods`` (another
+    node's pods) ends here: no record, not tracked. r1-r5, r0 clobbered."""
+    b = g.b
+    keep = g.fresh("remote")
+    b.ldx(32, R1, R10, _CFLAGS)
+    b.and64(R1, CONFIG_FILTER_REMOTE)
+    b.jeq(R1, 0, keep)
+    g.peer_key(_REC + OFF_FAMILY, _REC + OFF_RADDR)
+    b.ld_map_fd(R1, "remote_pods")
+    b.mov64(R2, R10).add64(R2, _PKEY)
+    b.call("map_lookup_elem")
+    b.jeq(R0, 0, "out")
+    b.label(keep)
+
+
+def _keep_young_or_emit(g: _Gen) -> None:
+    """With CONFIG_AGE, a connection the program did not stop goes into ``young`` (stamped,
+    flagged aged) instead of the ring; else it is emitted. Defines "emit" (the record is
+    reported whenever a step before jumps there). r1-r5, r0 clobbered."""
+    b = g.b
+    young = g.fresh("young")
+    tracked = g.fresh("emitted")
+    b.ldx(32, R1, R10, _CFLAGS)
+    b.and64(R1, CONFIG_AGE)
+    b.jeq(R1, 0, "emit")
+    b.ldx(16, R1, R10, _REC + OFF_FLAGS)
+    b.and64(R1, FLAG_STOPPED)
+    b.jeq(R1, 0, young)
+    b.label("emit")
+    g.emit_record()
+    b.ja(tracked)
+    b.label(young)
+    b.call("ktime_get_ns")
+    b.stx(64, R10, R0, _REC + OFF_TS)
+    b.st(16, R10, _REC + OFF_FLAGS, FLAG_AGED)
+    b.ldx(32, R1, R10, _REC + OFF_PID)
+    b.stx(32, R10, R1, _TKEY)
+    b.stx(32, R10, R9, _TKEY + 4)
+    b.ld_map_fd(R1, "young")
+    b.mov64(R2, R10).add64(R2, _TKEY)
+    b.mov64(R3, R10).add64(R3, _REC)
+    b.mov64(R4, BPF_ANY)
+    b.call("map_update_elem")
+    b.jeq(R0, 0, tracked)
+    b.ja("emit")  # the map refused it: report it now rather than lose it
+    b.label(tracked)
+
+
 def _stop_if_eager(g: _Gen, kind: EventKind) -> None:
     """Stop the caller (SIGSTOP to this thread: the whole process group-stops before it runs
     another instruction of its own) if the connection is eligible for the eager swap, and flag
@@ -511,16 +661,17 @@ def _stop_if_eager(g: _Gen, kind: EventKind) -> None:
     """
     b = g.b
     skip = g.fresh("not_eager")
-    addr, port = (OFF_RADDR, OFF_RPORT) if kind == EventKind.CONNECT else (OFF_LADDR, OFF_LPORT)
-    b.ldx(16, R1, R10, _REC + OFF_FAMILY)
-    b.stx(16, R10, R1, _EKEY)
-    b.ldx(16, R1, R10, _REC + port)
     if kind == EventKind.CONNECT:
+        b.ldx(16, R1, R10, _REC + OFF_FAMILY)
+        b.stx(16, R10, R1, _EKEY)
+        b.ldx(16, R1, R10, _REC + OFF_RPORT)
         b.be(R1, 16)  # skc_dport is in network order; the key's port is in host order
-    b.stx(16, R10, R1, _EKEY + 2)
-    for off in range(0, 16, 4):  # (the key's address is 4-byte aligned only)
-        b.ldx(32, R1, R10, _REC + addr + off)
-        b.stx(32, R10, R1, _EKEY + 4 + off)
+        b.stx(16, R10, R1, _EKEY + 2)
+        for off in range(0, 16, 4):  # (the key's address is 4-byte aligned only)
+            b.ldx(32, R1, R10, _REC + OFF_RADDR + off)
+            b.stx(32, R10, R1, _EKEY + 4 + off)
+    else:
+        g.listener_key(_REC)
     b.ld_map_fd(R1, "eager_listeners")
     b.mov64(R2, R10).add64(R2, _EKEY)
     b.call("map_lookup_elem")
@@ -529,22 +680,7 @@ def _stop_if_eager(g: _Gen, kind: EventKind) -> None:
     b.and64(R1, EAGER_CONNECT if kind == EventKind.CONNECT else EAGER_ACCEPT)
     b.jeq(R1, 0, skip)
     if kind == EventKind.ACCEPT:  # and the client is a remote pod served by a live peer
-        b.st(32, R10, _PKEY, 128)
-        b.ldx(16, R1, R10, _REC + OFF_FAMILY)
-        v6 = g.fresh("peer_v6")
-        look = g.fresh("peer_lookup")
-        b.jne(R1, socket.AF_INET, v6)
-        b.st(32, R10, _PKEY + 4, 0)
-        b.st(32, R10, _PKEY + 8, 0)
-        b.st(32, R10, _PKEY + 12, _V4MAPPED_WORD)  # ::ffff:a.b.c.d
-        b.ldx(32, R1, R10, _REC + OFF_RADDR)
-        b.stx(32, R10, R1, _PKEY + 16)
-        b.ja(look)
-        b.label(v6)
-        for off in range(0, 16, 4):
-            b.ldx(32, R1, R10, _REC + OFF_RADDR + off)
-            b.stx(32, R10, R1, _PKEY + 4 + off)
-        b.label(look)
+        g.peer_key(_REC + OFF_FAMILY, _REC + OFF_RADDR)
         b.ld_map_fd(R1, "eager_peers")
         b.mov64(R2, R10).add64(R2, _PKEY)
         b.call("map_lookup_elem")
@@ -564,7 +700,10 @@ def _stop_if_eager(g: _Gen, kind: EventKind) -> None:
 
 
 def _close_exit_program(lay: KernelLayout, args: TracepointArgs, ringbuf: bool) -> Builder:
-    """close exit: emit with the tracked inode and forget (pid, fd). r9 fd."""
+    """close exit: forget (pid, fd) and emit with the tracked inode, unless the connection is
+    still in ``young``: then it is forgotten there too, counted, and nothing is reported (a
+    short connection costs user space nothing), or, if its process forked since it was
+    made (the child may hold it on), its record is reported first, flagged forked. r9 fd."""
     g = _Gen(lay, ringbuf)
     b = g.b
     _take_stash(g, EventKind.CLOSE)
@@ -583,9 +722,53 @@ def _close_exit_program(lay: KernelLayout, args: TracepointArgs, ringbuf: bool) 
     b.ld_map_fd(R1, "tracked")
     b.mov64(R2, R10).add64(R2, _TKEY)
     b.call("map_delete_elem")
+    _close_young(g)
+    b.label("emit")
     g.emit_record()
     g.finish()
     return b
+
+
+def _close_young(g: _Gen) -> None:
+    """The young part of a close (key at _TKEY): falls through to "emit" unless the young
+    connection is forgotten here ("out"). Deleting is what decides: of this program and user
+    space taking the record out (`Map.take`), exactly one succeeds, so a connection is either
+    reported with its close or not at all."""
+    b = g.b
+    shared = g.fresh("forked")
+    b.ld_map_fd(R1, "young")
+    b.mov64(R2, R10).add64(R2, _TKEY)
+    b.call("map_lookup_elem")
+    b.jeq(R0, 0, "emit")  # reported already (or never young)
+    for off in range(0, RECORD_SIZE, 8):  # copy it out: deleting frees the element
+        b.ldx(64, R1, R0, off)
+        b.stx(64, R10, R1, _YREC + off)
+    b.ld_map_fd(R1, "forks")
+    b.mov64(R2, R10).add64(R2, _TKEY)  # the key's first u32 is the pid
+    b.call("map_lookup_elem")
+    b.jeq(R0, 0, shared + "_no")
+    b.ldx(64, R1, R0, 0)
+    b.ldx(64, R2, R10, _YREC + OFF_TS)
+    b.jge(R1, R2, shared)  # forked after the connection was made
+    b.label(shared + "_no")
+    b.ld_map_fd(R1, "young")
+    b.mov64(R2, R10).add64(R2, _TKEY)
+    b.call("map_delete_elem")
+    b.jne(R0, 0, "emit")  # user space took it first: it was reported, so is its close
+    g.config_add(24)  # config.young_closed
+    b.ldx(32, R1, R10, _YREC + OFF_KIND)
+    b.jne(R1, int(EventKind.ACCEPT), "out")
+    g.listener_key(_YREC)
+    g.count("young_closes", _EKEY)
+    b.ja("out")
+    b.label(shared)
+    b.ld_map_fd(R1, "young")
+    b.mov64(R2, R10).add64(R2, _TKEY)
+    b.call("map_delete_elem")
+    b.jne(R0, 0, "emit")
+    b.st(16, R10, _YREC + OFF_FLAGS, FLAG_FORKED)
+    g.emit_record(_YREC, stamp=False)
+    b.st(16, R10, _REC + OFF_FLAGS, FLAG_FORKED)
 
 
 def _process_exit_program(lay: KernelLayout, args: TracepointArgs, ringbuf: bool) -> Builder:
@@ -635,7 +818,14 @@ def _process_event_program(lay: KernelLayout, args: TracepointArgs, kind: EventK
     b.call("map_lookup_elem")
     b.jeq(R0, 0, "out")
     g.process_record(kind)
-    if kind == EventKind.FORK:
+    if kind == EventKind.FORK:  # its young sockets may live on in the child: note when
+        b.call("ktime_get_ns")
+        b.stx(64, R10, R0, _SCRATCH)
+        b.ld_map_fd(R1, "forks")
+        b.mov64(R2, R10).add64(R2, _TKEY)
+        b.mov64(R3, R10).add64(R3, _SCRATCH)
+        b.mov64(R4, BPF_ANY)
+        b.call("map_update_elem")
         g.ctx_load(R9, args.fork_child_pid)
         b.stx(32, R10, R9, _REC + OFF_ARG)
         b.stx(32, R10, R9, _TKEY)

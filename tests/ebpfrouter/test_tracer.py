@@ -25,6 +25,7 @@ from bpf_asm.isa import Instruction
 from ebpfrouter.tracer import EventKind, SocketEvent, Tracer, netns_inode, socket_inode
 from ebpfrouter.tracer_layout import (
     CONFIG_VALUE,
+    COUNT_VALUE,
     EAGER_KEY,
     EAGER_PEER_KEY,
     RECORD,
@@ -36,8 +37,10 @@ from ebpfrouter.tracer_layout import (
     TracepointArgs,
 )
 from ebpfrouter.tracer_programs import (
+    MAX_COUNTED_LISTENERS,
     MAX_EAGER_LISTENERS,
     MAX_EAGER_PEERS,
+    MAX_REMOTE_PODS,
     MAX_STOPS,
     TRACEPOINTS,
     generate_programs,
@@ -226,6 +229,10 @@ def test_every_map_a_program_uses_has_a_spec() -> None:
         "eager_listeners": (EAGER_KEY.size, 4, MAX_EAGER_LISTENERS),
         "eager_peers": (EAGER_PEER_KEY.size, 4, MAX_EAGER_PEERS),
         "stops": (4, 8, MAX_STOPS),
+        "remote_pods": (EAGER_PEER_KEY.size, 4, MAX_REMOTE_PODS),
+        "young": (TRACKED_KEY.size, RECORD_SIZE, 128),
+        "young_closes": (EAGER_KEY.size, COUNT_VALUE.size, MAX_COUNTED_LISTENERS),
+        "forks": (4, 8, 128),
         "events": (None, None, 1 << 20),
     }
     assert all(s.name.startswith("er_") and len(s.name) < 16 for s in specs.values())
