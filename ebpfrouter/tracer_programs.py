@@ -134,8 +134,8 @@ def map_specs(
     * ``stops`` (u32 pid -> u64 ktime): processes a program stopped that the daemon has not
       resumed yet (the guardian resumes them if the daemon dies);
     * ``remote_pods`` (LPM trie, :data:`EAGER_PEER_KEY` -> u32 1): other nodes' pod CIDRs; with
-      :data:`CONFIG_FILTER_REMOTE` a connect or accept whose peer is not in them is not
-      reported (nor tracked);
+      :data:`CONFIG_FILTER_REMOTE` a connect or accept whose peer is not in them, or whose own
+      address is, is not reported (nor tracked);
     * ``young`` (:data:`TRACKED_KEY` -> the record): with :data:`CONFIG_AGE`, connects and
       accepts wait here instead of the ring until user space finds them old enough (and takes
       them out); a close finding its record here deletes it, and nothing is reported;
@@ -605,7 +605,8 @@ def _exit_program(lay: KernelLayout, args: TracepointArgs, sc: str, ringbuf: boo
 
 def _skip_unless_remote(g: _Gen) -> None:
     """With CONFIG_FILTER_REMOTE, a connection whose peer is not in ``remote_pods`` (another
-    node's pods) ends here: no record, not tracked. r1-r5, r0 clobbered."""
+    node's pods), or whose own address is (a process of another node: nodes that share a
+    kernel, as on the testbed), ends here: no record, not tracked. r1-r5, r0 clobbered."""
     b = g.b
     keep = g.fresh("remote")
     b.ldx(32, R1, R10, _CFLAGS)
@@ -616,6 +617,11 @@ def _skip_unless_remote(g: _Gen) -> None:
     b.mov64(R2, R10).add64(R2, _PKEY)
     b.call("map_lookup_elem")
     b.jeq(R0, 0, "out")
+    g.peer_key(_REC + OFF_FAMILY, _REC + OFF_LADDR)
+    b.ld_map_fd(R1, "remote_pods")
+    b.mov64(R2, R10).add64(R2, _PKEY)
+    b.call("map_lookup_elem")
+    b.jne(R0, 0, "out")
     b.label(keep)
 
 

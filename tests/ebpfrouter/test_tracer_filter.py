@@ -40,8 +40,11 @@ def _tracer(**kw: object) -> Iterator[Tracer]:
 
 
 @contextlib.contextmanager
-def _child(code: str) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+def _child(code: str, netns: str | None = None) -> Iterator[subprocess.Popen[str]]:
+    argv = [sys.executable, "-c", code]
+    if netns is not None:
+        argv = ["nsenter", f"--net=/run/netns/{netns}", *argv]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     try:
         yield proc
     finally:
@@ -78,7 +81,8 @@ def test_only_connections_with_a_remote_pod_peer_are_reported_and_tracked() -> N
         port = lst.getsockname()[1]
         tracer.remote_pods("127.0.0.1/32")
         code = ("import socket,time\n"
-                f"a=socket.create_connection(('127.0.0.1',{port}))\n"  # remote pod: reported
+                f"a=socket.create_connection(('127.0.0.1',{port}),"  # remote pod: reported
+                "source_address=('127.0.0.5',0))\n"
                 f"b=socket.create_connection(('127.0.0.2',{port}))\n"  # not a remote pod
                 "print(a.fileno(),b.fileno(),flush=True)\ntime.sleep(30)\n")
         with _child(code) as proc:
@@ -114,25 +118,55 @@ def test_accepts_are_filtered_by_their_client() -> None:
                 conn.close()
 
 
-@pytest.mark.parametrize("target", ["::1", "::ffff:127.0.0.1"])
-def test_ipv6_and_v4_mapped_peers_match_their_cidrs(target: str) -> None:
-    listen_on = "::" if target.startswith("::ffff") else "::1"
-    lst = socket.socket(socket.AF_INET6)
-    lst.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    with _tracer(filter_remote=True) as tracer, lst:
-        lst.bind((listen_on, 0))
-        lst.listen()
-        port = lst.getsockname()[1]
-        tracer.remote_pods("::1/128" if target == "::1" else "127.0.0.0/8")
-        code = ("import socket,time\ns=socket.socket(socket.AF_INET6)\n"
-                f"s.connect(({target!r},{port}))\nprint(s.fileno(),flush=True)\ntime.sleep(30)\n")
-        with _child(code) as proc:
+@pytest.mark.parametrize(("target", "source", "cidr"), [
+    ("fd00:e1::1", "fd00:e1::2", "fd00:e1::1/128"),
+    ("::ffff:127.0.0.1", "::ffff:127.0.0.5", "127.0.0.1/32"),
+])
+def test_ipv6_and_v4_mapped_peers_match_their_cidrs(netns_name: str, target: str, source: str,
+                                                     cidr: str) -> None:
+    """An AF_INET6 connect to a remote pod (IPv6, or IPv4 as v4-mapped) is reported; its accept,
+    whose client is no remote pod, is not. In a netns of its own, which has room for two IPv6
+    addresses on loopback."""
+    from pyroute2 import NetNS
+
+    with NetNS(netns_name) as ns:
+        lo = ns.link_lookup(ifname="lo")[0]
+        for addr in ("fd00:e1::1", "fd00:e1::2"):
+            ns.addr("add", index=lo, address=addr, prefixlen=128, flags=0x02)  # IFA_F_NODAD
+    code = ("import socket,time\n"
+            "l=socket.socket(socket.AF_INET6);"
+            "l.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0)\n"
+            "l.bind(('::',0));l.listen()\n"
+            f"s=socket.socket(socket.AF_INET6);s.bind(({source!r},0))\n"
+            f"s.connect(({target!r},l.getsockname()[1]));c=l.accept()[0]\n"
+            "print(s.fileno(),flush=True)\ntime.sleep(30)\n")
+    with _tracer(filter_remote=True) as tracer:
+        tracer.remote_pods(cidr)
+        with _child(code, netns=netns_name) as proc:
             assert proc.stdout is not None
             fd = int(proc.stdout.readline())
+            evs = _events(tracer, {proc.pid}, 0.6)
+            assert [ev.fd for ev in evs if ev.kind == EventKind.CONNECT] == [fd]
+            assert [ev for ev in evs if ev.kind == EventKind.ACCEPT] == []
+
+
+def test_a_connection_whose_own_address_is_a_remote_pod_is_not_reported() -> None:
+    """Where nodes share a kernel (the testbed), one node's connections between its own pods
+    look remote to the other's router from the peer's side only: its own address is a remote
+    pod too, so neither the connect nor the accept is reported."""
+    with _tracer(filter_remote=True) as tracer, _listener() as lst:
+        port = lst.getsockname()[1]
+        tracer.remote_pods("127.0.0.0/8")
+        code = ("import socket,time\n"
+                f"a=socket.create_connection(('127.0.0.1',{port}),source_address=('127.0.0.5',0))\n"
+                "print(a.fileno(),flush=True)\ntime.sleep(30)\n")
+        with _child(code) as proc:
+            assert proc.stdout is not None
+            proc.stdout.readline()
             conn, _ = lst.accept()
             evs = _events(tracer, {proc.pid, os.getpid()}, 0.6)
-            assert [ev.fd for ev in evs if ev.kind == EventKind.CONNECT] == [fd]
-            assert len([ev for ev in evs if ev.kind == EventKind.ACCEPT]) == 1
+            assert [ev for ev in evs if ev.kind in (EventKind.CONNECT, EventKind.ACCEPT)] == []
+            assert not any(pid == proc.pid for (pid, _) in tracer.tracked())
             conn.close()
 
 
