@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -45,6 +46,7 @@ from .tracer_layout import (
     FLAG_AGED,
     FLAG_FORKED,
     FLAG_STOPPED,
+    OFF_TS,
     RECORD,
     RECORD_SIZE,
     TRACKED_KEY,
@@ -140,6 +142,11 @@ class SocketEvent:
         )
 
 
+SCAN_INTERVAL_NS = 10_000_000  # the shortest time between two scans of ``young`` (10 ms)
+SCAN_RACE_NS = 1_000_000  # a connection stamped just before a scan may be inserted after it
+_TS = struct.Struct("=Q")  # a record's ts_ns, read alone (the young map is scanned often)
+
+
 def _peer_key(cidr: str) -> bytes:
     """The LPM key of `cidr` in ``eager_peers``/``remote_pods`` (IPv4 as v4-mapped)."""
     net = ipaddress.ip_network(cidr, strict=False)
@@ -214,6 +221,8 @@ class Tracer:
         self.reader: RingBuffer | PerfBuffer | None = None
         self.kind: str | None = None  # "ringbuf" or "perf" once open
         self._eager_flags: dict[bytes, int] = {}  # eager_listeners as written (the bits)
+        self.next_due_ns: int | None = None  # when the oldest young connection grows up
+        self._scanned_ns = 0  # when ``young`` was last scanned (less SCAN_RACE_NS)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -337,18 +346,35 @@ class Tracer:
             out.append(ev)
         return out
 
+    def _scan_at_ns(self) -> int:
+        """When ``young`` next holds something due: its oldest entry as of the last scan, or
+        one made just after that scan; never sooner than :data:`SCAN_INTERVAL_NS` after it."""
+        unknown = self._scanned_ns + self.age_ns  # made since the last scan: due no sooner
+        due = unknown if self.next_due_ns is None else min(self.next_due_ns, unknown)
+        return max(due, self._scanned_ns + SCAN_INTERVAL_NS)
+
     def _grown_up(self) -> list[SocketEvent]:
         """Take the connections at least `age` old out of ``young`` (a close racing with
         this either finds its record gone and reports itself, or takes it and reports
-        nothing; `Map.take` is what decides)."""
+        nothing; `Map.take` is what decides). The map is scanned only when something in it
+        can be due, so reads woken by the ring often cost no scan."""
+        now = time.monotonic_ns()
+        if now < self._scan_at_ns():
+            return []
+        self._scanned_ns = now - SCAN_RACE_NS
         young = self._map("young")
         entries = young.lookup_batch()
+        self.next_due_ns = None
         if not entries:
             return []
-        limit = time.monotonic_ns() - self.age_ns
+        limit = now - self.age_ns
         out = []
         for key, raw in entries:
-            if RECORD.unpack_from(raw)[8] > limit:
+            (ts,) = _TS.unpack_from(raw, OFF_TS)
+            if ts > limit:
+                due = ts + self.age_ns
+                if self.next_due_ns is None or due < self.next_due_ns:
+                    self.next_due_ns = due
                 continue
             taken = young.take(key)
             if taken is None:  # closed meanwhile
@@ -359,6 +385,15 @@ class Tracer:
                 log.warning("dropping malformed young record: %s", e)
         out.sort(key=lambda ev: ev.ts_ns)
         return out
+
+    def next_due(self) -> float | None:
+        """Seconds until :meth:`read` next finds a connection grown up in the kernel: the
+        oldest waiting as of the last read, or one made just after it (0: due now; None:
+        no ``age``). A caller that reads again by then misses none and scans no sooner than
+        needed."""
+        if not self.age_ns:
+            return None
+        return max(0.0, (self._scan_at_ns() - time.monotonic_ns()) / 1e9)
 
     @property
     def young_closed(self) -> int:
