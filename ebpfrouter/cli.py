@@ -37,6 +37,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--min-age", type=float, default=0.2, metavar="SECONDS",
                      help="bypass a connection only once it is this old; shorter ones stay on "
                           "the overlay and cost nothing (default 0.2; 0: at once)")
+    run.add_argument("--kernel-filter", choices=("on", "off"), default="on",
+                     help="on (default): the BPF programs report only connections with other "
+                          "nodes' pods, and only once they are --min-age old (same-node, host "
+                          "and short connections cost no user-space work); off: every pod "
+                          "connection is reported at once and aged in the daemon")
     run.add_argument("--swap-batch", type=int, default=4, metavar="N",
                      help="swaps of one process that may share one freeze (default 4; 1: one "
                           "per freeze; more: fewer, longer stops)")
@@ -127,7 +132,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                             kubernetes=kubernetes, kubeconfig=args.kubeconfig,
                             kubernetes_sync_timeout=args.kubernetes_sync_timeout,
                             scope_netns=list(args.scope_netns),
-                            min_age=args.min_age, read_first_wait=args.read_first_wait,
+                            min_age=args.min_age, kernel_filter=args.kernel_filter == "on",
+                            read_first_wait=args.read_first_wait,
                             swap_batch=args.swap_batch, eager=args.eager != "off",
                             eager_mode=args.eager if args.eager != "off" else "auto",
                             eager_wait=args.eager_wait,

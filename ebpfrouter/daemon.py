@@ -26,7 +26,7 @@ from injector.netns import run_in_thread
 from . import hostnet, startup
 from .config import ConfigError, RouterConfig
 from .control import ControlError, ControlServer, HealthServer, Metrics
-from .engine import Action, ActionFailed, Engine, EngineConfig, Event
+from .engine import Action, ActionFailed, Engine, EngineConfig, Event, ShortLived
 from .guardian import Guardian, resume_stopped
 from .hostnet import IPNetwork
 from .peers import Codec
@@ -36,7 +36,7 @@ from .runners import ACTION_RUNNERS, Family, Runner
 from .runners.datapath import DataPath
 from .runners.hostconn import HostConnections, HostWatch
 from .runners.injection import Injection, InjectorThread
-from .runners.kernel import EagerMaps
+from .runners.kernel import TracerMaps
 from .runners.peers import PeerLinks
 from .runners.sockets import SocketCloser
 from .runners.status import SwapNotes
@@ -49,6 +49,7 @@ from .tracer import Tracer, TracerError
 from .wiring import Wiring
 
 log = logging.getLogger(__name__)
+
 
 
 class DaemonError(RuntimeError):
@@ -71,6 +72,8 @@ class DaemonOptions:
     scope_netns: list[str] = dataclasses.field(default_factory=list)  # only these netns' pods
     freeze_timeout: float = 2.0
     min_age: float = 0.2  # connections younger than this are left alone (short ones never pay)
+    kernel_filter: bool = True  # the tracer reports only connections with other nodes' pods,
+    # and only once they are `min_age` old (short ones never reach user space)
     swap_batch: int = 4  # swaps of one process that may share one freeze
     read_first_wait: float | None = None  # an accepted connection is swapped once its app
     # has read from it, or once it is this old (0: at once; None: 0 with address
@@ -109,7 +112,7 @@ class Daemon:
         self.timers = Timers(w)
         self.notes = SwapNotes(w, self.scope.take_traced_at)
         self.injection = Injection(w, self.sockets, self.injector, self.watch.unwatch)
-        self.eager_maps = EagerMaps(w, self.scope.cidrs_of)
+        self.tracer_maps = TracerMaps(w, self.scope.cidrs_of)
         self.guardian: Guardian | None = None
         self.runner_for: dict[Family, Runner] = {
             Family.HOST: self.hosts,
@@ -120,7 +123,7 @@ class Daemon:
             Family.TIMERS: self.timers,
             Family.SOCKETS: SocketCloser(self.sockets),
             Family.STATUS: self.notes,
-            Family.KERNEL: self.eager_maps,
+            Family.KERNEL: self.tracer_maps,
         }
         self.status = Status(w, self.scope, self.sockets, self.policy, self.peers,
                              self.injector, self.notes, self.timers, self.metrics)
@@ -177,10 +180,12 @@ class Daemon:
         except OSError as exc:
             raise DaemonError(f"ROUTER_PORT: {exc.strerror or exc}") from None
         try:
-            w.tracer = tracer = Tracer()
+            w.tracer = tracer = Tracer(filter_remote=opts.kernel_filter,
+                                       age=opts.min_age if opts.kernel_filter else 0.0)
             tracer.open()
         except (TracerError, OSError) as exc:
             raise DaemonError(f"tracer: {exc}") from None
+        self.tracer_maps.sync_remote_pods(scope.peer_hosts())  # before the seed: none missed
         if eager:  # before the first stop: resumes what a dead daemon would leave stopped
             self.guardian = Guardian(tracer.stops_map)
         if opts.drop_privileges:  # before any thread exists: capabilities are per thread
@@ -214,6 +219,8 @@ class Daemon:
         log.info("seeded %d existing sockets (pod netns %s)", len(seeded),
                  sorted(scope.local_netns) if scope.local_netns is not None else "any")
         w.spawn(self._housekeeping())
+        if tracer.age_ns:
+            w.spawn(self._drain_grown_up(tracer))
         self._ready = True
         log.warning("ebpf-router on %s: host %s, pod CIDRs %s, peers %s, port %d", scope.node,
                     scope.host_addr, ", ".join(map(str, scope.pod_cidrs)),
@@ -313,6 +320,8 @@ class Daemon:
             scope.prune_exited()
             for host in scope.cluster_hosts():
                 self.peers.ensure(host)
+            self.tracer_maps.sync_remote_pods(scope.peer_hosts())
+            self._feed_short_lived()
             if self.guardian is not None and not self.guardian.alive():
                 log.warning("the guardian (pid %d) is gone; starting a new one", self.guardian.pid)
                 assert self.wiring.tracer is not None
@@ -329,7 +338,30 @@ class Daemon:
                     scope.peer_map.update_discovered(found)
                 for host in scope.peer_map.hosts():
                     self.peers.ensure(host)
-                self.eager_maps.refresh()
+                self.tracer_maps.refresh()
+
+    async def _drain_grown_up(self, tracer: Tracer) -> None:
+        """Read the connections the kernel held until `min_age` as they grow up: they arrive
+        without a wake-up, so read by the time `Tracer.next_due` says (at most `min_age`
+        apart, at least 10 ms)."""
+        while True:
+            await asyncio.sleep(tracer.next_due() or 0.0)
+            if not tracer.closed:
+                self._on_tracer_readable()
+
+    def _feed_short_lived(self) -> None:
+        """Tell the engine how many accepts closed young in the kernel, per listener (what
+        `--eager auto` learns from)."""
+        tracer = self.wiring.tracer
+        if tracer is None or not tracer.age_ns:
+            return
+        try:
+            closes = tracer.young_closes()
+        except (OSError, ValueError) as exc:
+            log.warning("reading young closes: %s", exc)
+            return
+        for (addr, port), count in closes.items():
+            self.feed(ShortLived(addr, port, count))
 
     # -- events in, actions out --------------------------------------------------------------
 

@@ -31,6 +31,9 @@ METRICS: tuple[tuple[str, str, str, tuple[float, ...]], ...] = (
      "Connection ends whose swap was given up: left on the overlay.", ()),
     ("connections_short_total", "counter",
      "Connection ends closed before --min-age, never tried.", ()),
+    ("connections_closed_young_in_kernel_total", "counter",
+     "Connection ends closed before --min-age and forgotten by the BPF programs, never "
+     "reported to the daemon (with --kernel-filter on).", ()),
     ("peer_frames_rejected_total", "counter",
      "Peer frames and host connections rejected (bad MAC, schema, replay, size).", ()),
     ("tracer_events_lost_total", "counter",

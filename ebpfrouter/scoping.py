@@ -10,7 +10,9 @@ given a handle from `socktable.SocketTable.copy_later`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -44,6 +46,7 @@ from .wiring import Wiring
 log = logging.getLogger(__name__)
 
 EINPROGRESS = 115
+MAX_CHILDREN = 64  # forks remembered per process (a forked young connection's holders)
 
 
 def normalize_addr(addr: str | None) -> str | None:
@@ -117,6 +120,7 @@ class NodeScope:
         self.holders = SocketHolders()  # which processes hold each traced socket (forks)
         self.traced_at: dict[tuple[int, int], int] = {}  # (pid, fd) -> when traced (ns)
         self.addr_cache: dict[int, list[str]] = {}  # pid -> its netns' IPv4 addresses
+        self.children: dict[int, collections.deque[int]] = {}  # pid -> its last forks
         self._memo: dict[tuple[str, str | None], Any] = {}  # see `_remember`
 
     # -- addresses ---------------------------------------------------------------------------
@@ -201,6 +205,8 @@ class NodeScope:
         gone = [pid for pid in self.holders.pids() if not os.path.exists(f"/proc/{pid}")]
         if gone:
             self.wiring.counters["holders_pruned"] += self.holders.drop_pids(gone)
+        for pid in [p for p in self.children if not os.path.exists(f"/proc/{p}")]:
+            del self.children[pid]
 
     # -- tracer events -------------------------------------------------------------------------
 
@@ -220,6 +226,9 @@ class NodeScope:
             if self._wanted(ev):
                 self._listened(ev)
         elif kind in (EventKind.ACCEPT, EventKind.CONNECT):
+            if ev.forked:  # closed young by a process that forked since: a child's now
+                self._adopted(ev)
+                return
             fed = self._wanted(ev) and (self._accepted(ev) if kind == EventKind.ACCEPT
                                         else self._connected(ev))
             if ev.stopped and not fed:  # stopped for the eager swap, but not ours to follow
@@ -234,6 +243,7 @@ class NodeScope:
 
     def _exited(self, pid: int) -> None:
         self.addr_cache.pop(pid, None)
+        self.children.pop(pid, None)
         for fd, _, left in self.holders.exited(pid):
             if left:
                 self._moved(pid, fd, left)
@@ -279,7 +289,8 @@ class NodeScope:
         self.wiring.counters["seen"] += 1
         self.traced_at[(ev.pid, ev.fd)] = ev.ts_ns
         conn = FourTuple(str(laddr), lport, raddr, ev.rport)
-        self._feed_traced(ConnectTraced(ev.pid, ev.fd, ev.sock_ino, conn, sock, ev.stopped))
+        self._feed_traced(ConnectTraced(ev.pid, ev.fd, ev.sock_ino, conn, sock, ev.stopped,
+                                        aged=ev.aged))
         return True
 
     def _feed_traced(self, event: AcceptTraced | ConnectTraced) -> None:
@@ -342,6 +353,10 @@ class NodeScope:
             if tracer is not None:
                 tracer.forget_pid(child)
             return
+        kids = self.children.get(ev.pid)
+        if kids is None:
+            kids = self.children[ev.pid] = collections.deque(maxlen=MAX_CHILDREN)
+        kids.append(child)
         got = self.holders.forked(ev.pid, child)
         if not got:
             return
@@ -350,6 +365,28 @@ class NodeScope:
             for fd, inode in got:  # so the child's closes and exit are reported
                 with contextlib.suppress(Exception):
                     tracer.track(child, fd, inode=inode, netns=ev.netns)
+
+    def _adopted(self, ev: SocketEvent) -> None:
+        """A connect or accept the kernel held while young, reported at its close by `ev.pid`
+        because that process forked since (PostgreSQL's postmaster: accept, fork, close): the
+        connection lives on in the children that still hold its fd. Each is tracked (its close
+        and exit are reported), the newest is fed as the connection's holder."""
+        kids = [c for c in self.children.get(ev.pid, ()) if still_holds(c, ev.fd, ev.sock_ino)]
+        if not kids:
+            self.wiring.counters["forked_young_gone"] += 1
+            return
+        self.wiring.counters["forked_young_adopted"] += 1
+        tracer = self.wiring.tracer
+        if tracer is not None:
+            for child in kids:
+                with contextlib.suppress(Exception):
+                    tracer.track(child, ev.fd, inode=ev.sock_ino, netns=ev.netns)
+        holder = dataclasses.replace(ev, pid=kids[-1], tid=kids[-1], forked=False)
+        fed = self._wanted(holder) and (self._accepted(holder) if ev.kind == EventKind.ACCEPT
+                                        else self._connected(holder))
+        if fed:
+            for child in kids[:-1]:
+                self.holders.add(child, ev.fd, ev.sock_ino)
 
     def _execed(self, pid: int) -> None:
         """After exec, close-on-exec fds are gone without a traced close: check each."""

@@ -78,6 +78,8 @@ class Status:
             "peer_rejected": sum(rejected.values()) + counters_in["host_conn_rejected"],
             "ruled_out": counters_in["ruled_out"],
         }
+        tracer_figures = self._tracer_figures()
+        counters["short_in_kernel"] = tracer_figures.get("closed_young", 0)  # never "seen"
         self._set_metrics(counters, pending, tracer.lost if tracer is not None else 0)
         freezes = sorted(self.injector.freeze_ns)
         swaps = sorted(self.notes.latency_ns)
@@ -100,6 +102,7 @@ class Status:
                            if lst["sock"] is not None else None}
                           for lst in engine.listener_table()],
             "tracer_lost": tracer.lost if tracer is not None else 0,
+            "tracer": tracer_figures,
             "rules": len(rules.rules) if rules is not None else 0,
             "rules_error": str(rules.last_error) if rules and rules.last_error else None,
             "rules_loaded": not rules.rules.closed if rules is not None else False,
@@ -112,12 +115,26 @@ class Status:
             "frozen_now": self.injector.frozen_pids(),
         }
 
+    def _tracer_figures(self) -> dict[str, Any]:
+        """What the in-kernel filter holds and spared user space."""
+        tracer = self.wiring.tracer
+        if tracer is None or tracer.closed:
+            return {}
+        try:
+            return {"filter_remote": tracer.filter_remote, "age_s": tracer.age_ns / 1e9,
+                    "remote_pod_cidrs": tracer.remote_pod_entries(),
+                    "young_waiting": tracer.young_entries() if tracer.age_ns else 0,
+                    "closed_young": tracer.young_closed if tracer.age_ns else 0}
+        except (OSError, ValueError) as exc:
+            return {"error": str(exc)}
+
     def _set_metrics(self, counters: dict[str, int], pending: int, lost: int) -> None:
         m = self.metrics
         m.set("connections_seen_total", counters["seen"])
         m.set("connections_bypassed_total", counters["bypassed"])
         m.set("connections_failed_total", counters["failed"])
         m.set("connections_short_total", counters["short"])
+        m.set("connections_closed_young_in_kernel_total", counters["short_in_kernel"])
         m.set("peer_frames_rejected_total", counters["peer_rejected"])
         m.set("tracer_events_lost_total", lost)
         m.set("connections_pending", pending)

@@ -42,6 +42,7 @@ from .events import (
     ProcessExited,
     QueuesChecked,
     ReplaceDone,
+    ShortLived,
     SockRef,
     StopUnclaimed,
     TimerFired,
@@ -60,5 +61,6 @@ __all__ = [
     "Listener", "ListenTraced", "NoteSwapped", "OpenHostListener", "PeerLost", "PeerMessage",
     "PeerUp",
     "ProbeConn", "ProcessExited", "QueuesChecked", "ReplaceDone", "ReplaceFd", "Role",
-    "SendPeer", "SockRef", "StopUnclaimed", "StartTimer", "State", "Thaw", "TimerFired",
+    "SendPeer", "ShortLived", "SockRef", "StopUnclaimed", "StartTimer", "State", "Thaw",
+    "TimerFired",
 ]

@@ -79,8 +79,9 @@ class Admission:
                 self._start_client(ev, peer, target[1], target[2])
                 return
             ev = self.resume(ev, "eager_no_listener")
-        if self.config.min_age > 0:  # short connections are not worth a host connection
-            # (nor a look at the rules: they are applied when the connection has grown up)
+        if self.config.min_age > 0 and not ev.aged:  # short connections are not worth a host
+            # connection (nor a look at the rules: applied when the connection has grown up);
+            # `aged`: the kernel held it that long already
             self.young[(ev.pid, ev.fd)] = ev
             self.core.emit(StartTimer(YoungTimer(ev.pid, ev.fd, ev.inode), self.config.min_age))
             while len(self.young) > self.config.max_waiting:

@@ -69,7 +69,8 @@ class AcceptTraced(Event):
 class ConnectTraced(Event):
     """A pod process connected `fd` as overlay connection `conn`; `sock` is the daemon's dup.
 
-    `stopped`: as for `AcceptTraced`, at `connect()` return (0 or EINPROGRESS)."""
+    `stopped`: as for `AcceptTraced`, at `connect()` return (0 or EINPROGRESS). `aged`: the
+    tracer held it in the kernel until it had lived `min_age` (it is not aged again here)."""
 
     pid: int
     fd: int
@@ -77,6 +78,17 @@ class ConnectTraced(Event):
     conn: FourTuple
     sock: SockRef
     stopped: bool = False
+    aged: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ShortLived(Event):
+    """`count` connections accepted on our listener at overlay `addr:port` closed younger than
+    `min_age` and were forgotten in the kernel (never reported one by one)."""
+
+    addr: str
+    port: int
+    count: int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any
 from .actions import CloseSocket, EagerListener, EagerPeer, OpenHostListener, SendPeer
 from .conn import Listener
 from .core import Core
-from .events import HostListenerOpened, ListenTraced, SockRef
+from .events import HostListenerOpened, ListenTraced, ShortLived, SockRef
 from .keys import ListenerOpening
 
 log = logging.getLogger("ebpfrouter.engine.machine")
@@ -173,6 +173,12 @@ class ListenerBook:
                 self.core.stats["eager_on" if want else "eager_off"] += 1
                 self.core.emit(EagerListener(lst.addr, lst.port, want, remote=False))
                 self.core.emit(SendPeer(None, "listener_add", lst.announcement()))
+
+    def short_lived(self, ev: ShortLived) -> None:
+        """Connections on our listener closed young in the kernel: each is a short outcome
+        (more than a window's worth say no more than a window does)."""
+        for _ in range(min(ev.count, self.core.config.eager_window)):
+            self.outcome((ev.addr, ev.port), long=False)
 
     def _wanted(self, key: tuple[str, int]) -> bool:
         """Whether our listener `key` should be eager now: a rule's `swap=` wins, then

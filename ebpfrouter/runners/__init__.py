@@ -12,7 +12,7 @@ looks its fake runners up in the same table, so a new action needs a runner in b
     TIMERS     timers.Timers              the engine's timers on the event loop
     SOCKETS    sockets.SocketCloser       closing the daemon's copies
     STATUS     status.SwapNotes           counting swaps for status and metrics
-    KERNEL     kernel.EagerMaps           the tracer's eager-swap maps (who is stopped)
+    KERNEL     kernel.TracerMaps          the tracer's maps: remote pod CIDRs, eager-swap verdicts
 """
 
 from __future__ import annotations

@@ -494,7 +494,7 @@ def test_redis_benchmark_many_connections_zero_errors(bed, shared):
         assert res.stdout.count("requests per second") == 2
         after = wait_for(lambda: (c := counters(routers, "node2"))["pending"] == 0 and c, 15,
                          "every connection settled")
-        assert after["seen"] - before["seen"] >= 20
+        assert sum(after[k] - before[k] for k in ("seen", "short_in_kernel")) >= 20
         assert sum(after[k] - before[k] for k in ("bypassed_client", "failed", "short",
                                                                "skipped")) \
             == after["seen"] - before["seen"]
@@ -613,7 +613,7 @@ def test_connection_older_than_the_routers_is_bypassed(bed, routers):
 @pytest.mark.root
 def test_bad_rule_file_named_daemon_serves_and_keeps_no_stray_copies(bed, routers):
     (routers.workdir / "rules" / "broken").write_text("type=cidr\nfrom=10.244.1.0/99\nto=x\n")
-    routers.start()
+    routers.start(extra_args={"node1": ["--kernel-filter", "off"]})  # same-node ones reach it
     status = routers.status("node1")
     assert "broken:2:" in status["rules_error"]
     assert "broken" in routers.log_of("node1").read_text()
@@ -641,6 +641,54 @@ def test_bad_rule_file_named_daemon_serves_and_keeps_no_stray_copies(bed, router
     finally:
         srv.kill()
         srv.wait()
+
+
+@pytest.mark.root
+def test_kernel_filter_spares_user_space_same_node_and_short_connections(bed, routers):
+    """With the kernel filter (the default), same-node connections and cross-node ones that
+    close younger than --min-age never reach the daemon (counted in the kernel instead);
+    a long cross-node connection is still bypassed."""
+    routers.start()
+    for node in ("node1", "node2"):  # the other node's pod CIDR, and only that
+        figures = routers.status(node)["tracer"]
+        assert figures["filter_remote"] and figures["age_s"] == pytest.approx(0.2)
+        assert figures["remote_pod_cidrs"] == 1
+    near, server, far = bed.pod("n1p0"), bed.pod("n1p1"), bed.pod("n2p1")
+    base1, base2 = counters(routers, "node1"), counters(routers, "node2")
+    socks = routers.status("node1")["daemon_socks"]
+    accept_loop = ("import socket,sys\n"
+                   "l=socket.socket();l.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+                   "l.bind(('0.0.0.0',int(sys.argv[1])));l.listen(64);print('listening',"
+                   "flush=True)\n"
+                   "while True:\n"
+                   "    c=l.accept()[0];c.recv(1);c.close()\n")
+    short = ("import socket,sys\n"
+             "for i in range(int(sys.argv[3])):\n"
+             "    s=socket.create_connection((sys.argv[1],int(sys.argv[2])));s.close()\n")
+    srv = bed.popen(server.name, [sys.executable, "-c", accept_loop, str(PORT + 10)],
+                    stdout=subprocess.PIPE, text=True)
+    try:
+        wait_line(srv, "accept loop")
+        for pod in (near, far):  # same node; then cross-node, all closed young
+            res = bed.run(pod.name, [sys.executable, "-c", short, server.ip, str(PORT + 10),
+                                     "30"], timeout=30)
+            assert res.returncode == 0, res.stderr
+        with stream_server(bed, server.name, PORT + 9):
+            wait_listener_announced(routers, "node1", PORT + 9)
+            stream = Stream(bed, far.name, server.ip, PORT + 9)
+            wait_for(lambda: (p := stream.peer()) and p[0].startswith("192.168.77."), 10,
+                     "swap")
+            result = stream.result()
+    finally:
+        srv.kill()
+        srv.wait()
+    assert result["ok"], result
+    c1, c2 = counters(routers, "node1"), counters(routers, "node2")
+    assert c1["seen"] - base1["seen"] == 1 and c2["seen"] - base2["seen"] == 1  # the stream
+    assert c1["short_in_kernel"] - base1["short_in_kernel"] == 30  # the far pod's accepts
+    assert c2["short_in_kernel"] - base2["short_in_kernel"] == 30  # and its connects
+    assert c2["bypassed_client"] - base2["bypassed_client"] == 1
+    assert routers.status("node1")["daemon_socks"] <= socks + 2
 
 
 HEALTH_CODE = (

@@ -140,24 +140,29 @@ def test_flood_leaves_tables_fds_and_memory_as_they_were(flood: dict[str, Any]) 
         grown = after["rss_kib"] - before["rss_kib"]
         assert grown < RSS_BOUND_KIB, f"{node}: RSS grew {grown} KiB over {made} connections"
         assert status["frozen_now"] == [], node
-    # every connection traced on the client side, once; a dropped tracer record (counted, not
-    # expected at this rate) is a connection missed, never a connection counted twice
+    # every connection traced on the client side, once: reported (seen) or, closed young,
+    # forgotten in the kernel (short_in_kernel, the kernel filter's default); a dropped tracer
+    # record (counted, not expected at this rate) is a connection missed, never one counted
+    # twice
     lost = flood["after"]["node2"]["status"]["tracer_lost"]
     assert isinstance(lost, int) and lost <= made // 100, lost
-    seen = _delta(flood, "node2", "seen")
-    assert made - lost <= seen <= made, (seen, made, lost)
+    traced = _delta(flood, "node2", "seen") + _delta(flood, "node2", "short_in_kernel")
+    assert made - lost <= traced <= made, (traced, made, lost)
 
 
 @pytest.mark.root
 @pytest.mark.slow
 def test_flood_every_connection_accounted_on_the_client_side(flood: dict[str, Any]) -> None:
     """seen == short + skipped + bypassed + failed + pending on node2 (the connecting side),
-    and the flood's connections (each closed within a millisecond or so) end as `short`."""
+    and the flood's connections (each closed within a millisecond or so) end as short: in the
+    kernel (never seen by user space), or in the engine."""
     counters = flood["after"]["node2"]["status"]["counters"]
     assert counters["seen"] == (counters["short"] + counters["skipped"] + counters["bypassed"]
                                 + counters["failed"] + counters["pending"]), counters
+    short = _delta(flood, "node2", "short") + _delta(flood, "node2", "short_in_kernel")
     # a close handled after `min_age` (the daemon lagging) is tried and ends `failed`: rare
-    assert _delta(flood, "node2", "short") >= 0.99 * _delta(flood, "node2", "seen"), counters
+    assert short >= 0.99 * (_delta(flood, "node2", "seen")
+                            + _delta(flood, "node2", "short_in_kernel")), counters
 
 
 @pytest.mark.root

@@ -807,6 +807,17 @@ def test_young_connects_cost_nothing_until_min_age() -> None:
     assert client.stats["bypass_started"] == 1
 
 
+def test_a_connect_the_kernel_aged_is_routed_at_once() -> None:
+    """`aged`: the tracer held it until `min_age` already: no second wait in the engine."""
+    client = Engine(EngineConfig(CLIENT, min_age=0.2), _peer)
+    client.handle(PeerMessage(SERVER, "listener_add", {
+        "overlay_addr": "10.244.2.2", "overlay_port": 5201, "host_addr": "192.168.77.2",
+        "host_port": 41000}))
+    (connect,) = client.handle(ConnectTraced(100, 7, 4, TUP, 40, aged=True))
+    assert isinstance(connect, HostConnect) and connect.host_port == 41000
+    assert not client.young and client.holds_traced(100, 7, 40)
+
+
 def test_young_connects_are_bounded_and_dropped_on_exit() -> None:
     client = Engine(EngineConfig(CLIENT, min_age=0.2, max_waiting=3), _peer)
     for fd in range(5):

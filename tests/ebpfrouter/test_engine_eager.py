@@ -221,6 +221,26 @@ def test_auto_mode_learns_eagerness_from_lifetimes() -> None:
     assert EagerListener("10.244.2.2", 5201, False, remote=False) in outs
 
 
+def test_short_lived_counts_from_the_kernel_teach_the_listener() -> None:
+    """Accepts the kernel forgot young (`ShortLived`) count as short outcomes: a listener
+    learned eager turns late; a count above the window is one window's worth."""
+    from ebpfrouter.engine import ShortLived
+
+    eng = Engine(EngineConfig(SERVER, eager_after=3, eager_window=8), peer_of)
+    ref = of(eng.handle(ListenTraced(200, 3, 900, "10.244.2.2", 5201)), OpenHostListener)[0].ref
+    eng.handle(HostListenerOpened(ref, 77, "192.168.77.2", 41000))
+    for i in range(3):
+        tup = FourTuple("10.244.1.2", 41000 + i, "10.244.2.2", 5201)
+        eng.handle(AcceptTraced(200, 60 + i, 3100 + i, tup, 30 + i))
+        eng.handle(HostAccepted(77, 40 + i, 3200 + i, CLIENT,
+                                {"cid": bytes([i + 1]) * 16, **tup.to_body()}))
+    assert eng.book.eager_local(("10.244.2.2", 5201))
+    assert not of(eng.handle(ShortLived("10.244.2.9", 5201, 5)), EagerListener)  # not ours
+    out = eng.handle(ShortLived("10.244.2.2", 5201, 1000))
+    assert of(out, EagerListener) == [EagerListener("10.244.2.2", 5201, False, remote=False)]
+    assert list(eng.book.lifetimes[("10.244.2.2", 5201)]) == [False] * 8
+
+
 def test_a_rules_swap_key_overrides_the_learned_mode() -> None:
     from ebpfrouter.rules import RuleError, RuleSet, parse_rule_text
 
