@@ -1,6 +1,7 @@
 """The bench harness: quick runs on a real testbed (parsers checked against the tools' real
-output captured in the run), the "not bypassed" labelling, reports, and the CLI wiring.
-Timings are never asserted: only that numbers exist, are positive and carry their units."""
+output captured in the run), the "not bypassed" labelling, reports, the CPU figures of
+every sample, and the CLI wiring. Timings are never asserted: only that numbers exist, are
+positive and carry their units. The CPU meter itself is tested in test_bench_cpu.py."""
 
 from __future__ import annotations
 
@@ -57,6 +58,15 @@ def test_quick_overlay_and_host_iperf3_sockperf(tmp_path: Path) -> None:
             assert parsed["streams"] == streams
             assert ip["values"][name] == pytest.approx(parsed["bits_per_second"] / 1e9)
             assert 0.01 < ip["values"][name] < 1000  # Gbit/s, not bit/s
+        # CPU: the machine worked during the run; iperf3's cost is per GB of what it sent
+        sent = sum(parsers.parse_iperf3(ip["raw"][n])["bytes_sent_all"] for n in ip["raw"])
+        assert ip["cpu"]["work"] == {"bytes": pytest.approx(sent)} and sent > 1e8
+        cost = ip["cpu"]["per_unit"]
+        assert cost["unit"] == "s/GB" and cost["total"] > 0 and cost["routers"] == 0
+        assert cost["total"] == pytest.approx(ip["cpu"]["machine"]["busy"] * 1e9 / sent,
+                                              rel=1e-3)
+        assert ip["cpu"]["load"]["total"] > 0  # iperf3 client and server, reaped
+        assert sp["cpu"]["machine"]["busy"] > 0 and sp["cpu"]["per_unit"] is None
         parsed = parsers.parse_sockperf(sp["raw"]["sockperf pp"])
         assert parsed["observations"] > 0
         assert 0 < sp["values"]["latency p50"] <= sp["values"]["latency p99"]
@@ -64,6 +74,7 @@ def test_quick_overlay_and_host_iperf3_sockperf(tmp_path: Path) -> None:
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| iperf3 | 1 stream (Gbit/s, ↑) |" in md
     assert "| sockperf | latency p99 (µs, ↓) |" in md
+    assert result["machine"]["cpu_accounting"]["clk_tck"] > 0
     assert (tmp_path / "out" / "bars.png").read_bytes().startswith(PNG_MAGIC)
     row = next(r for r in result["summary"] if r["metric"] == "1 stream")
     assert row["overlay"]["median"] > 0 and row["host"]["median"] > 0
@@ -86,13 +97,20 @@ def test_quick_host_mode_mpi_memcached_redis_connect(tmp_path: Path) -> None:
     assert mc["values"]["throughput"] == pytest.approx(parsed["ops_per_second"] / 1e3)
     assert mc["values"]["throughput"] > 0
     assert parsed["avg_us"] > 0 and parsed["get_misses"] >= 0
+    assert mc["cpu"]["work"] == {"requests": parsed["ops"]}
+    assert mc["cpu"]["per_unit"]["unit"] == "ms/1k req" and mc["cpu"]["per_unit"]["total"] > 0
     (rd,) = _samples(result, "redis", "host")
     parsed_redis = parsers.parse_redis_benchmark(rd["raw"]["redis-benchmark"])
     assert set(parsed_redis) >= {"SET", "GET"} and rd["values"]["GET"] > 0
+    assert rd["cpu"]["work"] == {"requests": 20000.0 * len(parsed_redis)}  # -n per test
+    assert rd["cpu"]["per_unit"]["total"] > 0
     (cn,) = _samples(result, "connect", "host")
     parsed_conn = parsers.parse_connrate(cn["raw"]["connrate"])
     assert parsed_conn["connections"] > 0 and parsed_conn["errors"] == 0
     assert cn["values"]["latency p50"] > 0
+    assert cn["cpu"]["work"] == {"connections": float(parsed_conn["connections"])}
+    assert cn["cpu"]["per_unit"]["unit"] == "ms/1k conn"
+    assert mpi["cpu"]["per_unit"] is None  # no unit of work for MPI
     assert (tmp_path / "out" / "mpilat.png").read_bytes().startswith(PNG_MAGIC)
 
 
@@ -106,6 +124,9 @@ def test_bypass_mode_counts_swaps_and_router_cpu(tmp_path: Path) -> None:
     assert sample["router"]["bypassed"] >= 1, sample["router"]
     assert sample["bypass_state"] in ("bypassed", "partly bypassed")
     assert sample["router_cpu_s"] > 0
+    assert sample["cpu"]["routers"]["total"] > 0  # both routers' trees, during the run
+    (host,) = _samples(result, "sockperf", "host")
+    assert host["cpu"]["routers"]["total"] == 0
     assert set(result["routers"]["sockperf"]) == {"node1", "node2"}  # grouped: per workload
     assert result["order"] == "grouped"
     row = next(r for r in result["summary"] if r["metric"] == "latency p50")
