@@ -5,12 +5,13 @@ CPU-seconds (summed over all CPUs, so 2 cores busy for 1 s make 2 s):
 
 - `machine`: the aggregate `cpu` line of /proc/stat, in USER_HZ ticks
   (`os.sysconf("SC_CLK_TCK")`, 100 here) turned into seconds. `user` is user+nice (guest
-  time is already inside user), then `system`, `irq` and `softirq`; `busy` is their sum.
-  `idle`, `iowait` and `steal` (time the hypervisor gave to someone else) are kept and never
-  counted as busy. Softirq is where the kernel moves packets (veth, VXLAN encap and decap,
-  TCP receive processing): /proc/stat does not split it by process, so it is reported
-  machine-wide only. The machine figure is the one the per-unit costs are made of: it holds
-  everything the run made the machine do, whoever did it.
+  time is already inside user), then `system`, `irq` and `softirq`; `sampled` is their sum.
+  `idle`, `iowait` and `steal` (time the hypervisor gave to someone else) are never busy.
+  Softirq is where the kernel moves packets (veth, VXLAN encap and decap, TCP receive
+  processing): /proc/stat does not split it by process, so it is reported machine-wide
+  only. `busy`, the machine total the per-unit costs are made of, is the interval times the
+  CPUs minus idle, iowait and steal: it holds everything the run made the machine do,
+  whoever did it (see "sampled and busy" below).
 - `load`: the clients and servers of the run. The harness starts every one of them from this
   process and waits for it before the run ends (`Harness.run` waits for the client,
   `Harness.server` stops and waits for the server), so their user and system seconds, with
@@ -22,16 +23,25 @@ CPU-seconds (summed over all CPUs, so 2 cores busy for 1 s make 2 s):
   reaped meanwhile count through their parents' cutime/cstime (`tree_delta`). Zero when the
   run has no routers.
 - `harness`: this process's own RUSAGE_SELF (the bench's Python: it mostly sleeps).
-- `other`: busy − load − routers − harness: kernel threads (ksoftirqd, kworkers), softirq
-  that ran while a CPU was otherwise idle, and whatever else ran on the machine.
+- `other`: busy − load − routers − harness: kernel threads (ksoftirqd, kworkers), irqs and
+  softirqs served from the idle loop, and whatever else ran on the machine.
+
+Sampled and busy. user/system/irq/softirq are sampled: each tick (250 Hz here) charges the
+whole tick to what the CPU is doing at that instant. With NO_HZ idle (here) a CPU that is
+idle has no tick, and its idle and iowait time are measured exactly from the idle clocks;
+so CPU work in bursts shorter than a tick between idle periods (a woken server's short run,
+an interrupt and its softirq served from idle) is neither idle nor sampled. Measured here:
+0-0.6% of the busy time when the load saturates both CPUs, 2-7% when it leaves them partly
+idle (iperf3's runs), where the processes' own figures (exact runtimes) even exceed the
+sampled sum. So the total is `busy` = interval × CPUs − idle − iowait − steal, and
+`unsampled` = busy − sampled is the part no tick saw, of unknown kind; the split into
+user/system/softirq is the sampled one. Without NO_HZ all of it is ticks, and the two agree.
 
 On a kernel with tick-based accounting and without CONFIG_IRQ_TIME_ACCOUNTING (the one here;
 `accounting()` records which) a tick that lands in softirq is counted as softirq in /proc/stat
 *and* as system time of the task it interrupted, so a process's system time includes the
 packet processing its own syscalls triggered, while the machine's `system` does not: the
 process figures say who caused the work, the machine split says what kind of work it was.
-/proc/stat is sampled per tick (250 Hz here), which over a run of seconds on 2 CPUs is a
-sampling error well under 1%.
 
 `per_unit()` divides by the work the run did (`Outcome.work`): CPU-seconds per GB (10^9
 bytes) for `bytes`, CPU-milliseconds per 1,000 for `requests` and `connections`.
@@ -61,7 +71,8 @@ UNITS = {"bytes": ("s/GB", 1e9, 1.0), "requests": ("ms/1k req", 1e3, 1e3),
 
 @dataclasses.dataclass(frozen=True)
 class MachineTimes:
-    """CPU-seconds of the whole machine by kind (one /proc/stat `cpu` line)."""
+    """CPU-seconds of the whole machine by kind (the /proc/stat `cpu` line), and how many
+    CPUs that line sums (its `cpuN` lines: the online ones)."""
 
     user: float  # user + nice
     system: float
@@ -70,23 +81,37 @@ class MachineTimes:
     idle: float
     iowait: float
     steal: float
+    cpus: int = 0
 
     @property
-    def busy(self) -> float:
-        """user + system + irq + softirq: the CPU the machine spent doing something."""
+    def sampled(self) -> float:
+        """user + system + irq + softirq: the busy time the ticks saw."""
         return self.user + self.system + self.irq + self.softirq
 
     def __sub__(self, other: MachineTimes) -> MachineTimes:
-        return MachineTimes(**{f.name: getattr(self, f.name) - getattr(other, f.name)
-                               for f in dataclasses.fields(self)})
+        times = {f.name: getattr(self, f.name) - getattr(other, f.name)
+                 for f in dataclasses.fields(self) if f.name != "cpus"}
+        return MachineTimes(**times, cpus=min(self.cpus, other.cpus))
 
-    def as_dict(self) -> dict[str, float]:
-        """The fields and `busy`, in seconds."""
-        return {**dataclasses.asdict(self), "busy": self.busy}
+    def as_dict(self, interval: float | None = None) -> dict[str, float]:
+        """Seconds by kind, `sampled`, and (for a difference over `interval` seconds)
+        `busy` = interval × cpus − idle − iowait − steal and `unsampled` = busy − sampled;
+        `busy` is `sampled` when the interval or the CPU count is unknown."""
+        out: dict[str, float] = {f.name: getattr(self, f.name)
+                                 for f in dataclasses.fields(self)}
+        out["sampled"] = self.sampled
+        busy = self.sampled
+        if interval is not None and self.cpus > 0:
+            busy = interval * self.cpus - self.idle - self.iowait - self.steal
+        out["busy"] = busy
+        out["unsampled"] = busy - self.sampled
+        return out
 
 
 def parse_proc_stat(text: str, clk_tck: int = CLK_TCK) -> MachineTimes:
     """The aggregate `cpu` line (all CPUs) of /proc/stat text, in seconds."""
+    ticks: dict[str, int] | None = None
+    cpus = 0
     for line in text.splitlines():
         fields = line.split()
         if fields and fields[0] == "cpu":
@@ -94,12 +119,15 @@ def parse_proc_stat(text: str, clk_tck: int = CLK_TCK) -> MachineTimes:
                 raise ValueError(f"/proc/stat: short cpu line {line!r}")
             ticks = dict.fromkeys(PROC_STAT_FIELDS, 0)
             ticks.update(zip(PROC_STAT_FIELDS, map(int, fields[1:]), strict=False))
-            return MachineTimes(user=(ticks["user"] + ticks["nice"]) / clk_tck,
-                                system=ticks["system"] / clk_tck, irq=ticks["irq"] / clk_tck,
-                                softirq=ticks["softirq"] / clk_tck,
-                                idle=ticks["idle"] / clk_tck, iowait=ticks["iowait"] / clk_tck,
-                                steal=ticks["steal"] / clk_tck)
-    raise ValueError("/proc/stat: no aggregate cpu line")
+        elif fields and fields[0][:3] == "cpu" and fields[0][3:].isdigit():
+            cpus += 1
+    if ticks is None:
+        raise ValueError("/proc/stat: no aggregate cpu line")
+    return MachineTimes(user=(ticks["user"] + ticks["nice"]) / clk_tck,
+                        system=ticks["system"] / clk_tck, irq=ticks["irq"] / clk_tck,
+                        softirq=ticks["softirq"] / clk_tck, idle=ticks["idle"] / clk_tck,
+                        iowait=ticks["iowait"] / clk_tck, steal=ticks["steal"] / clk_tck,
+                        cpus=cpus)
 
 
 def machine_times(path: str = "/proc/stat") -> MachineTimes:
@@ -221,7 +249,8 @@ class CpuMeter:
 
     def start(self) -> None:
         """Take the first snapshot (the routers' trees first: reading /proc costs a few ms
-        of this process's time, which then falls outside the machine interval)."""
+        of this process's time, which then falls outside the machine interval). The clock
+        is read right next to /proc/stat: `busy` is made of that interval."""
         routers = tree_snapshot(self.router_pids())
         self._start = (time.monotonic(), machine_times(), _rusage(resource.RUSAGE_CHILDREN),
                        _rusage(resource.RUSAGE_SELF), routers)
@@ -234,7 +263,7 @@ class CpuMeter:
         c1, s1 = _rusage(resource.RUSAGE_CHILDREN), _rusage(resource.RUSAGE_SELF)
         m1, t1 = machine_times(), time.monotonic()
         r1 = tree_snapshot(self.router_pids())
-        machine = (m1 - m0).as_dict()
+        machine = (m1 - m0).as_dict(t1 - t0)
         r_user, r_sys = tree_delta(r0, r1)
         load = {"user": c1[0] - c0[0], "system": c1[1] - c0[1]}
         harness = {"user": s1[0] - s0[0], "system": s1[1] - s0[1]}
@@ -262,8 +291,9 @@ def _rounded(value: Any) -> Any:
 
 def per_unit(cpu: Mapping[str, Any]) -> dict[str, Any] | None:
     """The run's CPU per unit of its work: `unit` ("s/GB", "ms/1k req", "ms/1k conn"),
-    machine `total` (busy) and its `user`, `system` (system + hard irq, a few ticks at most),
-    `softirq`, and the `routers`' part; None without work (or with no work done)."""
+    machine `total` (busy) and its parts `user`, `system` (system + hard irq, a few ticks at
+    most), `softirq` and `unsampled` (which add up to it), and the `routers`' part; None
+    without work (or with no work done)."""
     work = cpu.get("work") or {}
     kind = next((k for k in UNITS if k in work), None)
     if kind is None or not work[kind] or work[kind] <= 0:
@@ -274,6 +304,7 @@ def per_unit(cpu: Mapping[str, Any]) -> dict[str, Any] | None:
     return {"unit": unit, "kind": kind, "amount": work[kind],
             "total": m["busy"] * factor, "user": m["user"] * factor,
             "system": (m["system"] + m["irq"]) * factor, "softirq": m["softirq"] * factor,
+            "unsampled": m.get("unsampled", 0.0) * factor,
             "routers": cpu["routers"]["total"] * factor}
 
 

@@ -72,7 +72,7 @@ def summarize(workloads: dict[str, dict[str, Any]],
     return rows
 
 
-CPU_PARTS = ("total", "user", "system", "softirq", "routers")
+CPU_PARTS = ("total", "user", "system", "softirq", "unsampled", "routers")
 
 
 def cpu_summary(workloads: dict[str, dict[str, Any]],
@@ -99,7 +99,7 @@ def cpu_summary(workloads: dict[str, dict[str, Any]],
             if not here:
                 row[mode] = None
                 continue
-            row[mode] = {part: stats([c[part] for c in here]) for part in CPU_PARTS}
+            row[mode] = {part: stats([c.get(part, 0.0) for c in here]) for part in CPU_PARTS}
             row[mode]["routers_share"] = stats([c["routers"] / c["total"] for c in here
                                                 if c["total"] > 0])
         med = {m: row[m]["total"]["median"] if row[m] else None for m in MODES}
@@ -150,8 +150,8 @@ def cpu_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
     out = ["", "## CPU per unit of work", "",
-           "| workload | mode | CPU, machine total | user | sys | softirq | routers | "
-           "routers' share |", "|---|---|---|---|---|---|---|---|"]
+           "| workload | mode | CPU, machine total | user | sys | softirq | unsampled | "
+           "routers | routers' share |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for mode in MODES:
             st = row[mode]
@@ -165,15 +165,17 @@ def cpu_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
             pct = f"{100 * share['median']:.1f}%" if mode == "bypass" and share else "-"
             out.append(f"| {row['workload']} ({row['unit']}) | {label} | {_cell(st['total'])} "
                        f"| {_median(st['user'])} | {_median(st['system'])} "
-                       f"| {_median(st['softirq'])} | {routers} | {pct} |")
-    out += ["", "CPU-seconds of the whole machine (all cores, from /proc/stat) over each run, "
-            "per GB (10^9 bytes) the run moved (s/GB) or in milliseconds per 1,000 requests "
-            "or connections (ms/1k); median of the runs (min–max), each part its own median. "
-            "sys includes hard irq; softirq (packet processing: veth, VXLAN encap/decap) "
-            "is not split by process in /proc/stat, so it is machine-wide. routers: both "
-            "routers' "
-            "processes (threads, guardians) per unit, and their share of the machine total.",
-            ""]
+                       f"| {_median(st['softirq'])} | {_median(st['unsampled'])} "
+                       f"| {routers} | {pct} |")
+    out += ["", "CPU-seconds of the whole machine (all cores, from /proc/stat: the run's "
+            "time × CPUs − idle − iowait − steal) over each run, per GB (10^9 bytes) the run "
+            "moved (s/GB) or in milliseconds per 1,000 requests or connections (ms/1k); "
+            "median of the runs (min–max), each part its own median. user, sys (with hard "
+            "irq) and softirq are tick-sampled; unsampled is the busy time no tick saw "
+            "(bursts shorter than a tick between idle periods). softirq (packet processing: "
+            "veth, VXLAN encap/decap) is not split by process in /proc/stat, so it is "
+            "machine-wide. routers: both routers' processes (threads, guardians) per unit, "
+            "and their share of the machine total.", ""]
     for row in rows:
         ratio, saving = row["bypass_host"], row["saving_vs_overlay"]
         if ratio is None:

@@ -163,7 +163,7 @@ def test_routers_that_bypass_nothing_are_reported_as_not_bypassed(tmp_path: Path
 def _sample(mode: str, value: float, bypassed: int | None = None,
             failed: int = 0, cost: float | None = None) -> dict[str, Any]:
     """A sample; with `cost`, a `cpu` dict whose machine total per GB is `cost` (user 40%,
-    system 30%, softirq 30%; the routers, if any, a tenth)."""
+    system 30%, softirq 20%, unsampled 10%; the routers, if any, a tenth)."""
     router = None if bypassed is None else {"bypassed": bypassed, "seen": 2 * bypassed,
                                             "bypassed_either_side": 2 * bypassed,
                                             "failed": failed}
@@ -174,7 +174,7 @@ def _sample(mode: str, value: float, bypassed: int | None = None,
         from ebpfrouter.bench.cpu import per_unit
 
         machine = {"user": 0.4 * cost, "system": 0.3 * cost, "irq": 0.0,
-                   "softirq": 0.3 * cost, "busy": cost}
+                   "softirq": 0.2 * cost, "unsampled": 0.1 * cost, "busy": cost}
         routers = {"total": cost / 10 if router else 0.0}
         cpu = {"machine": machine, "routers": routers, "work": {"bytes": 1e9}}
         sample["cpu"] = {**cpu, "per_unit": per_unit(cpu)}
@@ -228,16 +228,17 @@ def test_cpu_summary_ratios_split_and_routers_share() -> None:
     assert row["unit"] == "s/GB" and row["bypass"]["total"]["n"] == 3
     assert row["bypass"]["total"]["median"] == pytest.approx(0.64)
     assert row["overlay"]["total"]["median"] == pytest.approx(1.1)
-    assert row["bypass"]["softirq"]["median"] == pytest.approx(0.3 * 0.64)
+    assert row["bypass"]["softirq"]["median"] == pytest.approx(0.2 * 0.64)
+    assert row["bypass"]["unsampled"]["median"] == pytest.approx(0.1 * 0.64)
     assert row["bypass"]["routers_share"]["median"] == pytest.approx(0.1)
     assert row["host"]["routers"]["median"] == 0
     assert row["bypass_host"] == pytest.approx(0.64 / 0.6)
     assert row["saving_vs_overlay"] == pytest.approx(1 - 0.64 / 1.1)
     result = _result(samples)
     md = report.markdown(result)
-    assert "| w (s/GB) | bypass | 0.64 (0.63–0.65) | 0.256 | 0.192 | 0.192 | 0.064 | 10.0% |" \
-        in md
-    assert "| w (s/GB) | host | 0.6 | 0.24 | 0.18 | 0.18 | - | - |" in md
+    assert ("| w (s/GB) | bypass | 0.64 (0.63–0.65) | 0.256 | 0.192 | 0.128 | 0.064 | 0.064 "
+            "| 10.0% |") in md
+    assert "| w (s/GB) | host | 0.6 | 0.24 | 0.18 | 0.12 | 0.06 | - | - |" in md
     assert "- w: bypass uses 1.07× the host's CPU per unit (+7%), 42% less than the " \
         "overlay." in md
 

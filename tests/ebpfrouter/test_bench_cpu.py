@@ -52,11 +52,17 @@ def test_parse_proc_stat_takes_the_aggregate_line() -> None:
     assert m.user == pytest.approx(1.2)  # user + nice; guest is inside user already
     assert (m.system, m.irq, m.softirq) == pytest.approx((3.0, 0.06, 0.7))
     assert (m.idle, m.iowait, m.steal) == pytest.approx((40.0, 0.5, 0.08))
-    assert m.busy == pytest.approx(1.2 + 3.0 + 0.06 + 0.7)
-    older = cpu.parse_proc_stat("cpu 1 2 3 4\n", clk_tck=1)  # a kernel with fewer fields
+    assert m.sampled == pytest.approx(1.2 + 3.0 + 0.06 + 0.7) and m.cpus == 1
+    older = cpu.parse_proc_stat("cpu 1 2 3 4\ncpu0 0 0 0 0\ncpu1 0 0 0 0\n", clk_tck=1)
     assert (older.user, older.system, older.idle, older.softirq) == (3, 3, 4, 0)
-    d = (m - older).as_dict()
-    assert d["busy"] == pytest.approx(m.busy - older.busy)
+    assert older.cpus == 2  # a kernel with fewer fields, two CPUs
+    d = (m - older).as_dict()  # no interval: busy is what the ticks saw
+    assert d["busy"] == d["sampled"] == pytest.approx(m.sampled - older.sampled)
+    assert d["unsampled"] == 0 and d["cpus"] == 1
+    # over 10 s on 1 CPU: busy is the time that was not idle, iowait or steal
+    d = (m - cpu.MachineTimes(0, 0, 0, 0, 0, 0, 0, cpus=1)).as_dict(50.0)
+    assert d["busy"] == pytest.approx(50.0 - 40.0 - 0.5 - 0.08)
+    assert d["unsampled"] == pytest.approx(d["busy"] - m.sampled)
     with pytest.raises(ValueError, match="no aggregate cpu line"):
         cpu.parse_proc_stat("cpu0 1 2 3 4\n")
 
@@ -74,7 +80,8 @@ def test_parse_pid_stat_with_a_command_name_full_of_parentheses() -> None:
 
 def test_real_machine_and_process_figures() -> None:
     m = cpu.machine_times()
-    assert m.busy > 0 and m.idle > 0 and m.user >= 0 and m.softirq >= 0
+    assert m.sampled > 0 and m.idle > 0 and m.user >= 0 and m.softirq >= 0
+    assert m.cpus == os.cpu_count()
     me = cpu.process_times(os.getpid())
     assert me is not None and me.user + me.system > 0
     assert cpu.process_times(2**22 + 12345) is None  # above pid_max: never a process
@@ -105,16 +112,19 @@ def test_tree_delta_counts_reaped_children_once_and_reused_pids_as_new() -> None
 
 
 def test_per_unit_costs() -> None:
-    base = {"machine": {"busy": 3.0, "user": 1.0, "system": 1.4, "irq": 0.1, "softirq": 0.5},
-            "routers": {"total": 0.6}}
-    gb = cpu.per_unit({**base, "work": {"bytes": 6e9}})
+    base = {"machine": {"busy": 3.3, "user": 1.0, "system": 1.4, "irq": 0.1, "softirq": 0.5,
+                        "unsampled": 0.3}, "routers": {"total": 0.6}}
+    gb = cpu.per_unit({**base, "work": {"bytes": 6.6e9}})
     assert gb is not None and gb["unit"] == "s/GB"
-    assert (gb["total"], gb["user"], gb["system"], gb["softirq"], gb["routers"]) == \
-        pytest.approx((0.5, 1 / 6, 0.25, 0.5 / 6, 0.1))
-    req = cpu.per_unit({**base, "work": {"requests": 30000.0}})
+    assert (gb["total"], gb["user"], gb["system"], gb["softirq"], gb["unsampled"],
+            gb["routers"]) == pytest.approx((0.5, 1 / 6.6, 1.5 / 6.6, 0.5 / 6.6, 0.3 / 6.6,
+                                             0.6 / 6.6))
+    assert gb["user"] + gb["system"] + gb["softirq"] + gb["unsampled"] == \
+        pytest.approx(gb["total"])
+    req = cpu.per_unit({**base, "work": {"requests": 33000.0}})
     assert req is not None and req["unit"] == "ms/1k req"
-    assert req["total"] == pytest.approx(100.0)  # 3 s over 30 × 1,000 requests = 100 ms each
-    conn = cpu.per_unit({**base, "work": {"connections": 1500.0}})
+    assert req["total"] == pytest.approx(100.0)  # 3.3 s over 33 × 1,000 requests: 100 ms
+    conn = cpu.per_unit({**base, "work": {"connections": 1650.0}})
     assert conn is not None and conn["unit"] == "ms/1k conn"
     assert conn["total"] == pytest.approx(2000.0)
     assert cpu.per_unit({**base, "work": {}}) is None
@@ -142,10 +152,12 @@ def test_meter_sees_real_cpu_of_routers_their_children_and_the_load() -> None:
     assert routers["user"] >= 0.5, figures
     assert routers["total"] == pytest.approx(routers["user"] + routers["system"])
     assert load["user"] >= 0.3, figures  # the reaped client (plus its interpreter start)
-    assert machine["user"] >= 0.7, figures  # /proc/stat saw all of it (about 0.9 s)
-    # every tick is charged to the machine and to the task it hit: the process figures
-    # never add up to much more than the machine's busy time
-    assert machine["busy"] >= 0.8 * (routers["total"] + load["total"]), figures
+    assert machine["user"] >= 0.7, figures  # /proc/stat's ticks saw it (about 0.9 s)
+    # busy (not idle, from the idle clocks) holds at least what these processes ran,
+    # whatever the ticks missed; and it cannot exceed the interval on every CPU
+    assert machine["busy"] >= 0.9 * (routers["total"] + load["total"]), figures
+    assert machine["busy"] <= figures["wall_s"] * machine["cpus"] + 0.05, figures
+    assert machine["sampled"] <= machine["busy"] + 0.1, figures
     assert figures["wall_s"] > 0 and figures["work"] == {"bytes": 2e9}
     unit = figures["per_unit"]
     assert unit["unit"] == "s/GB"
