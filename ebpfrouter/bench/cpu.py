@@ -31,9 +31,9 @@ whole tick to what the CPU is doing at that instant. With NO_HZ idle (here) a CP
 idle has no tick, and its idle and iowait time are measured exactly from the idle clocks;
 so CPU work in bursts shorter than a tick between idle periods (a woken server's short run,
 an interrupt and its softirq served from idle) is neither idle nor sampled. Measured here:
-0-0.6% of the busy time when the load saturates both CPUs, 2-7% when it leaves them partly
-idle (iperf3's runs), where the processes' own figures (exact runtimes) even exceed the
-sampled sum. So the total is `busy` = interval × CPUs − idle − iowait − steal, and
+0-0.6% of the busy time when the load saturates both CPUs, up to 7% when it leaves them
+partly idle (iperf3's runs: about 6%, where the processes' own figures, exact runtimes,
+even exceed the sampled sum). So the total is `busy` = interval × CPUs − idle − iowait − steal, and
 `unsampled` = busy − sampled is the part no tick saw, of unknown kind; the split into
 user/system/softirq is the sampled one. Without NO_HZ all of it is ticks, and the two agree.
 
