@@ -19,10 +19,10 @@ from injector.netns import netns_inode as pid_netns_inode
 
 from ..demo import Routers
 from ..testbed import Testbed, netns_inode
+from .cpu import process_times
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 MODES = ("overlay", "bypass", "host")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class BenchError(RuntimeError):
@@ -159,12 +159,8 @@ def stop_process(proc: subprocess.Popen[Any]) -> None:
 
 def cpu_seconds(pid: int) -> float | None:
     """utime + stime of a process (all its threads), seconds; None once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
+    times = process_times(pid)
+    return None if times is None else times.user + times.system
 
 
 class RouterSet:
@@ -189,6 +185,10 @@ class RouterSet:
             self.routers.start(timeout=30)
         except Exception as exc:  # the demo raises DemoError naming the node
             raise BenchError(f"routers: {exc}") from None
+
+    def pids(self) -> list[int]:
+        """The router processes' pids (their threads and guardians are found under them)."""
+        return [p.pid for p in self.routers.procs.values() if p.poll() is None]
 
     def alive(self) -> list[str]:
         """Nodes whose router has exited."""

@@ -25,7 +25,12 @@ def strip_ansi(text: str) -> str:
 
 
 def parse_iperf3(text: str) -> dict[str, float]:
-    """`iperf3 -J` client output: received throughput (bit/s), retransmits, errors (0/1)."""
+    """`iperf3 -J` client output: received throughput (bit/s), retransmits, streams, bytes.
+
+    `bytes_received` is what the server got in the timed part (the throughput's bytes);
+    `bytes_sent_all` is every byte the client sent, the `-O` warm-up included (the sum of its
+    intervals, omitted ones too): the bytes the whole run moved, which is what its CPU time
+    is divided by (`cpu.per_unit`). Without intervals it falls back to the sender's total."""
     try:
         report = json.loads(text)
     except ValueError:
@@ -37,9 +42,14 @@ def parse_iperf3(text: str) -> dict[str, float]:
         received = float(end["sum_received"]["bits_per_second"])
         retrans = float(end.get("sum_sent", {}).get("retransmits", 0) or 0)
         streams = len(report["start"]["connected"])
+        bytes_received = float(end["sum_received"].get("bytes", 0) or 0)
+        intervals = [float(i["sum"]["bytes"]) for i in report.get("intervals", [])]
+        sent_all = (sum(intervals) if intervals
+                    else float(end.get("sum_sent", {}).get("bytes", 0) or 0))
     except (KeyError, TypeError) as exc:
         raise ParseError(f"iperf3: JSON lacks {exc}") from None
-    return {"bits_per_second": received, "retransmits": retrans, "streams": float(streams)}
+    return {"bits_per_second": received, "retransmits": retrans, "streams": float(streams),
+            "bytes_received": bytes_received, "bytes_sent_all": sent_all}
 
 
 _SOCKPERF_PCT = re.compile(r"percentile\s+([0-9.]+)\s*=\s*([0-9.]+)")

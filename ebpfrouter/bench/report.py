@@ -2,6 +2,11 @@
 
 Ratios compare medians. A bypass column whose runs bypassed nothing is labelled
 "not bypassed" and gets no ratio: it is never shown as a speed-up.
+
+CPU (`cpu_summary`) is measured per run, not per metric (one iperf3 run holds both the 1-
+and the 4-stream client), so it has a table of its own: per workload and mode the machine's
+CPU per unit of work with its user/system/softirq split and the routers' share. Results
+written before CPU accounting existed have no `cpu` in their samples and simply no CPU table.
 """
 
 from __future__ import annotations
@@ -67,6 +72,47 @@ def summarize(workloads: dict[str, dict[str, Any]],
     return rows
 
 
+CPU_PARTS = ("total", "user", "system", "softirq", "unsampled", "routers")
+
+
+def cpu_summary(workloads: dict[str, dict[str, Any]],
+                samples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per workload whose runs have a per-unit CPU cost (`cpu.per_unit`).
+
+    Per mode: stats of each part's cost over the runs that did not fail (each part has its
+    own median, so the medians of the parts need not add up to the median total) and of the
+    routers' share of the total. `bypass_host` and `bypass_overlay` compare the median
+    totals, only where the bypass runs bypassed something (as in `summarize`);
+    `saving_vs_overlay` is 1 - bypass_overlay."""
+    rows = []
+    for key in workloads:
+        mine = [s for s in samples if s["workload"] == key]
+        costs = [(s["mode"], s["cpu"]["per_unit"]) for s in mine
+                 if not s.get("failure") and (s.get("cpu") or {}).get("per_unit")]
+        if not costs:
+            continue
+        state = bypass_state(mine)
+        row: dict[str, Any] = {"workload": key, "unit": costs[0][1]["unit"],
+                               "bypass_state": state}
+        for mode in MODES:
+            here = [c for m, c in costs if m == mode]
+            if not here:
+                row[mode] = None
+                continue
+            row[mode] = {part: stats([c.get(part, 0.0) for c in here]) for part in CPU_PARTS}
+            row[mode]["routers_share"] = stats([c["routers"] / c["total"] for c in here
+                                                if c["total"] > 0])
+        med = {m: row[m]["total"]["median"] if row[m] else None for m in MODES}
+        ok = state in ("bypassed", "partly bypassed") and med["bypass"] is not None
+        row["bypass_host"] = med["bypass"] / med["host"] if ok and med["host"] else None
+        row["bypass_overlay"] = (med["bypass"] / med["overlay"]
+                                 if ok and med["overlay"] else None)
+        row["saving_vs_overlay"] = (1 - row["bypass_overlay"]
+                                    if row["bypass_overlay"] is not None else None)
+        rows.append(row)
+    return rows
+
+
 def fmt(value: float | None) -> str:
     """A number with about three significant digits, no exponent."""
     if value is None:
@@ -92,6 +138,70 @@ def _ratio(row: dict[str, Any], key: str) -> str:
     if row["bypass"] is not None and row["bypass_state"] != "bypassed":
         return f"n/a ({row['bypass_state']})"
     return "-"
+
+
+def _median(st: dict[str, float] | None) -> str:
+    return fmt(st["median"]) if st else "-"
+
+
+def cpu_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The CPU section (starting with a blank line) with one comparison line per workload;
+    no lines without rows."""
+    if not rows:
+        return []
+    out = ["", "## CPU per unit of work", "",
+           "| workload | mode | CPU, machine total | user | sys | softirq | unsampled | "
+           "routers | routers' share |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for mode in MODES:
+            st = row[mode]
+            if st is None:
+                continue
+            label = mode
+            if mode == "bypass" and row["bypass_state"] != "bypassed":
+                label += f" **{row['bypass_state']}**"
+            share = st["routers_share"]
+            routers = (f"{_median(st['routers'])}" if mode == "bypass" else "-")
+            pct = f"{100 * share['median']:.1f}%" if mode == "bypass" and share else "-"
+            out.append(f"| {row['workload']} ({row['unit']}) | {label} | {_cell(st['total'])} "
+                       f"| {_median(st['user'])} | {_median(st['system'])} "
+                       f"| {_median(st['softirq'])} | {_median(st['unsampled'])} "
+                       f"| {routers} | {pct} |")
+    out += ["", "CPU-seconds of the whole machine (all cores, from /proc/stat: the run's "
+            "time × CPUs − idle − iowait − steal) over each run, per GB (10^9 bytes) the run "
+            "moved (s/GB) or in milliseconds per 1,000 requests or connections (ms/1k); "
+            "median of the runs (min–max), each part its own median. user, sys (with hard "
+            "irq) and softirq are tick-sampled; unsampled is the busy time no tick saw "
+            "(bursts shorter than a tick between idle periods). softirq (packet processing: "
+            "veth, VXLAN encap/decap) is not split by process in /proc/stat, so it is "
+            "machine-wide. routers: both routers' processes (threads, guardians) per unit, "
+            "and their share of the machine total.", ""]
+    for row in rows:
+        ratio, saving = row["bypass_host"], row["saving_vs_overlay"]
+        if ratio is None:
+            why = (f"bypass {row['bypass_state']}" if row["bypass"] is not None
+                   else "no bypass runs")
+            out.append(f"- {row['workload']}: no bypass comparison ({why}).")
+            continue
+        star = "*" if row["bypass_state"] == "partly bypassed" else ""
+        text = (f"- {row['workload']}: bypass uses {ratio:.2f}{star}× the host's CPU per unit "
+                f"({100 * (ratio - 1):+.0f}%)")
+        if saving is not None:
+            text += (f", {100 * saving:.0f}% less than the overlay" if saving >= 0 else
+                     f", {-100 * saving:.0f}% more than the overlay")
+        out.append(text + ".")
+    return out
+
+
+def _accounting(machine: dict[str, Any]) -> str:
+    acc = machine.get("cpu_accounting")
+    if not acc or acc.get("irq_time_accounting") is None:
+        return ""
+    kind = ("irq time accounted apart from tasks" if acc["irq_time_accounting"] else
+            "softirq ticks also count as system time of the task they interrupt")
+    how = "tick-based" if acc.get("tick_accounting") else "virtual (precise)"
+    return (f" CPU accounting: {how}, CONFIG_HZ {acc.get('config_hz')}, "
+            f"USER_HZ {acc['clk_tck']}, {kind}.")
 
 
 def _source(source: dict[str, Any] | None) -> str:
@@ -152,6 +262,8 @@ def markdown(result: dict[str, Any]) -> str:
                            f"{fmt(statistics.median(pct)) if pct else '-'} |")
             else:
                 out.append(f"| {key} | {mode} | - | - | {err} | - | - |")
+    out += cpu_markdown(result.get("cpu_summary")
+                        or cpu_summary(result["workloads"], result["samples"]))
     failures = [s for s in result["samples"] if s.get("failure")]
     if failures:
         out += ["", "## Failed runs", ""]
@@ -162,7 +274,7 @@ def markdown(result: dict[str, Any]) -> str:
     out += ["", f"Machine: {m['cpu_model']}, {m['cores']} cores, Linux {m['kernel']}, "
             f"Python {m['python']}. Command: `{result['command']}` "
             f"({'quick, ' if result['quick'] else ''}{result['repeat']} repeat(s), "
-            f"{result['started']})." + _source(m.get("source")), ""]
+            f"{result['started']})." + _source(m.get("source")) + _accounting(m), ""]
     return "\n".join(out)
 
 
@@ -242,6 +354,7 @@ def write(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     """Write results.json, results.md and the plots into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     result["summary"] = summarize(result["workloads"], result["samples"])
+    result["cpu_summary"] = cpu_summary(result["workloads"], result["samples"])
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md"}
     paths["json"].write_text(json.dumps(result, indent=1, default=str))  # first: never lost
     paths["markdown"].write_text(markdown(result))

@@ -1,6 +1,10 @@
 """One bench run: testbed up, every workload in every mode (repeated), routers for the bypass
 mode, counters and CPU time around each measurement, then everything torn down.
 
+Each sample carries a `cpu` dict (`cpu.CpuMeter`): the machine's CPU-seconds by kind
+(user, system, softirq...), the load's, the routers' and the harness's, and the cost per
+unit of the run's work (per GB, per 1,000 requests or connections) where it has one.
+
 Order (`make_plan`): by default per workload its overlay and host runs, then a router per
 node is started for its bypass runs and stopped after; `phased` (the --quick default) runs
 every overlay and host run first and starts the routers once.
@@ -20,6 +24,7 @@ from typing import Any
 
 from .. import tools
 from ..testbed import Testbed, TestbedError
+from .cpu import CpuMeter
 from .harness import BenchError, Harness, RouterSet
 from .report import MODES, fmt
 from .sysinfo import machine_info
@@ -80,20 +85,29 @@ def classify(delta: dict[str, Any]) -> str:
 
 def measure(h: Harness, w: Workload, mode: str, repeat: int,
             routers: RouterSet | None) -> dict[str, Any]:
-    """One measurement with router counters and CPU time around it; never raises BenchError."""
+    """One measurement with router counters and CPU time around it; never raises BenchError.
+
+    The CPU meter is the innermost wrapper, so the routers' status queries before and after
+    (their counters) are not in the CPU figures; everything between the server's start and
+    its stop is."""
     sample: dict[str, Any] = {"workload": w.key, "mode": mode, "repeat": repeat, "values": {},
                               "errors": 0, "error_text": "", "failure": None, "raw": {},
                               "router": None, "router_cpu_s": None, "bypass_state": None}
     before = routers.snapshot() if routers else None
+    meter = CpuMeter(routers.pids if routers else lambda: ())
+    work: dict[str, float] = {}
     start = time.monotonic()
+    meter.start()
     try:
         outcome: Outcome = w.run(h, h.endpoints(mode))
         sample.update(values=outcome.values, errors=outcome.errors,
                       error_text=outcome.error_text, raw=outcome.raw)
+        work = outcome.work
         if not outcome.values:
             sample["failure"] = outcome.error_text or "no numbers in the output"
     except BenchError as exc:
         sample["failure"] = str(exc)
+    sample["cpu"] = meter.stop(work)
     sample["wall_s"] = time.monotonic() - start
     if routers and before is not None:
         after = routers.snapshot()
@@ -117,6 +131,9 @@ def describe(sample: dict[str, Any], w: Workload) -> str:
         if len(names) > 3:
             names = [names[0], names[-1]]
         text = ", ".join(f"{n} {fmt(sample['values'][n])} {units.get(n, '')}" for n in names)
+        cost = (sample.get("cpu") or {}).get("per_unit")
+        if cost:
+            text += f"; CPU {fmt(cost['total'])} {cost['unit']}"
     if sample["errors"]:
         text += f"; {sample['errors']} client errors"
     if sample["router"] is not None:

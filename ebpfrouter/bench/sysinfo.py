@@ -9,6 +9,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from .cpu import accounting
+
 VERSION_COMMANDS: dict[str, list[str]] = {
     "iperf3": ["iperf3", "--version"],
     "sockperf": ["sockperf", "--version"],
@@ -65,11 +67,13 @@ def source_info(root: Path = SOURCE_ROOT) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, cores, kernel release, Python and tool versions."""
+    """CPU model, cores, kernel release, how it accounts CPU time, Python and tool
+    versions."""
     return {
         "cpu_model": cpu_model(),
         "cores": os.cpu_count(),
         "kernel": platform.release(),
+        "cpu_accounting": accounting(),
         "python": platform.python_version(),
         "versions": {name: tool_version(argv) for name, argv in VERSION_COMMANDS.items()},
         "source": source_info(),

@@ -5,6 +5,10 @@ metric values, the client's error count and the raw tool output (kept in the JSO
 Every workload pauses about a second between opening its connections and timing them
 (iperf3 `-O`, sockperf `--pre-warmup-wait`, the MPI programs' settle time), in every mode,
 so a router has the chance to move long-lived connections before the clock starts.
+
+An `Outcome` may also say how much work the run did (`work`: bytes moved, requests or
+connections completed), so that the CPU time measured around it (`cpu.CpuMeter`) becomes a
+cost per GB or per 1,000 requests.
 """
 
 from __future__ import annotations
@@ -42,12 +46,15 @@ class Metric:
 
 @dataclasses.dataclass
 class Outcome:
-    """One measurement: metric values by name, client-reported errors, raw outputs."""
+    """One measurement: metric values by name, client-reported errors, raw outputs, and the
+    work done over the whole run (one of `bytes`, `requests`, `connections`; see
+    `cpu.UNITS`), empty where no count fits (latency runs, MPI)."""
 
     values: dict[str, float]
     errors: int = 0
     error_text: str = ""
     raw: dict[str, str] = dataclasses.field(default_factory=dict)
+    work: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _tail(text: str, limit: int = 20000) -> str:
@@ -99,7 +106,10 @@ class Workload:
 
 
 class Iperf3(Workload):
-    """Throughput with 1 stream and with 4 parallel streams."""
+    """Throughput with 1 stream and with 4 parallel streams.
+
+    Work: the bytes the clients of both runs sent, warm-up included (`bytes_sent_all`): the
+    measured CPU covers both runs from the server's start to its stop."""
 
     key, title = "iperf3", "iperf3 throughput"
     PORT = 5201
@@ -128,6 +138,7 @@ class Iperf3(Workload):
                     out.error_text = str(exc)
                     continue
                 out.values[name] = parsed["bits_per_second"] / 1e9
+                out.work["bytes"] = out.work.get("bytes", 0.0) + parsed["bytes_sent_all"]
         return out
 
 
@@ -162,7 +173,9 @@ class Sockperf(Workload):
 
 
 class Memcached(Workload):
-    """memcached driven by memcaslap (libmemcached-tools): ops/s and average latency."""
+    """memcached driven by memcaslap (libmemcached-tools): ops/s and average latency.
+
+    Work: memcaslap's total operations (gets and sets) as requests."""
 
     key, title = "memcached", "memcached (memcaslap)"
     PORT = 11211
@@ -189,6 +202,7 @@ class Memcached(Workload):
             return dataclasses.replace(out, errors=1, error_text=str(exc))
         out.values = {"throughput": parsed["ops_per_second"] / 1e3,
                       "latency avg": parsed["avg_us"]}
+        out.work = {"requests": parsed["ops"]}
         bad = _error_lines(res.stderr)
         out.errors = len(bad) + (res.returncode != 0)
         out.error_text = "; ".join(bad[:3])
@@ -196,7 +210,9 @@ class Memcached(Workload):
 
 
 class Redis(Workload):
-    """redis-server driven by redis-benchmark with 50 connections: SET and GET requests/s."""
+    """redis-server driven by redis-benchmark with 50 connections: SET and GET requests/s.
+
+    Work: `-n` requests per test that reported (redis-benchmark completes exactly -n)."""
 
     key, title = "redis", "redis (redis-benchmark, 50 connections)"
     PORT = 6379
@@ -226,6 +242,7 @@ class Redis(Workload):
             parsed = parsers.parse_redis_benchmark(res.stdout)
             out.values = {"SET": parsed["SET"]["rps"] / 1e3, "GET": parsed["GET"]["rps"] / 1e3,
                           "GET latency p50": parsed["GET"]["p50_latency_ms"]}
+            out.work = {"requests": float(requests * len(parsed))}
         except (parsers.ParseError, KeyError) as exc:
             return dataclasses.replace(out, errors=1, error_text=f"redis-benchmark: {exc}")
         bad = _error_lines(res.stderr)
@@ -235,7 +252,9 @@ class Redis(Workload):
 
 
 class Connect(Workload):
-    """Short connections (this project's `connrate` generator): setup rate and latency."""
+    """Short connections (this project's `connrate` generator): setup rate and latency.
+
+    Work: the connections completed."""
 
     key, title = "connect", "connection setup (short connections)"
     PORT = 7100
@@ -261,6 +280,7 @@ class Connect(Workload):
                       "latency p99": parsed["p99_us"]}
         out.errors = int(parsed["errors"])
         out.error_text = parsed.get("first_error", "")
+        out.work = {"connections": float(parsed["connections"])}
         return out
 
 

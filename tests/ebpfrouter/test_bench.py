@@ -1,6 +1,7 @@
 """The bench harness: quick runs on a real testbed (parsers checked against the tools' real
-output captured in the run), the "not bypassed" labelling, reports, and the CLI wiring.
-Timings are never asserted: only that numbers exist, are positive and carry their units."""
+output captured in the run), the "not bypassed" labelling, reports (CPU per unit of work too),
+and the CLI wiring. Timings are never asserted: only that numbers exist, are positive and
+carry their units. The CPU meter itself is tested in test_bench_cpu.py."""
 
 from __future__ import annotations
 
@@ -57,6 +58,15 @@ def test_quick_overlay_and_host_iperf3_sockperf(tmp_path: Path) -> None:
             assert parsed["streams"] == streams
             assert ip["values"][name] == pytest.approx(parsed["bits_per_second"] / 1e9)
             assert 0.01 < ip["values"][name] < 1000  # Gbit/s, not bit/s
+        # CPU: the machine worked during the run; iperf3's cost is per GB of what it sent
+        sent = sum(parsers.parse_iperf3(ip["raw"][n])["bytes_sent_all"] for n in ip["raw"])
+        assert ip["cpu"]["work"] == {"bytes": pytest.approx(sent)} and sent > 1e8
+        cost = ip["cpu"]["per_unit"]
+        assert cost["unit"] == "s/GB" and cost["total"] > 0 and cost["routers"] == 0
+        assert cost["total"] == pytest.approx(ip["cpu"]["machine"]["busy"] * 1e9 / sent,
+                                              rel=1e-3)
+        assert ip["cpu"]["load"]["total"] > 0  # iperf3 client and server, reaped
+        assert sp["cpu"]["machine"]["busy"] > 0 and sp["cpu"]["per_unit"] is None
         parsed = parsers.parse_sockperf(sp["raw"]["sockperf pp"])
         assert parsed["observations"] > 0
         assert 0 < sp["values"]["latency p50"] <= sp["values"]["latency p99"]
@@ -64,6 +74,10 @@ def test_quick_overlay_and_host_iperf3_sockperf(tmp_path: Path) -> None:
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| iperf3 | 1 stream (Gbit/s, ↑) |" in md
     assert "| sockperf | latency p99 (µs, ↓) |" in md
+    assert "## CPU per unit of work" in md and "| iperf3 (s/GB) | overlay |" in md
+    assert "| iperf3 (s/GB) | host |" in md and "| sockperf (" not in md
+    assert "- iperf3: no bypass comparison (no bypass runs)." in md
+    assert result["machine"]["cpu_accounting"]["clk_tck"] > 0
     assert (tmp_path / "out" / "bars.png").read_bytes().startswith(PNG_MAGIC)
     row = next(r for r in result["summary"] if r["metric"] == "1 stream")
     assert row["overlay"]["median"] > 0 and row["host"]["median"] > 0
@@ -86,13 +100,20 @@ def test_quick_host_mode_mpi_memcached_redis_connect(tmp_path: Path) -> None:
     assert mc["values"]["throughput"] == pytest.approx(parsed["ops_per_second"] / 1e3)
     assert mc["values"]["throughput"] > 0
     assert parsed["avg_us"] > 0 and parsed["get_misses"] >= 0
+    assert mc["cpu"]["work"] == {"requests": parsed["ops"]}
+    assert mc["cpu"]["per_unit"]["unit"] == "ms/1k req" and mc["cpu"]["per_unit"]["total"] > 0
     (rd,) = _samples(result, "redis", "host")
     parsed_redis = parsers.parse_redis_benchmark(rd["raw"]["redis-benchmark"])
     assert set(parsed_redis) >= {"SET", "GET"} and rd["values"]["GET"] > 0
+    assert rd["cpu"]["work"] == {"requests": 20000.0 * len(parsed_redis)}  # -n per test
+    assert rd["cpu"]["per_unit"]["total"] > 0
     (cn,) = _samples(result, "connect", "host")
     parsed_conn = parsers.parse_connrate(cn["raw"]["connrate"])
     assert parsed_conn["connections"] > 0 and parsed_conn["errors"] == 0
     assert cn["values"]["latency p50"] > 0
+    assert cn["cpu"]["work"] == {"connections": float(parsed_conn["connections"])}
+    assert cn["cpu"]["per_unit"]["unit"] == "ms/1k conn"
+    assert mpi["cpu"]["per_unit"] is None  # no unit of work for MPI
     assert (tmp_path / "out" / "mpilat.png").read_bytes().startswith(PNG_MAGIC)
 
 
@@ -106,6 +127,9 @@ def test_bypass_mode_counts_swaps_and_router_cpu(tmp_path: Path) -> None:
     assert sample["router"]["bypassed"] >= 1, sample["router"]
     assert sample["bypass_state"] in ("bypassed", "partly bypassed")
     assert sample["router_cpu_s"] > 0
+    assert sample["cpu"]["routers"]["total"] > 0  # both routers' trees, during the run
+    (host,) = _samples(result, "sockperf", "host")
+    assert host["cpu"]["routers"]["total"] == 0
     assert set(result["routers"]["sockperf"]) == {"node1", "node2"}  # grouped: per workload
     assert result["order"] == "grouped"
     row = next(r for r in result["summary"] if r["metric"] == "latency p50")
@@ -137,13 +161,24 @@ def test_routers_that_bypass_nothing_are_reported_as_not_bypassed(tmp_path: Path
 
 
 def _sample(mode: str, value: float, bypassed: int | None = None,
-            failed: int = 0) -> dict[str, Any]:
+            failed: int = 0, cost: float | None = None) -> dict[str, Any]:
+    """A sample; with `cost`, a `cpu` dict whose machine total per GB is `cost` (user 40%,
+    system 30%, softirq 20%, unsampled 10%; the routers, if any, a tenth)."""
     router = None if bypassed is None else {"bypassed": bypassed, "seen": 2 * bypassed,
                                             "bypassed_either_side": 2 * bypassed,
                                             "failed": failed}
-    return {"workload": "w", "mode": mode, "repeat": 0, "values": {"m": value}, "errors": 0,
-            "failure": None, "router": router, "router_cpu_s": 0.1 if router else None,
-            "wall_s": 1.0, "bypass_state": classify(router) if router else None}
+    sample = {"workload": "w", "mode": mode, "repeat": 0, "values": {"m": value}, "errors": 0,
+              "failure": None, "router": router, "router_cpu_s": 0.1 if router else None,
+              "wall_s": 1.0, "bypass_state": classify(router) if router else None}
+    if cost is not None:
+        from ebpfrouter.bench.cpu import per_unit
+
+        machine = {"user": 0.4 * cost, "system": 0.3 * cost, "irq": 0.0,
+                   "softirq": 0.2 * cost, "unsampled": 0.1 * cost, "busy": cost}
+        routers = {"total": cost / 10 if router else 0.0}
+        cpu = {"machine": machine, "routers": routers, "work": {"bytes": 1e9}}
+        sample["cpu"] = {**cpu, "per_unit": per_unit(cpu)}
+    return sample
 
 
 WORKLOADS = {"w": {"title": "W", "metrics": [{"name": "m", "unit": "Gbit/s", "size": None,
@@ -171,7 +206,51 @@ def test_partly_bypassed_is_marked() -> None:
               "repeat": 1, "started": "now", "machine": {"cpu_model": "c", "cores": 1,
                                                          "kernel": "k", "python": "3"}}
     result["summary"] = report.summarize(WORKLOADS, samples)
-    assert "| 0.90* |" in report.markdown(result)
+    md = report.markdown(result)
+    assert "| 0.90* |" in md
+    assert "CPU per unit" not in md  # samples without `cpu` (older results): no CPU table
+
+
+def _result(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    result = {"workloads": WORKLOADS, "samples": samples, "command": "x", "quick": True,
+              "repeat": 1, "started": "now", "machine": {"cpu_model": "c", "cores": 1,
+                                                         "kernel": "k", "python": "3"}}
+    result["summary"] = report.summarize(WORKLOADS, samples)
+    return result
+
+
+def test_cpu_summary_ratios_split_and_routers_share() -> None:
+    samples = [_sample("overlay", 5.0, cost=1.0), _sample("overlay", 5.0, cost=1.2),
+               _sample("host", 10.0, cost=0.6), _sample("bypass", 9.0, 3, cost=0.63),
+               _sample("bypass", 9.0, 3, cost=0.65), _sample("bypass", 9.0, 3, cost=0.64)]
+    samples.append({**_sample("bypass", 9.0, 3, cost=9.0), "failure": "boom"})  # left out
+    (row,) = report.cpu_summary(WORKLOADS, samples)
+    assert row["unit"] == "s/GB" and row["bypass"]["total"]["n"] == 3
+    assert row["bypass"]["total"]["median"] == pytest.approx(0.64)
+    assert row["overlay"]["total"]["median"] == pytest.approx(1.1)
+    assert row["bypass"]["softirq"]["median"] == pytest.approx(0.2 * 0.64)
+    assert row["bypass"]["unsampled"]["median"] == pytest.approx(0.1 * 0.64)
+    assert row["bypass"]["routers_share"]["median"] == pytest.approx(0.1)
+    assert row["host"]["routers"]["median"] == 0
+    assert row["bypass_host"] == pytest.approx(0.64 / 0.6)
+    assert row["saving_vs_overlay"] == pytest.approx(1 - 0.64 / 1.1)
+    result = _result(samples)
+    md = report.markdown(result)
+    assert ("| w (s/GB) | bypass | 0.64 (0.63–0.65) | 0.256 | 0.192 | 0.128 | 0.064 | 0.064 "
+            "| 10.0% |") in md
+    assert "| w (s/GB) | host | 0.6 | 0.24 | 0.18 | 0.12 | 0.06 | - | - |" in md
+    assert "- w: bypass uses 1.07× the host's CPU per unit (+7%), 42% less than the " \
+        "overlay." in md
+
+
+def test_cpu_comparison_withheld_when_nothing_was_bypassed() -> None:
+    samples = [_sample("overlay", 5.0, cost=1.0), _sample("host", 10.0, cost=0.6),
+               _sample("bypass", 9.0, 0, cost=1.0)]
+    (row,) = report.cpu_summary(WORKLOADS, samples)
+    assert row["bypass_host"] is None and row["saving_vs_overlay"] is None
+    md = report.markdown(_result(samples))
+    assert "| w (s/GB) | bypass **not bypassed** |" in md
+    assert "- w: no bypass comparison (bypass not bypassed)." in md
 
 
 def test_parsers_reject_garbage_naming_the_tool() -> None:
@@ -331,12 +410,14 @@ def test_results_are_written_without_matplotlib(tmp_path: Path,
     for mod in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, mod)
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    samples = [_sample("host", 10.0), _sample("bypass", 9.0, 2)]
+    samples = [_sample("host", 10.0, cost=0.5), _sample("bypass", 9.0, 2, cost=0.55)]
     result = {"workloads": WORKLOADS, "samples": samples, "command": "x", "quick": True,
               "repeat": 1, "started": "now", "machine": {"cpu_model": "c", "cores": 1,
                                                          "kernel": "k", "python": "3"}}
     paths = report.write(result, tmp_path)
     written = json.loads((tmp_path / "results.json").read_text())
+    assert written["cpu_summary"][0]["bypass_host"] == pytest.approx(1.1)
+    assert "## CPU per unit of work" in (tmp_path / "results.md").read_text()
     assert "matplotlib" in written["plots_skipped"] and "ebpf-router[bench]" in written[
         "plots_skipped"]
     assert set(paths) == {"json", "markdown"} and (tmp_path / "results.md").read_text()
