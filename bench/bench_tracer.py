@@ -52,7 +52,7 @@ CASES = ("eligible", "ineligible", "short")
 MODES = ("kernel", "user")
 
 CLIENT_CODE = """
-import collections, resource, socket, sys, time
+import collections, resource, socket, struct, sys, time
 resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
 addr, port, rate, seconds, hold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \\
     float(sys.argv[4]), float(sys.argv[5])
@@ -66,6 +66,8 @@ while (now := time.monotonic()) < start + seconds:
     for _ in range(int(rate * (now - start)) - done):  # catch up after oversleeping
         try:
             s = socket.create_connection((addr, port), timeout=5)
+            # reset on close: no TIME_WAIT, so the client's ports last the whole run
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         except OSError:
             errors += 1
             continue

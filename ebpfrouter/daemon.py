@@ -343,7 +343,7 @@ class Daemon:
     async def _drain_grown_up(self, tracer: Tracer) -> None:
         """Read the connections the kernel held until `min_age` as they grow up: they arrive
         without a wake-up, so read by the time `Tracer.next_due` says (at most `min_age`
-        apart, at least 10 ms)."""
+        apart, at least 25 ms)."""
         while True:
             await asyncio.sleep(tracer.next_due() or 0.0)
             if not tracer.closed:

@@ -142,7 +142,7 @@ class SocketEvent:
         )
 
 
-SCAN_INTERVAL_NS = 10_000_000  # the shortest time between two scans of ``young`` (10 ms)
+SCAN_INTERVAL_NS = 25_000_000  # the shortest time between two scans of ``young`` (25 ms)
 SCAN_RACE_NS = 1_000_000  # a connection stamped just before a scan may be inserted after it
 _TS = struct.Struct("=Q")  # a record's ts_ns, read alone (the young map is scanned often)
 
